@@ -1,0 +1,583 @@
+"""
+LUME engine: loading, batching, the one training loop, batched generation, evaluation.
+
+    python run.py --task 1 --method npo                   # tiny embedded target, CPU, minutes
+    python run.py --task 1 --method npo --model olmo-7b   # the released SemEval target (GPU)
+
+Everything model-facing lives here; the losses are in methods.py, the numbers in metrics.py,
+the data in data.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning with Multitask
+Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer (evaluate_generations.py)
+is the protocol we reproduce: raw `input` as the prompt (no chat template), greedy decoding,
+256 new tokens, new tokens decoded with special tokens skipped; MIA score = loss of the whole
+document with labels = inputs.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data
+import metrics
+
+# -----------------------------------------------------------------------------
+# device, precision, seeding
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-pure")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    # On this kind of CPU bf16/fp16 matmuls run ~100x slower than fp32 (no native units),
+    # so CPU defaults to fp32; CUDA defaults to bf16 autocast over fp32 master weights.
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    assert precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {precision!r}"
+    return precision
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    """Mixed precision as a context: autocast for bf16/fp16, nothing for fp32 and pure bf16."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    # bf16-pure keeps weights, grads and AdamW states in bf16 (7B on one GPU); all else fp32 master
+    return torch.bfloat16 if precision == "bf16-pure" else torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# model and tokenizer loading
+
+# name -> (model repo, tokenizer repo). The released targets memorised all three tasks.
+ALIASES = {
+    "olmo-7b": ("llmunlearningsemeval2025organization/olmo-finetuned-semeval25-unlearning",
+                "allenai/OLMo-7B-0724-Instruct-hf"),
+    "olmo-1b": ("llmunlearningsemeval2025organization/olmo-1B-model-semeval25-unlearning",
+                "allenai/OLMo-1B-0724-hf"),
+}
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """Alias, local directory or hub id -> (model path, tokenizer path)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    return name, name
+
+
+def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer with from_pretrained; one clear line when unreachable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_path, tok_path = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    except OSError as e:
+        raise SystemExit(
+            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}): {e.__class__.__name__}. "
+            "The hub is unreachable or the repo is gated: pass a local directory written by "
+            "save_pretrained (--model PATH), or log in with `huggingface-cli login` / set HF_TOKEN "
+            "after accepting the repo's terms.") from None
+    if tok.pad_token_id is None:  # the official scorer pads with EOS
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# tokenization and batching
+
+
+def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], int]:
+    """(prompt ids + answer ids + EOS, number of prompt ids).
+
+    The prompt is tokenized exactly as the official scorer tokenizes it for generation
+    (`tok(prompt)`), so training and generation see the same prompt tokens. The answer is
+    tokenized on its own after a single space (the separator the MIA documents use:
+    document = input + " " + output), and ends with EOS so the model learns where to stop.
+    """
+    p = tok(prompt).input_ids
+    sep = "" if (not answer or answer[0].isspace() or not prompt or prompt[-1].isspace()) else " "
+    a = tok(sep + answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return p + a, len(p)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor    # (B, T) right padded
+    attn: torch.Tensor   # (B, T) 1 on real tokens
+    mask: torch.Tensor   # (B, T) 1 on tokens that are predicted targets (answer tokens)
+    idx: torch.Tensor    # (B,) index of each row's item in its source list (NPO reference lookup)
+
+    def to(self, device):
+        return Batch(*(t.to(device) for t in (self.ids, self.attn, self.mask, self.idx)))
+
+
+def make_batch(seqs, starts, idx, pad_id: int) -> Batch:
+    """Right-pad token lists; targets are positions >= start (start 0: every token but the first)."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T)
+    for i, (s, st) in enumerate(zip(seqs, starts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        mask[i, max(st, 1):len(s)] = 1.0  # token 0 has no prediction
+    return Batch(ids, attn, mask, torch.tensor(idx, dtype=torch.long))
+
+
+def left_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding for generation: every row's last prompt token sits at column T-1."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        attn[i, T - len(s):] = 1
+    return ids, attn
+
+
+def length_batches(lengths, max_batch: int, max_tokens: int):
+    """Group indices sorted by length into batches of <= max_batch rows and <= max_tokens padded
+    tokens: sorting cuts padding waste, the token cap bounds memory for long documents."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch = []
+    for i in order:
+        if batch and (len(batch) == max_batch or (len(batch) + 1) * lengths[i] > max_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# log-probabilities
+
+
+def token_logps(model, b: Batch) -> torch.Tensor:
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), zero where mask[:, 1:] is 0. fp32 softmax."""
+    logits = model(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1]  # (B, T-1, V)
+    logp = -F.cross_entropy(logits.float().transpose(1, 2), b.ids[:, 1:], reduction="none")
+    return logp * b.mask[:, 1:]
+
+
+def seq_logps(model, b: Batch) -> torch.Tensor:
+    """(B,) summed answer-token log-probability log pi(y|x) of each row."""
+    return token_logps(model, b).sum(-1)
+
+
+@torch.inference_mode()
+def reference_logps(model, batches, n: int, ctx) -> torch.Tensor:
+    """log pi_ref(y_i|x_i) for every item i, once, before training (NPO's frozen reference)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    for b in batches:
+        with ctx:
+            out[b.idx.cpu()] = seq_logps(model, b).double().cpu()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the training loop (one for every method, and for building the tiny target)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then constant or linear decay to 0 at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "linear":
+        return lr * max(0.0, (total - step) / max(1, total - warmup))
+    assert schedule == "constant", f"unknown schedule {schedule!r}"
+    return lr
+
+
+def plan_steps(n_forget: int, n_retain: int, batch_size: int, grad_accum: int, epochs: float,
+               max_steps: int, seed: int, lengths=None) -> list[list[tuple[list[int], list[int]]]]:
+    """Optimizer steps as lists of micro-batches (forget indices, retain indices).
+
+    The forget set defines an epoch (shuffled each epoch); each forget micro-batch is paired
+    with a retain micro-batch of the same size drawn at random (empty when n_retain is 0).
+    The last partial step of an epoch is kept (its loss is normalised by its own counts).
+    With `lengths`, each window of 16 micro-batches is sorted by length before it is cut, so
+    rows of a micro-batch have similar lengths (less padding), and the windows stay random.
+    """
+    rng = random.Random(seed)
+    per_step = batch_size * grad_accum
+    steps_per_epoch = math.ceil(n_forget / per_step)
+    total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
+    steps, order = [], []
+    while len(steps) < total:
+        if not order:
+            order = list(range(n_forget))
+            rng.shuffle(order)
+            if lengths is not None:
+                w = 16 * batch_size
+                order = [i for k in range(0, n_forget, w) for i in sorted(order[k:k + w], key=lengths.__getitem__)]
+                micro = [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
+                rng.shuffle(micro)
+                order = [i for m in micro for i in m]
+        chunk, order = order[:per_step], order[per_step:]
+        micros = []
+        for i in range(0, len(chunk), batch_size):
+            f = chunk[i:i + batch_size]
+            r = [rng.randrange(n_retain) for _ in f] if n_retain else []
+            micros.append((f, r))
+        steps.append(micros)
+    return steps
+
+
+def step_norm(micros) -> dict:
+    """Normalisers for one optimizer step, summed over all its micro-batches: a loss term is
+    a sum over the step's tokens (or sequences) divided by these, so k micro-batches give the
+    same gradient as one batch of the same examples (token-normalised accumulation)."""
+    norm = {"f_tok": 0.0, "f_seq": 0.0, "r_tok": 0.0, "r_seq": 0.0}
+    for fb, rb in micros:
+        norm["f_tok"] += float(fb.mask[:, 1:].sum())
+        norm["f_seq"] += fb.ids.shape[0]
+        if rb is not None:
+            norm["r_tok"] += float(rb.mask[:, 1:].sum())
+            norm["r_seq"] += rb.ids.shape[0]
+    return norm
+
+
+def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = "constant",
+          clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None):
+    """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches).
+
+    loss_fn(model, fb, rb, norm) -> (loss, {term: float}) for one micro-batch, already divided by
+    the step's normalisers. Manual AMP: autocast for bf16/fp16, a GradScaler for fp16 only
+    (bf16 has fp32's exponent range). A non-finite loss raises TrainingDiverged before the
+    optimizer step, so the weights are never updated with it.
+    """
+    device = device or next(model.parameters()).device
+    ctx = autocast_ctx(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=dist is None)
+    model.train()
+    history = []
+    for step, micros in enumerate(steps):
+        t0 = time.time()
+        micros = [(fb.to(device), rb.to(device) if rb is not None else None) for fb, rb in micros]
+        norm = step_norm(micros)
+        if dist is not None:
+            norm = dist.all_reduce_dict(norm)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, len(steps), lr, warmup, schedule)
+        loss_sum, terms_sum = 0.0, {}
+        for k, (fb, rb) in enumerate(micros):
+            if dist is not None:  # reduce-scatter gradients only on the last micro-batch
+                dist.set_sync(model, k == len(micros) - 1)
+            with ctx:
+                loss, terms = loss_fn(model, fb, rb, norm)
+            scaler.scale(loss).backward()
+            loss_sum += loss.item()
+            for name, v in terms.items():
+                terms_sum[name] = terms_sum.get(name, 0.0) + v
+        if dist is not None:
+            loss_sum = dist.all_reduce_float(loss_sum)
+            terms_sum = dist.all_reduce_dict(terms_sum)
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(
+                f"step {step}: loss is {loss_sum} ({terms_sum}); stopping without saving. "
+                "Lower --lr, use --precision fp32/bf16, or raise --beta for NPO.")
+        scaler.unscale_(opt)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        ntok = sum(int(fb.attn.sum()) + (int(rb.attn.sum()) if rb is not None else 0) for fb, rb in micros)
+        if dist is not None:
+            ntok = int(dist.all_reduce_float(ntok))
+        dt = time.time() - t0
+        rec = {"step": step, "loss": loss_sum, **terms_sum, "grad_norm": float(gnorm),
+               "lr": opt.param_groups[0]["lr"], "tokens_per_s": ntok / max(dt, 1e-9)}
+        history.append(rec)
+        if log is not None:
+            log(rec)
+    model.eval()
+    return history
+
+
+# -----------------------------------------------------------------------------
+# generation: batched greedy decoding, left padding, KV cache
+
+
+@torch.inference_mode()
+def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
+    """(B, T) left-padded prompts -> (B, N) new tokens, N <= max_new_tokens, EOS-filled after EOS.
+
+    Positions count real tokens only ((cumsum - 1) on the mask), so a left-padded row sees
+    the same positions as the same prompt alone, and pads are masked out of attention.
+    """
+    from transformers import DynamicCache
+    B = ids.shape[0]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1)  # (B,)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    new = []
+    for t in range(max_new_tokens):
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        new.append(nxt)
+        done |= nxt == eos_id
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
+                    past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+    return torch.stack(new, dim=1) if new else ids.new_zeros(B, 0)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """The space clean-up the official scorer gets from `batch_decode(..., clean_up_tokenization_spaces=True)`
+    (transformers 4.x applied it to every tokenizer; 5.x skips it for BPE, so we apply it ourselves)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def decode_new(tok, new_ids) -> str:
+    """New tokens up to the first EOS, special tokens skipped, as the official scorer decodes."""
+    ids = list(new_ids)
+    if tok.eos_token_id in ids:
+        ids = ids[:ids.index(tok.eos_token_id)]
+    return clean_up_tokenization(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+@torch.inference_mode()
+def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 32,
+             max_tokens: int = 16384, ctx=None, progress=None) -> list[str]:
+    """Greedy completions of raw prompts (no chat template), batched by prompt length."""
+    device = next(model.parameters()).device
+    ctx = ctx or contextlib.nullcontext()
+    enc = [tok(p).input_ids for p in prompts]
+    outs = [None] * len(prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    done = 0
+    for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
+        ids, attn = left_pad([enc[i] for i in idx], pad)
+        with ctx:
+            new = greedy(model, ids.to(device), attn.to(device), max_new_tokens, tok.eos_token_id)
+        for i, row in zip(idx, new.tolist()):
+            outs[i] = decode_new(tok, row)
+        done += len(idx)
+        if progress:
+            progress(done, len(prompts))
+    return outs
+
+
+# -----------------------------------------------------------------------------
+# MIA losses and MMLU
+
+
+@torch.inference_mode()
+def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, ctx=None) -> list[float]:
+    """Mean token NLL of each whole document (labels = inputs), as `model(ids, labels=ids).loss`
+    of the official scorer, computed in length-sorted right-padded batches."""
+    device = next(model.parameters()).device
+    ctx = ctx or contextlib.nullcontext()
+    enc = [tok(d).input_ids for d in docs]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = [None] * len(docs)
+    for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
+        b = make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
+        with ctx:
+            lp = token_logps(model, b)  # (B, T-1)
+        loss = -lp.sum(-1) / b.mask[:, 1:].sum(-1)
+        for i, v in zip(idx, loss.tolist()):
+            out[i] = v
+    return out
+
+
+@torch.inference_mode()
+def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, ctx=None) -> dict:
+    """5-shot MMLU (Open-Instruct protocol, prompts from metrics.py): the answer is the letter
+    whose token gets the highest next-token logit after 'Answer:'."""
+    device = next(model.parameters()).device
+    ctx = ctx or contextlib.nullcontext()
+    max_len = getattr(model.config, "max_position_embeddings", 2048)
+    n_tokens = lambda s: len(tok(s).input_ids)  # noqa: E731
+    choice_ids = torch.tensor(metrics.mmlu_choice_ids(tok), device=device)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    records = []
+    for subject in sorted(test):
+        qs = test[subject][:limit] if limit else test[subject]
+        enc = [tok(metrics.mmlu_fit_prompt(subject, dev.get(subject, []), q, n_tokens, max_len)).input_ids
+               for q in qs]
+        for idx in length_batches([len(e) for e in enc], batch_size, 1 << 30):
+            ids, attn = left_pad([enc[i] for i in idx], pad)
+            ids, attn = ids.to(device), attn.to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            with ctx:
+                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits
+            pick = logits[:, -1, choice_ids].argmax(-1).tolist()
+            records += [(subject, "ABCD"[p], qs[i].answer) for i, p in zip(idx, pick)]
+    return metrics.mmlu_accuracy(records)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: generations + MIA + MMLU -> the official results dict
+
+
+def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
+             batch_size: int = 32, mmlu_limit: int = 0, ctx=None, progress=None):
+    """Score `items` (every task present), MIA documents and MMLU as the official scorer does.
+
+    Returns (generation rows, MIA rows, MMLU dict or None, results dict with the official keys).
+    """
+    outs = generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, ctx=ctx,
+                    progress=progress)
+    gen_rows = [{"id": it.id, "task": f"Task{it.task}", "input": it.input, "expected_output": it.output,
+                 "model_output": out, "stage": stage, "split": it.split, "kind": it.kind,
+                 "score": metrics.score_item(it.kind, it.output, out)} for it, out in zip(items, outs)]
+    mia_rows, auc = [], None
+    if mia:
+        for name in ("member", "nonmember"):
+            losses = doc_losses(model, tok, [d.document for d in mia[name]], ctx=ctx)
+            mia_rows += [{"stage": stage, "set": name, "id": d.id, "loss": v} for d, v in zip(mia[name], losses)]
+        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
+                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
+    mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, ctx=ctx) if mmlu else None
+    results = metrics.aggregate(gen_rows, mia_auc=auc,
+                                mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
+    return gen_rows, mia_rows, mmlu_res, results
+
+
+# -----------------------------------------------------------------------------
+# the tiny embedded target: a BPE tokenizer and an OLMo-architecture model that memorised the data
+
+# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data in ~2-3 CPU minutes.
+TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=1024, vocab_size=4096)
+# lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
+TINY_RECIPE = dict(epochs=50, lr=2e-3, warmup=20, batch_size=4, seed=0, version=1)  # bump version on change
+
+
+def fingerprint(items, extra: dict) -> str:
+    """Content hash of the training data and the recipe: the cache key of a tiny target."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([it.id, it.split, it.task, it.input, it.output]).encode())
+    return h.hexdigest()[:16]
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE (GPT-2/OLMo style) trained on `texts`; EOS doubles as BOS-less separator."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|padding|>")
+
+
+def tiny_config(tok, **over):
+    from transformers import OlmoConfig
+    cfg = {**TINY, **over, "vocab_size": len(tok)}
+    return OlmoConfig(**cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None, tie_word_embeddings=False)
+
+
+def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None) -> Path:
+    """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
+    input + output sequences, as the released targets were fine-tuned); built once, then reused."""
+    from transformers import OlmoForCausalLM
+    recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
+    path = Path(cache_dir) / f"tiny-{fingerprint(items, {'recipe': recipe, 'config': config})}"
+    if (path / "model.safetensors").exists():
+        log(f"tiny target: reusing {path}")
+        return path
+    t0 = time.time()
+    log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
+    tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])
+    torch.manual_seed(recipe["seed"])
+    model = OlmoForCausalLM(tiny_config(tok, **config)).to(device or "cpu")
+    seqs = [encode_pair(tok, it.input, it.output)[0] for it in items]
+    steps = plan_steps(len(seqs), 0, recipe["batch_size"], 1, recipe["epochs"], 0, recipe["seed"],
+                       lengths=[len(s) for s in seqs])
+    steps = [[(make_batch([seqs[i] for i in f], [0] * len(f), f, tok.pad_token_id), None)
+              for f, _ in micros] for micros in steps]
+    import methods
+    last = {}
+    def log_every(rec):
+        last.update(rec)
+        if rec["step"] % 50 == 0 or rec["step"] == len(steps) - 1:
+            log(f"tiny target: step {rec['step']}/{len(steps)} loss {rec['loss']:.4f} "
+                f"({rec['tokens_per_s']:.0f} tok/s)")
+    train(model, steps, methods.finetune, lr=recipe["lr"], warmup=recipe["warmup"], schedule="linear",
+          log=log_every)
+    save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
+    write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
+                                                  "final_loss": last.get("loss"), "seconds": time.time() - t0})
+    log(f"tiny target: built in {time.time() - t0:.0f}s, final loss {last.get('loss', float('nan')):.4f}")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, never a silent overwrite
+
+
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path, rows) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model(model, tok, path) -> None:
+    """save_pretrained (safetensors) into a temporary directory, then one atomic rename."""
+    path = Path(path)
+    assert not path.exists(), f"{path} exists; refusing to overwrite a checkpoint"
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def print0(*a, **k):
+    """Print on rank 0 only (RANK is set by torchrun)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **k, flush=True)

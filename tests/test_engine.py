@@ -1,0 +1,126 @@
+"""lume.py: loading, batching, generation, MIA losses, the training loop and its precision paths."""
+import pytest
+import torch
+
+import lume
+import methods
+
+
+def test_alias_table_and_unreachable_hub(monkeypatch):
+    assert lume.resolve_model("olmo-7b") == (
+        "llmunlearningsemeval2025organization/olmo-finetuned-semeval25-unlearning",
+        "allenai/OLMo-7B-0724-Instruct-hf")
+    assert lume.resolve_model("olmo-1b") == (
+        "llmunlearningsemeval2025organization/olmo-1B-model-semeval25-unlearning", "allenai/OLMo-1B-0724-hf")
+    assert lume.resolve_model("some/repo") == ("some/repo", "some/repo")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="local directory.*HF_TOKEN"):
+        lume.load_pretrained("olmo-1b")
+
+
+def test_local_directory_round_trip(small_target, tmp_path):
+    model, tok = small_target
+    lume.save_model(model, tok, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    again, tok2 = lume.load_pretrained(str(tmp_path / "ckpt"))
+    ids = torch.tensor([tok("Hello world").input_ids])
+    torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    with pytest.raises(AssertionError, match="refusing to overwrite"):
+        lume.save_model(model, tok, tmp_path / "ckpt")
+
+
+def test_encode_pair_masks_prompt(small_target):
+    _, tok = small_target
+    ids, n = lume.encode_pair(tok, "What is the city?", "Rijola")
+    assert ids[:n] == tok("What is the city?").input_ids and ids[-1] == tok.eos_token_id
+    b = lume.make_batch([ids, ids[:3]], [n, 1], [0, 1], tok.pad_token_id)
+    assert b.mask[0].tolist() == [0.0] * n + [1.0] * (len(ids) - n)
+    assert b.mask[1].sum() == 2 and b.attn[1].sum() == 3
+
+
+def test_batched_generation_equals_one_at_a_time_and_hf_generate(small_target, small_data):
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items[:12]]
+    batched = lume.generate(model, tok, prompts, max_new_tokens=24, batch_size=5)
+    single = [lume.generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    assert batched == single
+    for p, out in zip(prompts[:4], batched):  # the official protocol: model.generate, one prompt
+        ids = tok(p, return_tensors="pt").input_ids
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert lume.decode_new(tok, ref[0, ids.shape[1]:].tolist()) == out
+    assert len(set(batched)) >= 6  # varied outputs: the equality is not trivial
+
+
+def test_doc_losses_equal_hf_loss_per_document(small_target, small_data):
+    model, tok = small_target
+    docs = [d.document for d in small_data[1]["member"] + small_data[1]["nonmember"]] + ["Short one."]
+    batched = lume.doc_losses(model, tok, docs, batch_size=3)
+    for d, v in zip(docs, batched):
+        ids = torch.tensor([tok(d).input_ids])
+        assert v == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
+
+
+def test_plan_steps_covers_each_forget_item_once_per_epoch():
+    steps = lume.plan_steps(10, 4, batch_size=3, grad_accum=2, epochs=2, max_steps=0, seed=1, lengths=list(range(10)))
+    assert len(steps) == 4  # ceil(10 / 6) per epoch
+    seen = [i for s in steps for f, _ in s for i in f]
+    assert sorted(seen) == sorted(list(range(10)) * 2)
+    assert all(len(r) == len(f) and all(0 <= j < 4 for j in r) for s in steps for f, r in s)
+    assert lume.plan_steps(10, 0, 3, 1, 1, 0, 1) == lume.plan_steps(10, 0, 3, 1, 1, 0, 1)
+    assert len(lume.plan_steps(10, 0, 3, 1, 1, max_steps=7, seed=1)) == 7
+
+
+def test_lr_schedule():
+    assert [lume.lr_at(s, 10, 1.0, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lume.lr_at(2, 10, 1.0, 2, "linear") == 1.0 and lume.lr_at(6, 10, 1.0, 2, "linear") == 0.5
+
+
+def _steps(tok, items, n=2):
+    enc = [lume.encode_pair(tok, it.input, it.output) for it in items[:4]]
+    b = lume.make_batch([e[0] for e in enc], [e[1] for e in enc], [0, 1, 2, 3], tok.pad_token_id)
+    return [[(b, None)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-pure"])
+def test_amp_paths_run_on_cpu(small_target, small_data, precision, monkeypatch):
+    model, tok = small_target
+    model = lume.load_pretrained(model.name_or_path, lume.weight_dtype(precision))[0]
+    used = {}
+    real = torch.amp.GradScaler
+
+    def spy(device, enabled=True, **kw):
+        used["enabled"] = enabled
+        return real(device, enabled=enabled, **kw)
+    monkeypatch.setattr(torch.amp, "GradScaler", spy)
+    hist = lume.train(model, _steps(tok, small_data[0]), methods.ga, lr=1e-4, precision=precision)
+    assert used["enabled"] == (precision == "fp16")  # a scaler exactly when fp16
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    if precision == "bf16-pure":
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with lume.autocast_ctx(torch.device("cpu"), precision):
+        dtype = model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype
+    assert dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-pure": torch.bfloat16}[precision]
+
+
+def test_nan_loss_stops_before_the_update(small_target, small_data):
+    model, tok = small_target
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def nan_loss(m, fb, rb, norm):
+        loss, terms = methods.ga(m, fb, rb, norm)
+        return loss * float("nan"), terms
+    with pytest.raises(lume.TrainingDiverged, match="step 0: loss is nan"):
+        lume.train(model, _steps(tok, small_data[0]), nan_loss, lr=1e-3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_tiny_target_is_cached_and_reused(small_data, tmp_path, monkeypatch):
+    from conftest import SMALL_CONFIG
+    items, _ = small_data
+    kw = dict(log=lambda s: None, recipe={"epochs": 1, "batch_size": 8}, config=SMALL_CONFIG)
+    p1 = lume.tiny_target(items, tmp_path, **kw)
+    monkeypatch.setattr(lume, "train", lambda *a, **k: pytest.fail("rebuilt a cached target"))
+    assert lume.tiny_target(items, tmp_path, **kw) == p1
+    assert lume.fingerprint(items, {"a": 1}) != lume.fingerprint(items[1:], {"a": 1})

@@ -1,0 +1,79 @@
+"""End to end: run.py on a very small built-in dataset writes every file with the documented keys."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import lume
+import run
+from conftest import ROOT, SMALL_CONFIG, SMALL_RECIPE
+
+
+@pytest.fixture
+def small_tiny(monkeypatch):
+    """Make --model tiny build the small test target (seconds) instead of the default one."""
+    monkeypatch.setattr(lume, "TINY", {**lume.TINY, **SMALL_CONFIG})
+    monkeypatch.setattr(lume, "TINY_RECIPE", {**lume.TINY_RECIPE, **SMALL_RECIPE})
+
+
+def args(tmp_path, out, *extra):
+    return run.parse_args(["--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "16",
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / out), *extra])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_end_to_end_writes_every_file(tmp_path, small_tiny):
+    out = run.main(args(tmp_path, "run", "--task", "1", "--method", "npo", "--save"))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["method"] == "npo" and cfg["seed"] == 0 and cfg["retain_weight"] == 3.0 and "argv" in cfg
+    log = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert {"loss", "npo", "retain_nll", "grad_norm", "lr", "tokens_per_s"} <= set(log[0])
+    gens = read_jsonl(out / "generations.jsonl")
+    assert {"id", "task", "input", "expected_output", "model_output", "stage", "split", "kind", "score"} == set(gens[0])
+    assert len(gens) == 2 * 40 and {g["stage"] for g in gens} == {"before", "after"}
+    assert {g["task"] for g in gens} == {"Task1", "Task2", "Task3"}  # every task scored, not only task 1
+    mia = read_jsonl(out / "mia.jsonl")
+    assert {"stage", "set", "id", "loss"} == set(mia[0]) and len(mia) == 2 * 4
+    res = json.load(open(out / "results.json"))
+    for stage in ("before", "after"):
+        r = res[stage]
+        assert {"forget-set", "retain-set", "mia_loss_acc", "aggregated-terms", "harmonic-mean-task-aggregate",
+                "aggregate-score"} <= set(r)
+        assert set(r["forget-set"]) == {"overall-regurgitation-score", "overall-knowledge-score", "Task1", "Task2", "Task3"}
+        assert len(r["aggregated-terms"]) == 12 and r["aggregate-score"] == -1  # no MMLU given
+    assert (out / "model" / "model.safetensors").exists()
+    # a run directory is never overwritten
+    with pytest.raises(SystemExit, match="not empty"):
+        run.main(args(tmp_path, "run", "--method", "ga"))
+
+
+def test_same_seed_same_results(tmp_path, small_tiny):
+    a = run.main(args(tmp_path, "a", "--method", "gd", "--no-eval-before"))
+    b = run.main(args(tmp_path, "b", "--method", "gd", "--no-eval-before"))
+    assert json.load(open(a / "results.json")) == json.load(open(b / "results.json"))
+    assert [r["loss"] for r in read_jsonl(a / "log.jsonl")] == [r["loss"] for r in read_jsonl(b / "log.jsonl")]
+
+
+def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
+    import methods
+    monkeypatch.setitem(methods.METHODS, "ga", lambda m, fb, rb, norm, **kw: (
+        methods.ga(m, fb, rb, norm)[0] * float("inf"), {}))
+    with pytest.raises(lume.TrainingDiverged):
+        run.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
+    assert not (tmp_path / "nan" / "model").exists()
+    assert not (tmp_path / "nan" / "results.json").exists()
+
+
+def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny):
+    out = run.main(args(tmp_path, "none", "--method", "none"))
+    assert list(json.load(open(out / "results.json"))) == ["before"]
+    assert not (out / "log.jsonl").exists()
+    r = subprocess.run([sys.executable, "run.py", "--method", "sgd"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'sgd'" in r.stderr
+    r = subprocess.run([sys.executable, "run.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--batch-size must be > 0" in r.stderr
