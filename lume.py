@@ -257,10 +257,11 @@ def step_norm(micros) -> dict:
     norm = {"f_tok": 0.0, "f_seq": 0.0, "r_tok": 0.0, "r_seq": 0.0}
     for fb, rb in micros:
         norm["f_tok"] += float(fb.mask[:, 1:].sum())
-        norm["f_seq"] += fb.ids.shape[0]
+        # a sequence counts if it has targets: a padding row (see skip_padding) counts nowhere
+        norm["f_seq"] += float((fb.mask[:, 1:].sum(-1) > 0).sum())
         if rb is not None:
             norm["r_tok"] += float(rb.mask[:, 1:].sum())
-            norm["r_seq"] += rb.ids.shape[0]
+            norm["r_seq"] += float((rb.mask[:, 1:].sum(-1) > 0).sum())
     return norm
 
 
@@ -328,6 +329,33 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
 # generation: batched greedy decoding, left padding, KV cache
 
 
+def preallocated_cache(capacity: int):
+    """A KV cache whose keys and values live in buffers allocated once for `capacity` positions.
+
+    DynamicCache appends each token with torch.cat, re-copying (and re-allocating) the whole
+    cache every step, so decoding a long left-padded batch was memory-bound on CPU (bench.py:
+    32 rows x 270 tokens, d384: 51-74 ms per step, 34 ms with this). StaticCache avoids the copy
+    but attends over all `capacity` slots from the first step. Here each step writes one slot and
+    attention sees views of the filled part: exactly the keys and values DynamicCache holds.
+    """
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        def update(self, k, v, *args, **kwargs):
+            if not self.is_initialized:
+                B, H, _, D = k.shape  # (B, heads, T, head_dim)
+                self.kbuf, self.vbuf = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
+                self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
+            n, T = self.n, k.shape[-2]
+            assert n + T <= capacity, f"KV cache of {capacity} positions is full"
+            self.kbuf[:, :, n:n + T], self.vbuf[:, :, n:n + T] = k, v
+            self.n = n + T
+            self.keys, self.values = self.kbuf[:, :, :n + T], self.vbuf[:, :, :n + T]
+            return self.keys, self.values
+
+    return Cache(layer_class_to_replicate=BufferLayer)
+
+
 @torch.inference_mode()
 def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
     """(B, T) left-padded prompts -> (B, N) new tokens, N <= max_new_tokens, EOS-filled after EOS.
@@ -335,10 +363,9 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eo
     Positions count real tokens only ((cumsum - 1) on the mask), so a left-padded row sees
     the same positions as the same prompt alone, and pads are masked out of attention.
     """
-    from transformers import DynamicCache
-    B = ids.shape[0]
+    B, T = ids.shape
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    cache = preallocated_cache(T + max_new_tokens)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     nxt = out.logits[:, -1].argmax(-1)  # (B,)
@@ -412,12 +439,28 @@ def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, 
     out = [None] * len(docs)
     for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
         b = make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
+        # next-token labels, -100 (ignored) on padding and after each row's last token
+        labels = b.ids.roll(-1, dims=1).masked_fill(b.mask.roll(-1, dims=1) == 0, -100)
         with ctx:
-            lp = token_logps(model, b)  # (B, T-1)
-        loss = -lp.sum(-1) / b.mask[:, 1:].sum(-1)
+            logits = model(input_ids=b.ids, attention_mask=b.attn).logits  # (B, T, V)
+        # cross_entropy over a contiguous (B*T, V) view, as HF's loss does: the (B, V, T) layout
+        # of token_logps is ~3x slower on CPU for log_softmax over the vocabulary
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
+        loss = nll.view(labels.shape).sum(-1) / b.mask[:, 1:].sum(-1)
         for i, v in zip(idx, loss.tolist()):
             out[i] = v
     return out
+
+
+def mmlu_encode(tok, subject, shots, q, max_len: int) -> list[int]:
+    """Token ids of the 5-shot prompt, shots dropped from the end until it fits `max_len`. When
+    even the 0-shot prompt is too long (a small context), its last max_len tokens are kept:
+    the question's end and 'Answer:' are what the prediction needs."""
+    n_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731  (Open-Instruct counts so)
+    try:
+        return tok(metrics.mmlu_fit_prompt(subject, shots, q, n_tokens, max_len)).input_ids
+    except ValueError:
+        return tok(metrics.mmlu_prompt(subject, shots, q, k=0)).input_ids[-max_len:]
 
 
 @torch.inference_mode()
@@ -427,14 +470,12 @@ def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, ctx=No
     device = next(model.parameters()).device
     ctx = ctx or contextlib.nullcontext()
     max_len = getattr(model.config, "max_position_embeddings", 2048)
-    n_tokens = lambda s: len(tok(s).input_ids)  # noqa: E731
     choice_ids = torch.tensor(metrics.mmlu_choice_ids(tok), device=device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     records = []
     for subject in sorted(test):
         qs = test[subject][:limit] if limit else test[subject]
-        enc = [tok(metrics.mmlu_fit_prompt(subject, dev.get(subject, []), q, n_tokens, max_len)).input_ids
-               for q in qs]
+        enc = [mmlu_encode(tok, subject, dev.get(subject, []), q, max_len) for q in qs]
         for idx in length_batches([len(e) for e in enc], batch_size, 1 << 30):
             ids, attn = left_pad([enc[i] for i in idx], pad)
             ids, attn = ids.to(device), attn.to(device)
@@ -450,6 +491,13 @@ def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, ctx=No
 # evaluation: generations + MIA + MMLU -> the official results dict
 
 
+def generation_rows(items, outs, stage: str) -> list[dict]:
+    """One generations.jsonl row per item (evaluate and evaluate_sharded)."""
+    return [{"id": it.id, "task": f"Task{it.task}", "input": it.input, "expected_output": it.output,
+             "model_output": out, "stage": stage, "split": it.split, "kind": it.kind,
+             "score": metrics.score_item(it.kind, it.output, out)} for it, out in zip(items, outs, strict=True)]
+
+
 def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
              batch_size: int = 32, mmlu_limit: int = 0, ctx=None, progress=None):
     """Score `items` (every task present), MIA documents and MMLU as the official scorer does.
@@ -458,9 +506,7 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
     """
     outs = generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, ctx=ctx,
                     progress=progress)
-    gen_rows = [{"id": it.id, "task": f"Task{it.task}", "input": it.input, "expected_output": it.output,
-                 "model_output": out, "stage": stage, "split": it.split, "kind": it.kind,
-                 "score": metrics.score_item(it.kind, it.output, out)} for it, out in zip(items, outs)]
+    gen_rows = generation_rows(items, outs, stage)
     mia_rows, auc = [], None
     if mia:
         for name in ("member", "nonmember"):
@@ -545,6 +591,347 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
                                                   "final_loss": last.get("loss"), "seconds": time.time() - t0})
     log(f"tiny target: built in {time.time() - t0:.0f}s, final loss {last.get('loss', float('nan')):.4f}")
     return path
+
+
+# -----------------------------------------------------------------------------
+# distributed: torchrun + FSDP2 (torch.distributed.fsdp.fully_shard); train() above stays plain
+#
+#   torchrun --nproc_per_node N run.py ...   # NCCL on cuda:LOCAL_RANK; without CUDA, gloo on CPU
+#
+# What is split across the N ranks, and why the result is the single-process one:
+#   weights, grads, AdamW  1/N each: fully_shard on every decoder layer, then on the root (embeddings,
+#                 final norm, head). --precision bf16: bf16 all-gather, compute and reduce-scatter
+#                 over fp32 sharded master weights (micro-batches without sync also accumulate
+#                 in bf16: a coarser sum than one GPU's fp32 grads); fp32, bf16-pure: no casting.
+#   training      rank r takes rows r::N of every global micro-batch of plan_steps. step_norm's totals
+#                 are all-reduced and gradients SUMMED over ranks (divide factor 1), so the update is
+#                 the single-process one. Reduce-scatter runs on a step's last micro-batch only. A rank
+#                 left without rows runs a padding row (no targets, loss x 0): FSDP forwards are
+#                 collectives, so every rank must run each one.
+#   NPO reference rows r::N of the forget set in lockstep batches, then summed over ranks.
+#   KL reference  a second copy, loaded and sharded the same way, frozen.
+#   evaluation    greedy decoding stops early per batch, which would break FSDP's lockstep: each
+#                 rank gathers the full weights into a plain replica (7B: 14 GB bf16, 28 GB fp32)
+#                 and scores a contiguous slice of the items, MIA documents and MMLU subjects; rows
+#                 are all-gathered in item order, so each item is scored exactly once.
+#   checkpoint    the full state dict is gathered to rank 0's CPU, which writes save_pretrained.
+# Only rank 0 writes files and prints (print0).
+
+COLLECTIVE_TIMEOUT = 7200  # s: ranks wait at a gather while the slowest one finishes its eval slice
+
+
+class Dist:
+    """This process's place in a torchrun job and the collectives the run needs
+    (train() calls all_reduce_dict, all_reduce_float and set_sync)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device, self.mesh = rank, world, device, None
+
+    def all_reduce_dict(self, d: dict) -> dict:
+        """{name: float} summed over ranks (same keys in the same order on every rank)."""
+        import torch.distributed as tdist
+        t = torch.tensor([float(v) for v in d.values()], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t)
+        return dict(zip(d, t.tolist()))
+
+    def all_reduce_float(self, x: float) -> float:
+        return self.all_reduce_dict({"x": x})["x"]
+
+    def set_sync(self, model, sync: bool) -> None:
+        model.set_requires_gradient_sync(sync)  # False: grads accumulate unsharded, no reduce-scatter
+
+    def rows(self, idx) -> tuple[list, bool]:
+        """Rows rank::world of a global batch; (first row, False) when that is empty: padding."""
+        idx = list(idx)
+        mine = idx[self.rank::self.world]
+        return (mine, True) if mine else (idx[:1], False)
+
+    def span(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [lo, hi) of n items; shares differ by at most one."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def gather(self, part: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank."""
+        import torch.distributed as tdist
+        parts = [None] * self.world
+        tdist.all_gather_object(parts, part)
+        return [x for p in parts for x in p]
+
+    def on_rank0(self, fn):
+        """fn() on rank 0 only (files, building the tiny target); its result, or its SystemExit,
+        on every rank. Also a barrier."""
+        import torch.distributed as tdist
+        box = [None]
+        if self.rank == 0:
+            try:
+                box = [(fn(), None)]
+            except SystemExit as e:
+                box = [(None, str(e.code))]
+        tdist.broadcast_object_list(box, src=0)
+        if box[0][1] is not None:
+            raise SystemExit(box[0][1])
+        return box[0][0]
+
+    def close(self) -> None:
+        import torch.distributed as tdist
+        tdist.destroy_process_group()
+
+
+def init_distributed(device: str = "auto", timeout: float = 60.0) -> Dist | None:
+    """Join the torchrun job this process belongs to; None outside torchrun (WORLD_SIZE <= 1).
+
+    env:// rendezvous (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) that
+    waits at most `timeout` seconds, then exits naming the address. NCCL on cuda:LOCAL_RANK when
+    CUDA is available and --device is not cpu, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from datetime import timedelta
+    import torch.distributed as tdist
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = not device.startswith("cpu") and torch.cuda.is_available()
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
+    try:
+        store, _, _ = next(tdist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError, DistStoreError, unset variables
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise SystemExit(
+            f"error: rank {rank} of {world}: no rendezvous at {where} within {timeout:g}s "
+            f"({type(e).__name__}: {why}). Start the job with `torchrun --nproc_per_node N run.py ...` "
+            "(it sets these variables), make MASTER_ADDR reachable from every rank and MASTER_PORT free "
+            "and open on it, or raise --rdzv-timeout.") from None
+    if cuda:
+        torch.cuda.set_device(dev)
+    store.set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT))
+    tdist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT), device_id=dev if cuda else None)
+    return Dist(rank, world, dev)
+
+
+def shard(model, dist: Dist, precision: str):
+    """FSDP2 in place: fully_shard every decoder layer (the model's _no_split_modules), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    assert precision != "fp16", "fp16 needs a sharded GradScaler: use --precision bf16 or bf16-pure"
+    if dist.mesh is None:
+        dist.mesh = init_device_mesh(dist.device.type, (dist.world,))
+    bf16 = torch.bfloat16
+    mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16) if precision == "bf16" else MixedPrecisionPolicy()
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    assert blocks, f"{type(model).__name__} declares no _no_split_modules: cannot find its decoder layers"
+    for m in blocks + [model]:
+        fully_shard(m, mesh=dist.mesh, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # sum over ranks: every loss is divided by the global totals
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def as_padding(b):
+    """b without target tokens: a row a rank runs only to keep FSDP's collectives in lockstep."""
+    return None if b is None else Batch(b.ids, b.attn, torch.zeros_like(b.mask), b.idx)
+
+
+def skip_padding(loss_fn):
+    """loss_fn giving 0 (loss and terms) on a padding micro-batch; step_norm counts it nowhere."""
+    def fn(model, fb, rb, norm):
+        loss, terms = loss_fn(model, fb, rb, norm)
+        if fb.mask.sum() > 0:
+            return loss, terms
+        return loss * 0.0, dict.fromkeys(terms, 0.0)
+    return fn
+
+
+def shard_steps(plan, make_f, make_r, dist: Dist):
+    """plan_steps' global micro-batches cut to this rank's rows: lists of (forget, retain|None) Batches."""
+    steps = []
+    for micros in plan:
+        mine = []
+        for f, r in micros:  # len(r) == len(f) or r == []: both slices are empty together
+            rows, real = dist.rows(f)
+            fb, rb = make_f(rows), (make_r(dist.rows(r)[0]) if r else None)
+            mine.append((fb, rb) if real else (as_padding(fb), as_padding(rb)))
+        steps.append(mine)
+    return steps
+
+
+@torch.no_grad()  # not inference_mode: FSDP must not create its unsharded parameters as inference tensors
+def reference_logps_sharded(model, make, n: int, batch_size: int, dist: Dist, ctx) -> torch.Tensor:
+    """reference_logps with rows split over ranks: global batches of batch_size * N items, rank r
+    runs rows r::N of each; every item is computed on exactly one rank, a sum assembles them."""
+    import torch.distributed as tdist
+    out = torch.zeros(n, dtype=torch.float64, device=dist.device)
+    for lo in range(0, n, batch_size * dist.world):
+        rows, real = dist.rows(range(lo, min(lo + batch_size * dist.world, n)))
+        with ctx:
+            lp = seq_logps(model, make(rows).to(dist.device)).double()
+        if real:
+            out[rows] = lp
+    model.reshard()  # the root stays unsharded after a no-grad forward, and its grads would be lost
+    tdist.all_reduce(out)
+    return out.cpu()
+
+
+def plain_model(model, sd: dict):
+    """A plain HF model of model.config holding sd's tensors (no copy) and model's buffers."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(sd, assign=True)
+    dev = next(iter(sd.values())).device
+    for name, buf in model.named_buffers():  # non-persistent ones (rotary inv_freq) are not in sd
+        mod, _, leaf = name.rpartition(".")
+        setattr(plain.get_submodule(mod), leaf, buf.to(dev))
+    if getattr(model.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    return plain.eval().requires_grad_(False)
+
+
+def full_replica(model):
+    """An unsharded copy of an FSDP model on every rank (all-gathered full state dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return plain_model(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+
+
+def save_sharded(model, tok, path, dist: Dist) -> None:
+    """save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dist.on_rank0(lambda: save_model(plain_model(model, sd), tok, path))
+
+
+def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stage: str = "after",
+                     max_new_tokens: int = 256, batch_size: int = 32, mmlu_limit: int = 0, ctx=None,
+                     progress=None):
+    """evaluate() of an FSDP model, each rank scoring a contiguous slice on a full replica; the
+    same return value on every rank (progress counts rank 0's slice)."""
+    replica = full_replica(model)
+    lo, hi = dist.span(len(items))
+    outs = dist.gather(generate(replica, tok, [it.input for it in items[lo:hi]], max_new_tokens,
+                                batch_size, ctx=ctx, progress=progress))
+    gen_rows = generation_rows(items, outs, stage)
+    mia_rows, auc = [], None
+    if mia:
+        docs = [(name, d) for name in ("member", "nonmember") for d in mia[name]]
+        lo, hi = dist.span(len(docs))
+        losses = dist.gather(doc_losses(replica, tok, [d.document for _, d in docs[lo:hi]], ctx=ctx))
+        mia_rows = [{"stage": stage, "set": name, "id": d.id, "loss": v} for (name, d), v in zip(docs, losses)]
+        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
+                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
+    mmlu_res = None
+    if mmlu:  # whole subjects per rank; average_acc over all questions, as mmlu_accuracy
+        dev, test = mmlu
+        subjects = sorted(test)
+        lo, hi = dist.span(len(subjects))
+        mine = {s: test[s] for s in subjects[lo:hi]}
+        acc = dict(dist.gather(list(mmlu_eval(replica, tok, dev, mine, limit=mmlu_limit, ctx=ctx)
+                                    ["subject_acc"].items()) if mine else []))
+        n = {s: len(test[s][:mmlu_limit] if mmlu_limit else test[s]) for s in subjects}
+        mmlu_res = {"average_acc": sum(round(acc[s] * n[s]) for s in subjects) / sum(n.values()),
+                    "subject_acc": {s: acc[s] for s in subjects}}
+    results = metrics.aggregate(gen_rows, mia_auc=auc,
+                                mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
+    return gen_rows, mia_rows, mmlu_res, results
+
+
+# -----------------------------------------------------------------------------
+# memory plan: bytes per GPU of a full-parameter unlearning step, from the model config
+
+# The bases of the released targets (config.json). OLMo-1B-0724-hf is untied, unlike OLMo-1B-hf:
+# the SemEval 1B target ships 4.71 GB + 412 MB of fp32 safetensors = 1.28B parameters.
+OLMO_CONFIGS = {
+    "olmo-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
+                    vocab_size=50304, tie_word_embeddings=False, max_position_embeddings=4096),
+    "olmo-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+                    vocab_size=50304, tie_word_embeddings=False, max_position_embeddings=4096),
+}
+# Bytes saved for backward per token by one decoder layer = cH * hidden + cI * intermediate, measured
+# on OLMo with saved_tensors_hooks (tests/test_dist.py). SDPA attention (no T x T matrix); bf16
+# autocast keeps the residual stream in fp32. Eager attention would add ~heads * T * 2 bytes.
+ACT_COEF = {"fp32": (36, 16), "bf16": (28, 8), "bf16-pure": (22, 8)}
+
+
+def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, world: int = 1,
+                grad_checkpointing: bool = False, grad_accum: int = 1) -> dict:
+    """Bytes per GPU of one training step of `method` (ga, gd, kl, npo) at `precision` (fp32,
+    bf16 = autocast over fp32 master weights, bf16-pure), FSDP over `world` GPUs. config: a
+    transformers config or a dict of OlmoConfig fields; batch: forget rows per micro-batch (gd, kl,
+    npo add as many retain rows); seq_len: tokens per row.
+
+      weights, grads  the largest shard (rank 0's; dim 0 padded to a multiple of world) in the
+                      master dtype (bf16 for bf16-pure)
+      optimizer       AdamW exp_avg + exp_avg_sq in the master dtype + a 4-byte step per tensor
+      reference       kl: a frozen sharded copy of the weights; npo: log-probs only (~0)
+      activations     saved for backward: every layer's tensors (ACT_COEF) or, with checkpointing,
+                      every layer's input; plus the fp32 log-softmax of the logits (kl: + p_ref)
+      workspace       transient: one row set's logits (compute dtype + fp32 copy + fp32 gradient)
+                      and, with checkpointing, the one layer being recomputed
+      copies          compute-dtype weights alive during the step: world 1, autocast's cast cache
+                      (bf16; only the head's with checkpointing); world > 1, FSDP's unsharded root
+                      + 2 layers + 1 layer of gradients (x2 for kl's reference), plus the whole
+                      unsharded gradient when grad_accum > 1 (no reduce-scatter until the last
+                      micro-batch)
+    Not counted: CUDA context and fragmentation (1-3 GB), evaluation (a full replica, no optimizer).
+    """
+    from transformers import AutoModelForCausalLM, OlmoConfig
+    config = OlmoConfig(**config) if isinstance(config, dict) else config
+    precision = "bf16" if precision == "fp16" else precision
+    assert precision in ACT_COEF, f"precision must be one of {list(ACT_COEF)} (or fp16), got {precision!r}"
+    assert method in ("ga", "gd", "kl", "npo"), f"unknown method {method!r}"
+    with torch.device("meta"):  # shapes only, no memory
+        model = AutoModelForCausalLM.from_config(config)
+    params = list(model.parameters())
+    block = next(m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ()))
+    n_all, n_block = sum(p.numel() for p in params), sum(p.numel() for p in block.parameters())
+    n_root = n_all - config.num_hidden_layers * n_block
+    n_shard = sum(math.ceil(p.shape[0] / world) * (p.numel() // p.shape[0]) for p in params)
+    w = 2 if precision == "bf16-pure" else 4   # master weights, grads, AdamW moments
+    c = 4 if precision == "fp32" else 2        # compute (activations)
+    r = 2 if precision == "bf16-pure" else 4   # residual stream
+    H, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    cH, cI = ACT_COEF[precision]
+    layer = cH * H + cI * I                    # per token
+    rows = batch * seq_len                     # tokens of one row set
+    tokens = rows * (2 if method in ("gd", "kl", "npo") else 1)
+    saved = (L * r * H if grad_checkpointing else L * layer) + (r + c) * H + 4 * V
+    plan = {"weights": n_shard * w, "grads": n_shard * w, "optimizer": 2 * n_shard * w + 4 * len(params),
+            "reference": n_shard * w if method == "kl" else 0,
+            "activations": tokens * saved + (rows * 4 * V if method == "kl" else 0),
+            "workspace": rows * V * (c + 8) + (tokens * layer if grad_checkpointing else 0)}
+    if world == 1:  # autocast casts matmul weights (not an untied embedding); checkpointed layers
+        # recompute their casts in backward, so then only the head's stay
+        emb = model.get_input_embeddings().weight
+        tied = model.get_output_embeddings().weight is emb
+        n_cast = (n_root if grad_checkpointing else n_all) - (0 if tied else emb.numel())
+        plan["copies"] = n_cast * 2 if precision == "bf16" else 0
+    else:
+        plan["copies"] = ((n_root + 3 * n_block) * c * (2 if method == "kl" else 1)
+                          + (n_all * c if grad_accum > 1 else 0))
+    plan["total"] = sum(plan.values())
+    return plan
+
+
+def print_memory_table(batch: int = 4, seq_len: int = 512, grad_accum: int = 1) -> str:
+    """The README's table: GiB per GPU for OLMo 1B and 7B, every method, three setups."""
+    setups = [("bf16 autocast, fp32 weights + AdamW, 1 GPU", "bf16", 1, False),
+              ("bf16 autocast, fp32 weights + AdamW, FSDP 8 GPUs", "bf16", 8, False),
+              ("bf16-pure + grad checkpointing, 1 GPU", "bf16-pure", 1, True)]
+    keys = ["weights", "grads", "optimizer", "reference", "activations", "workspace", "copies", "total"]
+    lines = [f"GiB per GPU; batch {batch} forget rows (+{batch} retain rows for gd/kl/npo) x {seq_len} tokens"
+             f"{f', grad_accum {grad_accum}' if grad_accum > 1 else ''}", "",
+             "| model | setup | method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
+    for name in ("olmo-1b", "olmo-7b"):
+        for label, precision, world, gc in setups:
+            for method in ("ga", "gd", "kl", "npo"):
+                p = memory_plan(OLMO_CONFIGS[name], method, precision, batch, seq_len, world, gc, grad_accum)
+                cells = " | ".join(f"{p[k] / 2**30:.1f}" for k in keys)
+                lines.append(f"| {name} | {label} | {method} | {cells} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 # -----------------------------------------------------------------------------

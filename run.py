@@ -12,6 +12,7 @@ one place. A run directory gets config.json, log.jsonl, generations.jsonl, mia.j
 results.json (official keys under "before" and "after") and, with --save, a checkpoint.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,7 +35,7 @@ class Config:
     method: str = field(default="npo", metadata={"help": "unlearning method; none scores the target as it is", "choices": ["ga", "gd", "kl", "npo", "none"]})
     model: str = field(default="tiny", metadata={"help": "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local save_pretrained directory"})
     data: str = field(default="builtin", metadata={"help": "builtin, a LUME release dir (forget.jsonl, retain.jsonl) or a SemEval parquet dir"})
-    n_docs: int = field(default=8, metadata={"help": "built-in data: documents per task per split"})
+    n_docs: int = field(default=0, metadata={"help": "documents per task per split: built-in data makes this many (0 = 8), real data keeps the first N (0 = all)"})
     mia_data: str = field(default="", metadata={"help": "dir with member.jsonl + nonmember.jsonl (built-in data brings its own)"})
     mmlu: str = field(default="", metadata={"help": "MMLU dir (dev/, test/ CSVs); empty skips MMLU"})
     mmlu_limit: int = field(default=0, metadata={"help": "questions per MMLU subject (0 = all)"})
@@ -59,6 +60,7 @@ class Config:
     save: bool = field(default=False, metadata={"help": "save the unlearned model (save_pretrained, safetensors) to <out>/model"})
     cache_dir: str = field(default=os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
                            metadata={"help": "where the tiny target is cached (env LUME_CACHE)"})
+    rdzv_timeout: float = field(default=60.0, metadata={"help": "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT before a clear error"})
 
 
 def parse_args(argv=None) -> Config:
@@ -111,31 +113,62 @@ def make_out_dir(cfg: Config) -> Path:
 def load_inputs(cfg: Config):
     """(items, MIA sets or None, MMLU (dev, test) or None), validated before any model work."""
     if cfg.data == "builtin":
-        items, mia = data.builtin(n_docs=cfg.n_docs, seed=cfg.seed)
+        items, mia = data.builtin(n_docs=cfg.n_docs or 8, seed=cfg.seed)
     else:
         items, mia = data.load_items(cfg.data), None
+        if cfg.n_docs:  # a quick subset of a real release: the first N documents of each task and split
+            keep = {}
+            for it in items:
+                docs = keep.setdefault((it.split, it.task), [])
+                if it.doc_id not in docs and len(docs) < cfg.n_docs:
+                    docs.append(it.doc_id)
+            items = [it for it in items if it.doc_id in keep[(it.split, it.task)]]
     if cfg.mia_data:
         mia = data.load_mia(cfg.mia_data)
     mmlu = data.load_mmlu(cfg.mmlu) if cfg.mmlu else None
     return items, mia, mmlu
 
 
-def load_model(cfg: Config, items, device, dtype):
+def load_model(cfg: Config, items, device, dtype, precision: str = "fp32", dist=None):
+    """(model, tokenizer) on device; under torchrun FSDP2-sharded (lume.shard), every rank loading
+    on CPU and fully_shard moving its shard to the device layer by layer."""
     if cfg.model == "tiny":
-        path = lume.tiny_target(items, cfg.cache_dir, log=lume.print0)
+        build = lambda: lume.tiny_target(items, cfg.cache_dir, log=lume.print0)  # noqa: E731
+        path = dist.on_rank0(build) if dist else build()  # one rank builds it, the others wait
         model, tok = lume.load_pretrained(str(path), dtype)
     else:
         model, tok = lume.load_pretrained(cfg.model, dtype)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # non-reentrant: composes with FSDP2 and needs no input gradients
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dist is not None:
+        return lume.shard(model, dist, precision).eval(), tok
     return model.to(device).eval(), tok
 
 
-def unlearn(cfg: Config, model, tok, items, device, precision, log):
-    """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT)."""
+def split_items(cfg: Config, items):
+    """(forget, retain) items of the task being unlearned."""
     tasks = {1, 2, 3} if cfg.task == "all" else {int(cfg.task)}
-    forget = [it for it in items if it.split == "forget" and it.task in tasks]
-    retain = [it for it in items if it.split == "retain" and it.task in tasks]
+    return ([it for it in items if it.split == "forget" and it.task in tasks],
+            [it for it in items if it.split == "retain" and it.task in tasks])
+
+
+def check_world(cfg: Config, items) -> None:
+    """Under torchrun, refuse before the rendezvous what cannot run: more ranks than forget items
+    (a rank would never see one), and fp16 (FSDP would need a sharded GradScaler)."""
+    world, n = int(os.environ.get("WORLD_SIZE", "1")), len(split_items(cfg, items)[0])
+    if world > 1 and world > n:
+        raise SystemExit(f"error: {world} ranks (WORLD_SIZE) but only {n} forget items for --task {cfg.task}: "
+                         f"every rank needs at least one. Start at most {n} processes "
+                         "(torchrun --nproc_per_node), or unlearn more items (--task all, more data).")
+    if world > 1 and cfg.precision == "fp16":
+        raise SystemExit("error: --precision fp16 is not supported under torchrun (FSDP would need a "
+                         "sharded GradScaler); use --precision bf16 or bf16-pure")
+
+
+def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
+    """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
+    under torchrun on this rank's rows of every micro-batch (lume.shard_steps)."""
+    forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
     use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method == "npo" and cfg.retain_weight == 0)
     fenc = [lume.encode_pair(tok, it.input, it.output) for it in forget]
@@ -143,20 +176,30 @@ def unlearn(cfg: Config, model, tok, items, device, precision, log):
     plan = lume.plan_steps(len(fenc), len(renc), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed)
     pad = tok.pad_token_id
     mb = lambda enc, idx: lume.make_batch([enc[i][0] for i in idx], [enc[i][1] for i in idx], idx, pad)  # noqa: E731
-    steps = [[(mb(fenc, f), mb(renc, r) if r else None) for f, r in micros] for micros in plan]
+    if dist is None:
+        steps = [[(mb(fenc, f), mb(renc, r) if r else None) for f, r in micros] for micros in plan]
+    else:
+        steps = lume.shard_steps(plan, lambda i: mb(fenc, i), lambda i: mb(renc, i), dist)
     ctx = lume.autocast_ctx(device, precision)
     kw = {"alpha": cfg.retain_weight}
-    if cfg.method == "npo":
+    if cfg.method == "npo" and dist is None:
         batches = [mb(fenc, list(range(i, min(i + cfg.eval_batch_size, len(fenc))))).to(device)
                    for i in range(0, len(fenc), cfg.eval_batch_size)]
         kw.update(beta=cfg.beta, ref_logps=lume.reference_logps(model, batches, len(fenc), ctx))
+    if cfg.method == "npo" and dist is not None:
+        kw.update(beta=cfg.beta, ref_logps=lume.reference_logps_sharded(
+            model, lambda i: mb(fenc, i), len(fenc), cfg.eval_batch_size, dist, ctx))
     if cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
-        kw["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
+            cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
+        kw["ref"] = ref.eval().requires_grad_(False)
     loss_fn = lambda m, fb, rb, norm: methods.METHODS[cfg.method](m, fb, rb, norm, **kw)  # noqa: E731
+    if dist is not None:
+        loss_fn = lume.skip_padding(loss_fn)
     lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
                 f"{len(renc)} retain items, {len(steps)} steps")
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                      clip=cfg.clip, precision=precision, device=device, log=log)
+                      clip=cfg.clip, precision=precision, device=device, log=log, dist=dist)
 
 
 def summary(results: dict) -> str:
@@ -179,47 +222,63 @@ def main(cfg: Config) -> Path:
     t0 = time.time()
     lume.seed_everything(cfg.seed)
     items, mia, mmlu = load_inputs(cfg)
-    device = lume.pick_device(cfg.device)
+    check_world(cfg, items)  # before the rendezvous: every rank fails fast
+    dist = lume.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
+    try:
+        return run_job(cfg, items, mia, mmlu, dist, t0)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def run_job(cfg: Config, items, mia, mmlu, dist, t0) -> Path:
+    """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes."""
+    rank0 = dist is None or dist.rank == 0
+    device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
     precision = lume.resolve_precision(cfg.precision, device)
-    out = make_out_dir(cfg)
-    lume.write_json_atomic(out / "config.json", {**dataclasses.asdict(cfg), "argv": sys.argv,
-                                                 "device": str(device), "resolved_precision": precision,
-                                                 "torch": torch.__version__})
-    lume.print0(f"run directory: {out}")
-    model, tok = load_model(cfg, items, device, lume.weight_dtype(precision))
+    out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
+    if rank0:
+        lume.write_json_atomic(out / "config.json", {**dataclasses.asdict(cfg), "argv": sys.argv,
+                                                     "device": str(device), "resolved_precision": precision,
+                                                     "world_size": dist.world if dist else 1,
+                                                     "torch": torch.__version__})
+    lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else ""))
+    model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
     ctx = lume.autocast_ctx(device, precision)
     gen_rows, mia_rows, results = [], [], {}
 
     def score(stage):
         progress = lambda k, n: lume.print0(f"eval {stage}: {k}/{n} items generated")  # noqa: E731
-        g, m, mm, res = lume.evaluate(model, tok, items, mia, mmlu, stage=stage, max_new_tokens=cfg.max_new_tokens,
-                                      batch_size=cfg.eval_batch_size, mmlu_limit=cfg.mmlu_limit, ctx=ctx,
-                                      progress=progress)
+        kw = dict(stage=stage, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                  mmlu_limit=cfg.mmlu_limit, ctx=ctx, progress=progress)
+        g, m, mm, res = (lume.evaluate_sharded(model, tok, items, mia, mmlu, dist=dist, **kw) if dist
+                         else lume.evaluate(model, tok, items, mia, mmlu, **kw))
         gen_rows.extend(g), mia_rows.extend(m)
         results[stage] = res if mm is None else {**res, "mmlu": mm}
-        lume.write_jsonl_atomic(out / "generations.jsonl", gen_rows)
-        lume.write_jsonl_atomic(out / "mia.jsonl", mia_rows)
-        lume.write_json_atomic(out / "results.json", results)
+        if rank0:
+            lume.write_jsonl_atomic(out / "generations.jsonl", gen_rows)
+            lume.write_jsonl_atomic(out / "mia.jsonl", mia_rows)
+            lume.write_json_atomic(out / "results.json", results)
 
-    if cfg.method == "none":  # the target as it is: one scoring, as "before"
-        score("before")
-    if cfg.eval_before and cfg.method != "none":
+    if cfg.method == "none" or cfg.eval_before:  # method none: the target as it is, scored once
         score("before")
     if cfg.method != "none":
-        with open(out / "log.jsonl", "a") as logf:
+        with (open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext()) as logf:
             def log(rec):
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+                if logf is not None:
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
                 extra = " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s"))
                 lume.print0(f"step {rec['step']}: {extra} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
-            unlearn(cfg, model, tok, items, device, precision, log)
-        if cfg.save:
+            unlearn(cfg, model, tok, items, device, precision, log, dist)
+        if cfg.save and dist is not None:
+            lume.save_sharded(model, tok, out / "model", dist)
+        elif cfg.save:
             lume.save_model(model, tok, out / "model")
         score("after")
     lume.print0(summary(results))
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
     return out
-
 
 if __name__ == "__main__":
     main(parse_args())

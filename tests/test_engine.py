@@ -124,3 +124,26 @@ def test_tiny_target_is_cached_and_reused(small_data, tmp_path, monkeypatch):
     monkeypatch.setattr(lume, "train", lambda *a, **k: pytest.fail("rebuilt a cached target"))
     assert lume.tiny_target(items, tmp_path, **kw) == p1
     assert lume.fingerprint(items, {"a": 1}) != lume.fingerprint(items[1:], {"a": 1})
+
+
+def test_mmlu_eval_on_real_files_with_a_model_that_always_says_A(small_target, shared):
+    import data
+    import metrics
+    model, tok = small_target
+    dev, test = data.load_mmlu(shared / "mmlu")
+    test = {s: test[s] for s in ("abstract_algebra", "college_medicine", "high_school_european_history")}
+    a_id = metrics.mmlu_choice_ids(tok)[0]
+
+    class AlwaysA(torch.nn.Module):  # the real model's forward, with " A" pushed to the top
+        def __init__(self):
+            super().__init__()
+            self.m, self.config = model, model.config
+
+        def forward(self, **kw):
+            out = self.m(**kw)
+            out.logits[..., a_id] += 1e4
+            return out
+    res = lume.mmlu_eval(AlwaysA(), tok, dev, test, limit=2)
+    answers = [q.answer for s in test for q in test[s][:2]]
+    assert res["average_acc"] == pytest.approx(answers.count("A") / len(answers))
+    assert len(res["subject_acc"]) == 3  # european history: 0-shot prompts exceed the 512-token context

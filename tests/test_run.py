@@ -77,3 +77,14 @@ def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny
     assert r.returncode == 2 and "invalid choice: 'sgd'" in r.stderr
     r = subprocess.run([sys.executable, "run.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "--batch-size must be > 0" in r.stderr
+
+
+def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
+    # the tiny target built on (the first 2 documents per task and split of) the real release
+    out = run.main(args(tmp_path, "real", "--data", str(shared / "lume-data" / "lume"), "--method", "gd",
+                        "--mia-data", str(shared / "lume-data" / "semeval25" / "mia_data")))
+    gens = read_jsonl(out / "generations.jsonl")
+    assert len(gens) == 2 * 2 * (2 * 2 + 2 * 6 + 2 * 2)  # stages x splits x (Task1 + Task2 + Task3 items)
+    assert any(g["id"].startswith('"') for g in gens)  # Task1 ids keep their literal quotes
+    assert len(read_jsonl(out / "mia.jsonl")) == 2 * 300  # the official 150 + 150 documents
+    assert 0.0 <= json.load(open(out / "results.json"))["after"]["mia_loss_acc"] <= 1.0
