@@ -280,5 +280,6 @@ def run_job(cfg: Config, items, mia, mmlu, dist, t0) -> Path:
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
     return out
 
+
 if __name__ == "__main__":
     main(parse_args())
