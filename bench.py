@@ -2,7 +2,7 @@
 LUME benchmark: the project's way of doing each job against the official / peers' way, same process.
 
     python bench.py                          # 200 LUME items, the bench model (built once, cached), CPU, < 10 min
-    python bench.py --quick                  # 40 items, fewer repeats: about a minute
+    python bench.py --quick                  # smoke run, ~1.5 min: 40 items, 2 repeats (not the targets' setting)
     python bench.py --model tiny             # the project's tiny target (lume.TINY) built on the bench items
     python bench.py --model olmo-1b --device cuda --out bench-1b.json   # any model lume.load_pretrained takes
 
@@ -334,8 +334,11 @@ def bench_npo(model, tok, fb, rb, fenc, args, device) -> dict:
 
     out = {"ref_cache_s": cache_s, "ref_cache_items": len(fenc)}
     for name, alpha, r in (("npo", 0.0, None), ("npo_rt", 3.0, rb)):
-        ours_fn = lambda m, f, rr, n, a=alpha: methods.npo(m, f, rr, n, beta=0.1, alpha=a, ref_logps=ref_logps)  # noqa: E731
-        peers_fn = lambda m, f, rr, n, a=alpha: peers_npo(m, f, rr, n, a)  # noqa: E731
+        def ours_fn(m, f, rr, n, a=alpha):  # the cached log pi_ref, looked up by item index
+            return methods.npo(m, f, rr, n, beta=0.1, alpha=a, ref_logps=ref_logps)
+
+        def peers_fn(m, f, rr, n, a=alpha):
+            return peers_npo(m, f, rr, n, a)
         ways = {"ours": (copy.deepcopy(model), ours_fn), "peers": (copy.deepcopy(model), peers_fn)}
         t = time_steps(ways, fb, r, args.repeats, 2, device)
         (ours_s, ours_loss), (peers_s, peers_loss) = t["ours"], t["peers"]
@@ -395,7 +398,8 @@ def table(res: dict) -> str:
     ]
     for meth in ("ga", "gd", "kl", "npo"):
         x = t[meth]
-        rows.append((f"3 train step {meth.upper()}", f"{x['tokens_per_s']:.0f} tok/s, {x['flop_per_s'] / 1e9:.1f} GFLOP/s",
+        rows.append((f"3 train step {meth.upper()}",
+                     f"{x['tokens_per_s']:.0f} tok/s, {x['flop_per_s'] / 1e9:.1f} GFLOP/s",
                      f"peak {t['peak']['flop_per_s'] / 1e9:.1f} GFLOP/s", f"{x['peak_fraction']:.0%} of peak",
                      ">= 50%" if meth == "ga" else "", ok("ga_peak_fraction") if meth == "ga" else "", ""))
     for key, label in (("npo", "4 NPO step"), ("npo_rt", "4 NPO-RT step")):
