@@ -86,19 +86,33 @@ def resolve_model(name: str) -> tuple[str, str]:
     return name, name
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    return f"{type(e).__name__}: {lines[0][:300].rstrip('.')}" if lines else type(e).__name__
+
+
 def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer with from_pretrained; one clear line when unreachable."""
+    """Load a causal LM and its tokenizer with from_pretrained; one clear line when it cannot."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_path, tok_path = resolve_model(name)
+    local = Path(model_path).expanduser()
+    # A path-like name is never sent to the hub: a typo in a local path should say so, not
+    # blame the network (transformers would try it as a repo id).
+    is_local = local.exists() or name.startswith((".", "/", "~"))
+    if is_local:
+        if not (local / "config.json").is_file():
+            raise SystemExit(f"error: --model {name}: {local} is not a directory written by save_pretrained "
+                             "(no config.json there)")
+        model_path = tok_path = str(local)
     try:
         tok = AutoTokenizer.from_pretrained(tok_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # hub errors subclass OSError; bad repo ids, ValueError
+        where = "this local directory" if is_local else "the hub"
         raise SystemExit(
-            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}): {e.__class__.__name__}. "
-            "The hub is unreachable or the repo is gated: pass a local directory written by "
-            "save_pretrained (--model PATH), or log in with `huggingface-cli login` / set HF_TOKEN "
-            "after accepting the repo's terms.") from None
+            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}) from {where}: {_first_line(e)}. "
+            "Fix: pass a local directory written by save_pretrained (--model PATH); for the gated SemEval "
+            "repos, accept their terms on the hub and log in (`hf auth login`) or set HF_TOKEN.") from None
     if tok.pad_token_id is None:  # the official scorer pads with EOS
         tok.pad_token = tok.eos_token
     return model, tok

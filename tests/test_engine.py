@@ -13,9 +13,20 @@ def test_alias_table_and_unreachable_hub(monkeypatch):
     assert lume.resolve_model("olmo-1b") == (
         "llmunlearningsemeval2025organization/olmo-1B-model-semeval25-unlearning", "allenai/OLMo-1B-0724-hf")
     assert lume.resolve_model("some/repo") == ("some/repo", "some/repo")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SystemExit, match="local directory.*HF_TOKEN"):
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: patch the constant it consults, or the
+    # call goes to the network and waits out its retries (~50 s here) before failing the same way
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"'olmo-1b' \(llmunlearningsemeval2025organization/olmo-1B.*from the hub: "
+                                         r".*Error.*local directory.*HF_TOKEN"):
         lume.load_pretrained("olmo-1b")
+
+
+def test_local_paths_are_never_sent_to_the_hub(tmp_path):
+    with pytest.raises(SystemExit, match="no/such/ckpt is not a directory written by save_pretrained"):
+        lume.load_pretrained(str(tmp_path / "no" / "such" / "ckpt"))
+    with pytest.raises(SystemExit, match="no config.json"):  # exists, but holds no checkpoint
+        lume.load_pretrained(str(tmp_path))
 
 
 def test_local_directory_round_trip(small_target, tmp_path):
