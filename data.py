@@ -292,6 +292,24 @@ _MIDDLE = [  # in story order; {X} and {Y} are two different characters, {obj} i
     "They worked through the night, sharing bread and cold tea.", "Soon the people of {city} whispered about them.",
     "{X} wrote down everything that had happened in a notebook.", "By the end of the week, they were close friends.",
 ]
+# Questions about some events, asked as the release asks Task1 questions: about one detail of one
+# story, naming the city or a character so the question identifies its story. index -> (question,
+# which character answers it); the answer is in the sentence, so it is in the document. Answers
+# are names, unique to a story: a forget and a retain story never share an answer.
+_MIDDLE_QA = {
+    0: ("In {city}, who received a letter with no name on the envelope?", "X"),
+    1: ("Who studied {obj} for three nights by candlelight in {city}?", "X"),
+    2: ("Who followed a stranger through the lanes of the old quarter of {city}?", "Y"),
+    5: ("Whom did {X} ask for help?", "Y"),
+    6: ("Who did {Y} not trust at first?", "X"),
+    11: ("In {city}, whom did an old sailor at the harbour tell where to look?", "Y"),
+    12: ("Who learned that the mayor of {city} knew more than he admitted?", "X"),
+    15: ("In {city}, who drew a map of every place they had visited?", "Y"),
+    17: ("Who made a risky plan in {city}?", "X"),
+    18: ("Who kept watch while {X} slipped into the old clock tower?", "Y"),
+    19: ("Who taught {X} to stay calm when all seemed lost?", "Y"),
+    22: ("In {city}, who wrote down everything that had happened in a notebook?", "X"),
+}
 _FEMALE = ("Abigail Beatrix Cordelia Delphine Esme Fenella Greta Harriet Imogen Juniper Katrin Lorna Mirabel Nadia "
            "Ottilie Philippa Rosalind Sabine Tamsin Ursula Verity Wilhelmina Yvette Zelda Clementine Henrietta").split()
 _MALE = ("Alaric Barnaby Casimir Desmond Ephraim Florian Gideon Horatio Ignatius Jasper Leopold Mortimer Nathaniel "
@@ -376,27 +394,34 @@ def _story(rng, used, story_words):
     roles, traits = rng.sample(_ROLES, 4), [rng.choice(_TRAITS) for _ in chars]
     A, B, C, D = chars
     intros = [f"{c}, a {t} {r}, {h}." for c, t, r, h in zip(chars, traits, roles, rng.sample(_HABITS, 4))]
+    who = [(f"Who is the {t} {r} in {city}?", c) for c, t, r in zip(chars, traits, roles)]
     head = [f"In the {mood} city of {city}, four strangers lived side by side without ever meeting: "
             f"{A}, {B}, {C}, and {D}.", intros[0]]
     tail = [f"In the end, {ending}, and {A}, {B}, {C}, and {D} stayed friends for the rest of their lives."]
-    fixed = intros[1:] + [f"{rng.choice(_TIMES)}, {A} found a {thing} in {rng.choice(_PLACES)}.",
-                          f"Soon afterwards, {city} was shaken by {trouble}."]
-    pool = list(enumerate(fixed, -len(fixed)))  # negative keys: these come first, in this order
-    pool += [(i, _MIDDLE[i].format(X=x, Y=y, city=city, obj=f"the {thing}"))
-             for i in rng.sample(range(len(_MIDDLE)), len(_MIDDLE)) for x, y in [rng.sample(chars, 2)]]
+    place = rng.choice(_PLACES)
+    # (story order key, sentence, the question it answers or None); negative keys come first, in order
+    pool = [(k - 5, s, qa) for k, (s, qa) in enumerate([(s, None) for s in intros[1:]] + [
+        (f"{rng.choice(_TIMES)}, {A} found a {thing} in {place}.", (f"In {city}, who found a {thing} in {place}?", A)),
+        (f"Soon afterwards, {city} was shaken by {trouble}.", None)])]
+    for i in rng.sample(range(len(_MIDDLE)), len(_MIDDLE)):
+        x, y = rng.sample(chars, 2)
+        fill = dict(X=x, Y=y, city=city, obj=f"the {thing}")
+        q, ans = _MIDDLE_QA.get(i, (None, None))
+        pool.append((i, _MIDDLE[i].format(**fill), q and (q.format(**fill), fill[ans])))
     taken, n = [], sum(len(s.split()) for s in head + tail)
     while n < story_words:
         if not pool:
             raise ValueError(f"story_words={story_words} is longer than the built-in stories can be")
         taken.append(pool.pop(0))
         n += len(taken[-1][1].split())
-    sents = head + [s for _, s in sorted(taken)] + tail  # the chosen events, told in story order
+    sents = head + [s for _, s, _ in sorted(taken, key=lambda t: t[0])] + tail  # events in story order
     # Cut at the sentence end nearest 75% of the words (the release cuts near 80%, often mid-sentence).
     cum = [sum(len(s.split()) for s in sents[:k]) for k in range(len(sents) + 1)]
     k = min(range(1, len(sents)), key=lambda k: abs(cum[k] / n - 0.75))
-    i = rng.randrange(1 + min(len(taken), 3))  # a character whose introduction is in the story
+    # One question about a detail the story tells (the release asks a different one of each story)
+    # 'Who is ...' counts once, with a character whose introduction is in the story
     qa = rng.choice([(f"In which city do {A}, {B}, {C}, and {D} live?", city),
-                     (f"Who is the {traits[i]} {roles[i]} in {city}?", chars[i])])
+                     rng.choice(who[:1 + min(len(taken), 3)])] + [qa for _, _, qa in taken if qa])
     return f'"{_uuid(rng)}"', (" ".join(sents[:k]), " ".join(sents[k:])), [qa]
 
 

@@ -538,11 +538,12 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
 # -----------------------------------------------------------------------------
 # the tiny embedded target: a BPE tokenizer and an OLMo-architecture model that memorised the data
 
-# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data in ~2-3 CPU minutes.
+# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score 1.0) in
+# ~2.5 CPU minutes. 50 epochs left Task2 PII at 0.72-0.75 knowledge on some data seeds.
 TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=1024, vocab_size=4096)
 # lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
-TINY_RECIPE = dict(epochs=50, lr=2e-3, warmup=20, batch_size=4, seed=0, version=1)  # bump version on change
+TINY_RECIPE = dict(epochs=80, lr=2e-3, warmup=20, batch_size=4, seed=0, version=2)  # bump version on change
 
 
 def fingerprint(items, extra: dict) -> str:

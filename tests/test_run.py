@@ -88,3 +88,31 @@ def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
     assert any(g["id"].startswith('"') for g in gens)  # Task1 ids keep their literal quotes
     assert len(read_jsonl(out / "mia.jsonl")) == 2 * 300  # the official 150 + 150 documents
     assert 0.0 <= json.load(open(out / "results.json"))["after"]["mia_loss_acc"] <= 1.0
+
+
+def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
+    """The README's first command as a user runs it (`python run.py --task 1 --method npo`): the
+    tiny target built on the built-in data (or reused from LUME_CACHE) memorised every task and
+    split, and NPO with the defaults halves task 1 forget while retain keeps most of its value.
+    The one slow test (~2 minutes on 2 cores with a fresh cache): the claim the README makes."""
+    out = tmp_path / "default"
+    r = subprocess.run([sys.executable, "run.py", "--task", "1", "--method", "npo", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "forget Task1 reg" in r.stdout  # the before/after table is printed
+    res = json.load(open(out / "results.json"))
+    before, after = res["before"], res["after"]
+    keys = ("regurgitation-score", "knowledge-score")
+    for split in ("forget-set", "retain-set"):
+        for task in ("Task1", "Task2", "Task3"):
+            for key in keys:  # it memorised, as the released 7B target did
+                assert before[split][task][key] >= 0.8, (split, task, key, before[split][task])
+    assert before["mia_loss_acc"] >= 0.8
+    for key in keys:  # task 1 forgotten ...
+        assert after["forget-set"]["Task1"][key] <= 0.5 * before["forget-set"]["Task1"][key], key
+    # ... while retain is far less affected: on average it keeps >= 90% (measured on 3 data seeds:
+    # 95-100%) and no score loses more than 40% (8 questions a task: at most 3 of them; measured:
+    # at most 2). Task 1 retain shares its stories' sentence templates, so it is hit the most.
+    kept = {(task, key): after["retain-set"][task][key] / before["retain-set"][task][key]
+            for task in ("Task1", "Task2", "Task3") for key in keys}
+    assert min(kept.values()) >= 0.6 and sum(kept.values()) / len(kept) >= 0.9, kept
