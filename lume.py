@@ -118,6 +118,16 @@ def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (7B on one GPU). Non-reentrant: composes with
+    FSDP2 and needs no input gradients. transformers 5 renamed gradient_ to activation_checkpointing."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 # -----------------------------------------------------------------------------
 # tokenization and batching
 

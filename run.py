@@ -138,8 +138,8 @@ def load_model(cfg: Config, items, device, dtype, precision: str = "fp32", dist=
         model, tok = lume.load_pretrained(str(path), dtype)
     else:
         model, tok = lume.load_pretrained(cfg.model, dtype)
-    if cfg.grad_checkpointing:  # non-reentrant: composes with FSDP2 and needs no input gradients
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:
+        lume.enable_checkpointing(model)
     if dist is not None:
         return lume.shard(model, dist, precision).eval(), tok
     return model.to(device).eval(), tok

@@ -153,7 +153,7 @@ def test_memory_plan_matches_measured_bytes(precision, gc):
     torch.manual_seed(0)
     model = OlmoForCausalLM(OlmoConfig(**cfg)).to(lume.weight_dtype(precision)).train()
     if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lume.enable_checkpointing(model)
     b = lume.Batch(torch.randint(0, 700, (B, T)), torch.ones(B, T, dtype=torch.long), torch.ones(B, T), torch.arange(B))
     loss = []
 
