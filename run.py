@@ -225,10 +225,14 @@ def main(cfg: Config) -> Path:
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = lume.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     try:
-        return run_job(cfg, items, mia, mmlu, dist, t0)
-    finally:
-        if dist is not None:
-            dist.close()
+        out = run_job(cfg, items, mia, mmlu, dist, t0)
+    except BaseException:
+        if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
+            dist.close(together=False)
+        raise
+    if dist is not None:
+        dist.close()
+    return out
 
 
 def run_job(cfg: Config, items, mia, mmlu, dist, t0) -> Path:
