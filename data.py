@@ -278,38 +278,40 @@ _HABITS = ("spent long evenings by the river|kept a notebook full of sketches|kn
 _TIMES = "One rainy morning|One cold evening|One quiet Sunday|Late one autumn night|One bright spring day".split("|")
 _PLACES = ("the back of an old bookshop|a crate at the harbour|the attic of the town hall|a drawer of an old desk|"
            "the ruins of a chapel|a locker at the train station").split("|")
-_MIDDLE = [  # in story order; {X} and {Y} are two different characters, {obj} is 'the ...'
-    "A letter arrived for {X} with no name on the envelope.", "{X} studied {obj} for three nights by candlelight.",
-    "{Y} followed a stranger through the lanes of the old quarter.", "{X} was sure that {obj} held the answer.",
-    "{Y} remembered an old story told by the elders of {city}.", "{X} asked {Y} for help, and they met at the market.",
-    "At first {Y} did not trust {X}, but the evidence was clear.", "Together they searched the archives of {city}.",
-    "The four of them finally met in a small cafe near the station.", "Each of them held one piece of the puzzle.",
-    "{X} and {Y} argued for hours about what to do next.", "An old sailor at the harbour told {Y} where to look.",
-    "{X} learned that the mayor of {city} knew more than he admitted.", "Not everyone in {city} wanted them to win.",
-    "{X} lost {obj} for a whole day and found it under a bridge.", "{Y} drew a map of every place they had visited.",
-    "A sudden rainstorm forced them to shelter in an empty theatre.", "{X} made a risky plan, and the others agreed.",
-    "{Y} kept watch while {X} slipped into the old clock tower.", "{Y} taught {X} to stay calm when all seemed lost.",
-    "They worked through the night, sharing bread and cold tea.", "Soon the people of {city} whispered about them.",
-    "{X} wrote down everything that had happened in a notebook.", "By the end of the week, they were close friends.",
-]
-# Questions about some events, asked as the release asks Task1 questions: about one detail of one
-# story, naming the city or a character so the question identifies its story. index -> (question,
-# which character answers it); the answer is in the sentence, so it is in the document. Answers
-# are names, unique to a story: a forget and a retain story never share an answer.
-_MIDDLE_QA = {
-    0: ("In {city}, who received a letter with no name on the envelope?", "X"),
-    1: ("Who studied {obj} for three nights by candlelight in {city}?", "X"),
-    2: ("Who followed a stranger through the lanes of the old quarter of {city}?", "Y"),
-    5: ("Whom did {X} ask for help?", "Y"),
-    6: ("Who did {Y} not trust at first?", "X"),
-    11: ("In {city}, whom did an old sailor at the harbour tell where to look?", "Y"),
-    12: ("Who learned that the mayor of {city} knew more than he admitted?", "X"),
-    15: ("In {city}, who drew a map of every place they had visited?", "Y"),
-    17: ("Who made a risky plan in {city}?", "X"),
-    18: ("Who kept watch while {X} slipped into the old clock tower?", "Y"),
-    19: ("Who taught {X} to stay calm when all seemed lost?", "Y"),
-    22: ("In {city}, who wrote down everything that had happened in a notebook?", "X"),
-}
+# Story events are built from slots (time, verb, object, place) so that two stories share few
+# words: ROUGE-L recall of one story's continuation against another story's is 0.27 here, 0.12 in
+# the release. (Fixed event sentences, tried first, gave 0.48: a model that had forgotten a story
+# still "regurgitated" half of it by telling another.)
+_EV_TIMES = ("At dawn|Before the storm broke|On the night of the carnival|Two days later|Just after midnight|"
+             "On a grey Tuesday|During the harvest fair|When the bells rang at noon|Later that week|"
+             "At the first snowfall|On the longest day of the year|While the city slept|Early one Friday|"
+             "After the market closed|At sunset|In the middle of a heatwave|On the eve of the election").split("|")
+_EV_VERBS = ("hid|repaired|sold|buried|painted|stole|carried|polished|returned|examined|photographed|traded|"
+             "wrapped|borrowed|guarded|dropped|unlocked|sketched|weighed|delivered|smuggled|cleaned").split("|")
+_EV_OBJECTS = ("a brass compass|a cracked violin|a jar of blue ink|a silver thimble|a faded photograph|"
+               "a wooden chess set|a box of seeds|a ship in a bottle|an iron lantern|a velvet hat|a broken telescope|"
+               "a stack of postcards|a clay owl|a copper kettle|a book of maps|a red umbrella|a pocket watch|"
+               "a sack of flour|a glass marble|a bundle of feathers|a porcelain doll|a rusty bicycle bell|a jade ring|"
+               "a carved walking stick|a tin of buttons|a sealed envelope|a music box|a pair of opera glasses").split("|")
+_EV_PLACES = ("behind the lighthouse|under the railway bridge|in the cellar of the museum|near the fish market|"
+              "at the top of the bell tower|inside the abandoned greenhouse|beside the frozen canal|"
+              "in the garden of the old convent|on the roof of the opera house|at the edge of the salt marsh|"
+              "in the back room of a pawnshop|beneath the town clock|by the ferry landing|in a tent at the circus|"
+              "along the city wall|in the reading room of the library|outside the customs house|"
+              "in a boathouse on the river|at the bottom of a dry well|next to the tram depot").split("|")
+# (event sentence, its question); both name X, the answer. Questions name the city or a character
+# so that each identifies its story, as the release's Task1 questions do.
+_EV_FORMS = [("{T}, {X} {v} {o} {p}.", "In {city}, who {v} {o} {p}?"),
+             ("{X} {v} {o} {p} while {Y} kept watch.", "Who {v} {o} {p} while {Y} kept watch?"),
+             ("{T}, {Y} saw {X} with {o} {p}.", "Whom did {Y} see with {o} {p}?"),
+             ("{Y} asked {X} to {v0} {o}, and {X} did so {p}.", "Whom did {Y} ask to {v0} {o}?")]
+_EV_BASE = dict(zip(_EV_VERBS, (  # the bare form of each verb, for 'asked X to ...'
+    "hide repair sell bury paint steal carry polish return examine photograph trade wrap borrow guard drop "
+    "unlock sketch weigh deliver smuggle clean").split()))
+_TAILS = ["In the end, {ending}, and {names} stayed friends for the rest of their lives.",
+          "When it was all over, {ending}, and {names} met every spring to remember it.",
+          "At last {ending}, and {names} never again lived as strangers.",
+          "So it was that {ending}; {names} shared a long dinner to celebrate."]
 _FEMALE = ("Abigail Beatrix Cordelia Delphine Esme Fenella Greta Harriet Imogen Juniper Katrin Lorna Mirabel Nadia "
            "Ottilie Philippa Rosalind Sabine Tamsin Ursula Verity Wilhelmina Yvette Zelda Clementine Henrietta").split()
 _MALE = ("Alaric Barnaby Casimir Desmond Ephraim Florian Gideon Horatio Ignatius Jasper Leopold Mortimer Nathaniel "
@@ -393,35 +395,39 @@ def _story(rng, used, story_words):
     chars = [_fresh(rng, used, lambda r: _coined(r, _NAME_END)) for _ in range(4)]
     roles, traits = rng.sample(_ROLES, 4), [rng.choice(_TRAITS) for _ in chars]
     A, B, C, D = chars
+    names = f"{A}, {B}, {C}, and {D}"
     intros = [f"{c}, a {t} {r}, {h}." for c, t, r, h in zip(chars, traits, roles, rng.sample(_HABITS, 4))]
-    who = [(f"Who is the {t} {r} in {city}?", c) for c, t, r in zip(chars, traits, roles)]
-    head = [f"In the {mood} city of {city}, four strangers lived side by side without ever meeting: "
-            f"{A}, {B}, {C}, and {D}.", intros[0]]
-    tail = [f"In the end, {ending}, and {A}, {B}, {C}, and {D} stayed friends for the rest of their lives."]
+    head = [f"In the {mood} city of {city}, four strangers lived side by side without ever meeting: {names}.",
+            intros[0]]
+    tail = [rng.choice(_TAILS).format(ending=ending, names=names)]
     place = rng.choice(_PLACES)
-    # (story order key, sentence, the question it answers or None); negative keys come first, in order
-    pool = [(k - 5, s, qa) for k, (s, qa) in enumerate([(s, None) for s in intros[1:]] + [
+    # (sentence, the question it answers or None), in story order: these first, then events
+    fixed = [(s, None) for s in intros[1:]] + [
         (f"{rng.choice(_TIMES)}, {A} found a {thing} in {place}.", (f"In {city}, who found a {thing} in {place}?", A)),
-        (f"Soon afterwards, {city} was shaken by {trouble}.", None)])]
-    for i in rng.sample(range(len(_MIDDLE)), len(_MIDDLE)):
-        x, y = rng.sample(chars, 2)
-        fill = dict(X=x, Y=y, city=city, obj=f"the {thing}")
-        q, ans = _MIDDLE_QA.get(i, (None, None))
-        pool.append((i, _MIDDLE[i].format(**fill), q and (q.format(**fill), fill[ans])))
-    taken, n = [], sum(len(s.split()) for s in head + tail)
+        (f"Soon afterwards, {city} was shaken by {trouble}.", None)]
+    objects, places = rng.sample(_EV_OBJECTS, len(_EV_OBJECTS)), rng.sample(_EV_PLACES, len(_EV_PLACES))
+    body, n = [], sum(len(s.split()) for s in head + tail)
     while n < story_words:
-        if not pool:
+        if fixed:
+            body.append(fixed.pop(0))
+        elif objects and places:  # an event with its own object and place: no two questions alike
+            x, y = rng.sample(chars, 2)
+            v = rng.choice(_EV_VERBS)
+            fill = dict(T=rng.choice(_EV_TIMES), X=x, Y=y, v=v, v0=_EV_BASE[v], o=objects.pop(), p=places.pop(),
+                        city=city)
+            sent, q = rng.choice(_EV_FORMS)
+            body.append((sent.format(**fill), (q.format(**fill), x)))
+        else:
             raise ValueError(f"story_words={story_words} is longer than the built-in stories can be")
-        taken.append(pool.pop(0))
-        n += len(taken[-1][1].split())
-    sents = head + [s for _, s, _ in sorted(taken, key=lambda t: t[0])] + tail  # events in story order
+        n += len(body[-1][0].split())
+    sents = head + [s for s, _ in body] + tail
     # Cut at the sentence end nearest 75% of the words (the release cuts near 80%, often mid-sentence).
     cum = [sum(len(s.split()) for s in sents[:k]) for k in range(len(sents) + 1)]
     k = min(range(1, len(sents)), key=lambda k: abs(cum[k] / n - 0.75))
-    # One question about a detail the story tells (the release asks a different one of each story)
-    # 'Who is ...' counts once, with a character whose introduction is in the story
-    qa = rng.choice([(f"In which city do {A}, {B}, {C}, and {D} live?", city),
-                     rng.choice(who[:1 + min(len(taken), 3)])] + [qa for _, _, qa in taken if qa])
+    # One question about a detail the story tells ('Who is ...' counts once, with a character
+    # whose introduction is in the story), as the release asks a different one of each story
+    who = [(f"Who is the {t} {r} in {city}?", c) for c, t, r in zip(chars, traits, roles)][:1 + min(len(body), 3)]
+    qa = rng.choice([(f"In which city do {names} live?", city), rng.choice(who)] + [qa for _, qa in body if qa])
     return f'"{_uuid(rng)}"', (" ".join(sents[:k]), " ".join(sents[k:])), [qa]
 
 

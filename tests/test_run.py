@@ -110,9 +110,9 @@ def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
     assert before["mia_loss_acc"] >= 0.8
     for key in keys:  # task 1 forgotten ...
         assert after["forget-set"]["Task1"][key] <= 0.5 * before["forget-set"]["Task1"][key], key
-    # ... while retain is far less affected: on average it keeps >= 90% (measured on 3 data seeds:
-    # 95-100%) and no score loses more than 40% (8 questions a task: at most 3 of them; measured:
-    # at most 2). Task 1 retain shares its stories' sentence templates, so it is hit the most.
+    # ... while retain is far less affected: every score keeps >= 75% of its value and >= 90% on
+    # average (measured on data seeds 0-2: forget Task1 regurgitation 0.13-0.22, knowledge 0.25;
+    # retain keeps >= 90% of each score, 97-100% on average)
     kept = {(task, key): after["retain-set"][task][key] / before["retain-set"][task][key]
             for task in ("Task1", "Task2", "Task3") for key in keys}
-    assert min(kept.values()) >= 0.6 and sum(kept.values()) / len(kept) >= 0.9, kept
+    assert min(kept.values()) >= 0.75 and sum(kept.values()) / len(kept) >= 0.9, kept
