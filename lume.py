@@ -548,8 +548,8 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
 # -----------------------------------------------------------------------------
 # the tiny embedded target: a BPE tokenizer and an OLMo-architecture model that memorised the data
 
-# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score 1.0) in
-# ~2.5 CPU minutes. 50 epochs left Task2 PII at 0.72-0.75 knowledge on some data seeds.
+# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score >= 0.94
+# on 3 data seeds) in ~2.7 minutes on 2 cores. 50 epochs left Task2 PII at 0.72-0.75 on one seed.
 TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=1024, vocab_size=4096)
 # lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
