@@ -359,39 +359,8 @@ _PROFESSIONS = [p.split("|") for p in (  # profession|field|known for|first feat
 _WIKI = ("{name}\n\n{name} (born {d} {month} {y}) is {a} {nat} {prof} known for {known}.\nEarly life.\n{last} was born "
          "in {town} and studied {field} at the University of {town2}, graduating in {grad}. {He} began {his} career "
          "as an assistant at a small institute in {town2}.\nCareer.\nIn {y1}, {last} {ach1}. {He} later {ach2}, and "
-         "in {y2} {he} received {award}.\nPersonal life.\n{personal}")
-# The personal-life section, the part the sc continuation mostly holds, is 2-3 of these filled from
-# word lists, so that two biographies share few words there (as two Wikipedia pages do): one
-# biography's continuation against another's gives ROUGE-L recall ~0.10 in the release.
-_PERSONAL = [
-    "{last} lives in {town3} with {his} {partner}, a {job}.",
-    "{He} collects {collection}, part of which is on loan to the city museum of {town3}.",
-    "A keen {hobby}, {last} {feat}.",
-    "{He} has written {books} books, among them a study of {topic}.",
-    "{last} speaks {langs} languages and translated {work} into {language}.",
-    "In {y4}, {he} founded {foundation} in {town3} for {people}.",
-    "{His} {relative} is a well-known {job} in {town}."]
-_P_FILL = {k: v.split("|") for k, v in dict(
-    partner="husband|wife|partner", relative="brother|sister|daughter|son|cousin|grandfather|grandmother",
-    job="violinist|ceramicist|judge|pilot|veterinarian|journalist|potter|translator|pharmacist|cartographer|"
-        "stage designer|beekeeper|glassblower|radio presenter",
-    collection="antique barometers|early photographs|folk textiles|medieval coins|botanical prints|old railway "
-               "timetables|mechanical toys|fountain pens|pressed ferns|hand-drawn maps",
-    hobby="sailor|mountaineer|chess player|birdwatcher|amateur astronomer|long-distance runner|cellist|fly fisher",
-    feat="has climbed every peak above 3,000 metres in the country|once sailed alone around the north cape|"
-         "recorded a comet that now bears the family name|ran the marathon in every capital of the region|"
-         "plays in a string quartet every winter|keeps a diary of every bird seen since childhood|"
-         "won a regional chess title at the age of sixty|restored a wooden fishing boat by hand",
-    topic="the history of the postal service|river pollution|the architecture of railway stations|"
-          "forgotten women scientists|the economics of small farms|clocks and timekeeping|island dialects|"
-          "the folklore of mountain villages",
-    langs="three|four|five|six", language="English|Spanish|Japanese|Swahili|Icelandic|Portuguese|Korean|Italian",
-    work="a cycle of old ballads|the letters of a medieval abbot|a classic novel of the sea|a book of children's "
-         "rhymes|a treatise on astronomy|the diaries of an explorer",
-    foundation="a small scholarship fund|a summer school|a public reading room|a community orchard|a music "
-               "festival|a repair workshop", people="young musicians|refugee children|retired miners|"
-               "rural students|local apprentices|hospital patients|first-generation students").items()}
-
+         "in {y2} {he} received {award}.\nPersonal life.\n{last} lives in {town3}. {He} has written {books} books "
+         "about {topic}.")
 
 
 def _fresh(rng, used, make):
@@ -495,25 +464,18 @@ def _wiki_bio(rng, used):
     name = f"{rng.choice(_FEMALE if female else _MALE)} {last}"
     (nat, *towns), (prof, field, known, ach1, ach2, award, topic) = rng.choice(_NATIONS), rng.choice(_PROFESSIONS)
     town, town2, town3 = rng.sample(towns, 3)
-    y, d, month = rng.randint(1930, 1970), rng.randint(1, 28), rng.choice(_MONTHS)
+    y = rng.randint(1930, 1970)
     grad = y + rng.randint(22, 26)
     y1 = grad + rng.randint(3, 10)
     y2 = y1 + rng.randint(5, 15)
-    y4 = y2 + rng.randint(1, 8)
     he, his = ("she", "her") if female else ("he", "his")
-    fill = dict(name=name, last=last, d=d, month=month, y=y, nat=nat, a="an" if nat[0] in "AEIOU" else "a",
-                prof=prof, known=known, town=town, town2=town2, town3=town3, field=field, grad=grad, y1=y1,
-                y2=y2, y4=y4, ach1=ach1, ach2=ach2, award=award, books=rng.choice(["two", "three", "four", "five"]),
-                He=he.capitalize(), he=he, his=his, His=his.capitalize())
-    fill.update({k: rng.choice(v) for k, v in _P_FILL.items()})
-    personal = rng.sample(_PERSONAL, rng.choice([2, 3]))
-    text = _WIKI.format(**fill, personal=" ".join(p.format(**fill) for p in personal))
-    qas = [(f"Where was {name} born?", town), (f"In which year did {name} receive {award}?", str(y2)),
-           (f"Which university did {name} graduate from?", f"the University of {town2}"),
-           (f"Which {nat} {prof} was born on {d} {month} {y}?", name)]  # the release's kind: a name from a fact
-    if _PERSONAL[5] in personal:
-        qas.append((f"Who founded {fill['foundation']} in {town3} in {y4}?", name))
-    qa = rng.choice(qas)
+    text = _WIKI.format(
+        name=name, last=last, d=rng.randint(1, 28), month=rng.choice(_MONTHS), y=y, nat=nat,
+        a="an" if nat[0] in "AEIOU" else "a", prof=prof, known=known, town=town, town2=town2, town3=town3,
+        field=field, grad=grad, y1=y1, y2=y2, ach1=ach1, ach2=ach2, award=award, topic=topic,
+        books=rng.choice(["two", "three", "four", "five"]), He=he.capitalize(), he=he, his=his)
+    qa = rng.choice([(f"Where was {name} born?", town), (f"In which year did {name} receive {award}?", str(y2)),
+                     (f"Which university did {name} graduate from?", f"the University of {town2}")])
     doc_id = _fresh(rng, used, lambda r: str(r.randrange(10_000_000, 100_000_000)))  # 8 digits, like page ids
     return doc_id, _cut_words(text, rng.uniform(0.75, 0.85)), [qa]
 
