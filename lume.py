@@ -170,6 +170,11 @@ def make_batch(seqs, starts, idx, pad_id: int) -> Batch:
     return Batch(ids, attn, mask, torch.tensor(idx, dtype=torch.long))
 
 
+def pad_of(tok) -> int:
+    """The tokenizer's pad id, else EOS: the official scorer pads with EOS."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def left_pad(seqs, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding for generation: every row's last prompt token sits at column T-1."""
     B, T = len(seqs), max(len(s) for s in seqs)
@@ -435,7 +440,7 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
     ctx = ctx or contextlib.nullcontext()
     enc = [tok(p).input_ids for p in prompts]
     outs = [None] * len(prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_of(tok)
     done = 0
     for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
         ids, attn = left_pad([enc[i] for i in idx], pad)
@@ -460,7 +465,7 @@ def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, 
     device = next(model.parameters()).device
     ctx = ctx or contextlib.nullcontext()
     enc = [tok(d).input_ids for d in docs]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_of(tok)
     out = [None] * len(docs)
     for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
         b = make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
@@ -496,7 +501,7 @@ def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, ctx=No
     ctx = ctx or contextlib.nullcontext()
     max_len = getattr(model.config, "max_position_embeddings", 2048)
     choice_ids = torch.tensor(metrics.mmlu_choice_ids(tok), device=device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_of(tok)
     records = []
     for subject in sorted(test):
         qs = test[subject][:limit] if limit else test[subject]
@@ -523,6 +528,16 @@ def generation_rows(items, outs, stage: str) -> list[dict]:
              "score": metrics.score_item(it.kind, it.output, out)} for it, out in zip(items, outs, strict=True)]
 
 
+def official_results(gen_rows, mia_rows, mmlu_res) -> dict:
+    """The official results dict of one stage: aggregate of the generation rows, with the MIA AUC
+    (members vs nonmembers of mia_rows; none without rows) and MMLU's average_acc when given."""
+    auc = None
+    if mia_rows:
+        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
+                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
+    return metrics.aggregate(gen_rows, mia_auc=auc, mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
+
+
 def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
              batch_size: int = 32, mmlu_limit: int = 0, ctx=None, progress=None):
     """Score `items` (every task present), MIA documents and MMLU as the official scorer does.
@@ -532,17 +547,12 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
     outs = generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, ctx=ctx,
                     progress=progress)
     gen_rows = generation_rows(items, outs, stage)
-    mia_rows, auc = [], None
-    if mia:
-        for name in ("member", "nonmember"):
-            losses = doc_losses(model, tok, [d.document for d in mia[name]], ctx=ctx)
-            mia_rows += [{"stage": stage, "set": name, "id": d.id, "loss": v} for d, v in zip(mia[name], losses)]
-        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
-                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
+    mia_rows = []
+    for name in ("member", "nonmember") if mia else ():
+        losses = doc_losses(model, tok, [d.document for d in mia[name]], ctx=ctx)
+        mia_rows += [{"stage": stage, "set": name, "id": d.id, "loss": v} for d, v in zip(mia[name], losses)]
     mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, ctx=ctx) if mmlu else None
-    results = metrics.aggregate(gen_rows, mia_auc=auc,
-                                mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
-    return gen_rows, mia_rows, mmlu_res, results
+    return gen_rows, mia_rows, mmlu_res, official_results(gen_rows, mia_rows, mmlu_res)
 
 
 # -----------------------------------------------------------------------------
@@ -732,10 +742,9 @@ def init_distributed(device: str = "auto", timeout: float = 60.0) -> Dist | None
     try:
         store, _, _ = next(tdist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
     except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError, DistStoreError, unset variables
-        why = (str(e).strip().splitlines() or [""])[0][:200]
         raise SystemExit(
             f"error: rank {rank} of {world}: no rendezvous at {where} within {timeout:g}s "
-            f"({type(e).__name__}: {why}). Start the job with `torchrun --nproc_per_node N run.py ...` "
+            f"({_first_line(e)}). Start the job with `torchrun --nproc_per_node N run.py ...` "
             "(it sets these variables), make MASTER_ADDR reachable from every rank and MASTER_PORT free "
             "and open on it, or raise --rdzv-timeout.") from None
     if cuda:
@@ -850,14 +859,12 @@ def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stag
     outs = dist.gather(generate(replica, tok, [it.input for it in items[lo:hi]], max_new_tokens,
                                 batch_size, ctx=ctx, progress=progress))
     gen_rows = generation_rows(items, outs, stage)
-    mia_rows, auc = [], None
+    mia_rows = []
     if mia:
         docs = [(name, d) for name in ("member", "nonmember") for d in mia[name]]
         lo, hi = dist.span(len(docs))
         losses = dist.gather(doc_losses(replica, tok, [d.document for _, d in docs[lo:hi]], ctx=ctx))
         mia_rows = [{"stage": stage, "set": name, "id": d.id, "loss": v} for (name, d), v in zip(docs, losses)]
-        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
-                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
     mmlu_res = None
     if mmlu:  # whole subjects per rank; average_acc over all questions, as mmlu_accuracy
         dev, test = mmlu
