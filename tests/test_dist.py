@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import lume
+import memory
 import run
 from conftest import ROOT
 
@@ -149,7 +150,7 @@ def test_memory_plan_matches_measured_bytes(precision, gc):
     cfg = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                vocab_size=700, max_position_embeddings=512, tie_word_embeddings=False)
     B, T = 3, 40
-    plan = lume.memory_plan(cfg, "gd", precision, B, T, grad_checkpointing=gc)
+    plan = memory.memory_plan(cfg, "gd", precision, B, T, grad_checkpointing=gc)
     torch.manual_seed(0)
     model = OlmoForCausalLM(OlmoConfig(**cfg)).to(lume.weight_dtype(precision)).train()
     if gc:
@@ -177,23 +178,23 @@ def test_memory_plan_matches_measured_bytes(precision, gc):
 def test_memory_plan_of_the_released_targets():
     # parameter counts: OLMo-7B 6.89B; OLMo-1B-0724 untied 1.28B (its SemEval target ships
     # 4.71 GB + 412 MB of fp32 safetensors)
-    p7 = lume.memory_plan(lume.OLMO_CONFIGS["olmo-7b"], "npo", "fp32", 1, 1)
-    p1 = lume.memory_plan(lume.OLMO_CONFIGS["olmo-1b"], "npo", "fp32", 1, 1)
+    p7 = memory.memory_plan(memory.OLMO_CONFIGS["olmo-7b"], "npo", "fp32", 1, 1)
+    p1 = memory.memory_plan(memory.OLMO_CONFIGS["olmo-1b"], "npo", "fp32", 1, 1)
     assert p7["weights"] == 4 * 6_888_095_744 and p1["weights"] == 4 * 1_279_787_008
     # the 7B single-GPU plan: bf16-pure + checkpointing fits 80 GB for every method, fp32 AdamW does not
     for method in ("ga", "gd", "kl", "npo"):
-        pure = lume.memory_plan(lume.OLMO_CONFIGS["olmo-7b"], method, "bf16-pure", 4, 512, grad_checkpointing=True)
-        mixed = lume.memory_plan(lume.OLMO_CONFIGS["olmo-7b"], method, "bf16", 4, 512)
-        sharded = lume.memory_plan(lume.OLMO_CONFIGS["olmo-7b"], method, "bf16", 4, 512, world=8)
+        pure = memory.memory_plan(memory.OLMO_CONFIGS["olmo-7b"], method, "bf16-pure", 4, 512, grad_checkpointing=True)
+        mixed = memory.memory_plan(memory.OLMO_CONFIGS["olmo-7b"], method, "bf16", 4, 512)
+        sharded = memory.memory_plan(memory.OLMO_CONFIGS["olmo-7b"], method, "bf16", 4, 512, world=8)
         assert pure["total"] < 75 * 2**30 < mixed["total"]  # 80 GiB card, 5 GiB for CUDA context + fragmentation
         assert sharded["weights"] * 8 >= mixed["weights"] > sharded["weights"] * 7.9
-    table = lume.print_memory_table()
+    table = memory.print_memory_table()
     assert table.count("| olmo-7b |") == table.count("| olmo-1b |") == 12
 
 
 SHARDED_BYTES = textwrap.dedent('''
     import sys, torch
-    import lume
+    import lume, memory
     from transformers import OlmoConfig, OlmoForCausalLM
     dist = lume.init_distributed("cpu", 30)
     cfg = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -208,7 +209,7 @@ SHARDED_BYTES = textwrap.dedent('''
         nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts)
         got = [nbytes(model.parameters()), nbytes(p.grad for p in model.parameters()),
                nbytes(t for s in opt.state.values() for t in s.values())]
-        plan = lume.memory_plan(cfg, "ga", precision, 1, 8, world=dist.world)
+        plan = memory.memory_plan(cfg, "ga", precision, 1, 8, world=dist.world)
         print("BYTES", dist.rank, precision, got, [plan[k] for k in ("weights", "grads", "optimizer")])
     dist.close()
 ''')
