@@ -94,7 +94,7 @@ def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
     """The README's first command as a user runs it (`python run.py --task 1 --method npo`): the
     tiny target built on the built-in data (or reused from LUME_CACHE) memorised every task and
     split, and NPO with the defaults halves task 1 forget while retain keeps most of its value.
-    The one slow test (~2 minutes on 2 cores with a fresh cache): the claim the README makes."""
+    The one slow test (~3 minutes on 2 cores with a fresh cache): the claim the README makes."""
     out = tmp_path / "default"
     r = subprocess.run([sys.executable, "run.py", "--task", "1", "--method", "npo", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
