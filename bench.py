@@ -3,7 +3,7 @@ LUME benchmark: the project's way of doing each job against the official / peers
 
     python bench.py                          # 200 LUME items, the bench model (built once, cached), CPU, < 10 min
     python bench.py --quick                  # smoke run, ~1.5 min: 40 items, 2 repeats (not the targets' setting)
-    python bench.py --model tiny             # the project's tiny target (lume.TINY) built on the bench items
+    python bench.py --model tiny             # the project's tiny target (tiny.TINY) built on the bench items
     python bench.py --model olmo-1b --device cuda --out bench-1b.json   # any model lume.load_pretrained takes
 
 Every figure is a ratio of two ways of doing the same work, measured in this process on the same
@@ -11,7 +11,7 @@ model and items, each way timed --repeats times (interleaved, after a warm-up) a
 absolute times are printed but are not the figures.
   1. generation  lume.generate (length-sorted left-padded batches, KV cache) vs the official scorer's
                  loop: each item alone through model.generate(input_ids, max_new_tokens, do_sample=False)
-  2. MIA         lume.doc_losses (length-sorted batches) vs model(ids, labels=ids).loss per document
+  2. MIA         evaluation.doc_losses (length-sorted batches) vs model(ids, labels=ids).loss per document
   3. training    one optimizer step of GA, GD, KL, NPO through lume.train: tokens/s and achieved FLOP/s
                  (6N per token forward+backward, 2N per token of an extra reference forward) as a
                  fraction of the matmul peak of the model's own Linear shapes measured in this run
@@ -36,11 +36,13 @@ from pathlib import Path
 import torch
 
 import data
+import evaluation
 import lume
 import methods
 import metrics
+import tiny
 
-LUME_DIR = Path(__file__).resolve().parent.parent / "shared" / "lume-data" / "lume"
+LUME_DIR = Path(__file__).resolve().parent.parent / "shared" / "lume-data" / "lume"  # beside the checkout
 
 # The bench model: OLMo architecture, hidden 512 so every Linear is a matmul of >= 512 x 512 and
 # the matmuls, not Python or elementwise kernels, dominate a training step on a 2-core CPU.
@@ -58,8 +60,10 @@ TARGETS = {"generation_speedup": 5.0, "mia_speedup": 3.0, "ga_peak_fraction": 0.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="bench", help="bench (BENCH_CONFIG, built and cached), tiny (lume.TINY "
+    p.add_argument("--model", default="bench", help="bench (BENCH_CONFIG, built and cached), tiny (tiny.TINY "
                    "target built on the items), olmo-1b, olmo-7b, a hub id or a local save_pretrained dir")
+    p.add_argument("--data", default="auto", help="where the items come from: auto (the LUME release at "
+                   f"{LUME_DIR} when present, else builtin), builtin, or a LUME / SemEval directory")
     p.add_argument("--items", type=int, default=200, help="LUME items (half sc, half qa) for generation and MIA")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median kept)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length, the same for both ways")
@@ -119,11 +123,14 @@ def strip_outputs(r: dict) -> dict:
 # items and model
 
 
-def load_pool(n_docs: int, seed: int):
-    """(every item of the LUME release, its path) when present, else the built-in stand-in."""
-    if LUME_DIR.is_dir():
-        return data.load_lume(LUME_DIR), str(LUME_DIR)
-    return data.builtin(n_docs=n_docs, seed=seed)[0], "builtin"
+def load_pool(source: str, n_docs: int, seed: int):
+    """(every item of `source`, its name): a LUME / SemEval directory, or the built-in stand-in
+    (n_docs documents per task and split); auto is the release beside the checkout if present."""
+    if source == "auto":
+        source = str(LUME_DIR) if LUME_DIR.is_dir() else "builtin"
+    if source == "builtin":
+        return data.builtin(n_docs=n_docs, seed=seed)[0], "builtin"
+    return data.load_items(source), source
 
 
 def bench_items(pool, n: int, seed: int):
@@ -142,7 +149,7 @@ def load_model(args, items, device):
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.model in ("bench", "tiny"):
         over = {} if args.model == "tiny" else {"recipe": BENCH_RECIPE, "config": BENCH_CONFIG}
-        path = lume.tiny_target(items, args.cache_dir, device=device, log=log, **over)
+        path = tiny.tiny_target(items, args.cache_dir, device=device, log=log, **over)
         model, tok = lume.load_pretrained(str(path))
     else:
         model, tok = lume.load_pretrained(args.model)
@@ -210,8 +217,8 @@ def official_losses(model, tok, docs, device) -> list[float]:
 
 def bench_mia(model, tok, items, args, device, peak: float) -> dict:
     docs = [it.input + " " + it.output for it in items]  # how the official MIA documents are built
-    r = compare(lambda: lume.doc_losses(model, tok, docs), lambda: official_losses(model, tok, docs, device),
-                args.repeats, device, warm_ours=lambda: lume.doc_losses(model, tok, docs[:16]),
+    r = compare(lambda: evaluation.doc_losses(model, tok, docs), lambda: official_losses(model, tok, docs, device),
+                args.repeats, device, warm_ours=lambda: evaluation.doc_losses(model, tok, docs[:16]),
                 warm_theirs=lambda: official_losses(model, tok, docs[:16], device))
     err = max(abs(a - b) for a, b in zip(r["ours_out"], r["theirs_out"]))
     assert err <= 1e-5, f"MIA: batched losses differ from model(ids, labels=ids).loss by up to {err:.2e}"
@@ -291,9 +298,9 @@ def method_fns(fb, rb, fenc, model, device):
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     rtok = int(rb.attn.sum())
     return {"ga": (lambda m, f, r, n: methods.ga(m, f, r, n), None, 0),
-            "gd": (lambda m, f, r, n: methods.gd(m, f, r, n, alpha=1.0), rb, 0),
-            "kl": (lambda m, f, r, n: methods.kl(m, f, r, n, alpha=1.0, ref=ref), rb, rtok),
-            "npo": (lambda m, f, r, n: methods.npo(m, f, r, n, beta=0.1, alpha=3.0, ref_logps=ref_logps), rb, 0)}
+            "gd": (lambda m, f, r, n: methods.gd(m, f, r, n, retain_weight=1.0), rb, 0),
+            "kl": (lambda m, f, r, n: methods.kl(m, f, r, n, retain_weight=1.0, ref=ref), rb, rtok),
+            "npo": (lambda m, f, r, n: methods.npo(m, f, r, n, beta=0.1, retain_weight=3.0, ref_logps=ref_logps), rb, 0)}
 
 
 def bench_training(model, fb, rb, fenc, args, device, peak: dict) -> dict:
@@ -316,8 +323,8 @@ def param_bytes(model) -> int:
 
 
 def bench_npo(model, tok, fb, rb, fenc, args, device) -> dict:
-    """Both ways on the same forget (and retain) batch: pure NPO (alpha 0, eq. 3 alone, where the
-    reference enters) and NPO-RT (alpha 3 with a retain batch, run.py's default)."""
+    """Both ways on the same forget (and retain) batch: pure NPO (retain weight 0, eq. 3 alone, where
+    the reference enters) and NPO-RT (retain weight 3 with a retain batch, run.py's default)."""
     pad = tok.pad_token_id
     all_f = [lume.make_batch([fenc[i][0] for i in idx], [fenc[i][1] for i in idx], idx, pad).to(device)
              for idx in lume.length_batches([len(e[0]) for e in fenc], 32, 16384)]
@@ -326,18 +333,18 @@ def bench_npo(model, tok, fb, rb, fenc, args, device) -> dict:
     cache_s = time.perf_counter() - t
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # the peers' second model
 
-    def peers_npo(m, f, r, norm, alpha):
+    def peers_npo(m, f, r, totals, retain_weight):
         with torch.no_grad():  # log pi_ref of this batch, from the held reference model
             lp = lume.seq_logps(ref, f).double()
         table = torch.zeros(len(fenc), dtype=torch.float64, device=lp.device).index_copy(0, f.idx, lp)
-        return methods.npo(m, f, r, norm, beta=0.1, alpha=alpha, ref_logps=table)
+        return methods.npo(m, f, r, totals, beta=0.1, retain_weight=retain_weight, ref_logps=table)
 
     out = {"ref_cache_s": cache_s, "ref_cache_items": len(fenc)}
-    for name, alpha, r in (("npo", 0.0, None), ("npo_rt", 3.0, rb)):
-        def ours_fn(m, f, rr, n, a=alpha):  # the cached log pi_ref, looked up by item index
-            return methods.npo(m, f, rr, n, beta=0.1, alpha=a, ref_logps=ref_logps)
+    for name, weight, r in (("npo", 0.0, None), ("npo_rt", 3.0, rb)):
+        def ours_fn(m, f, rr, n, a=weight):  # the cached log pi_ref, looked up by item index
+            return methods.npo(m, f, rr, n, beta=0.1, retain_weight=a, ref_logps=ref_logps)
 
-        def peers_fn(m, f, rr, n, a=alpha):
+        def peers_fn(m, f, rr, n, a=weight):
             return peers_npo(m, f, rr, n, a)
         ways = {"ours": (copy.deepcopy(model), ours_fn), "peers": (copy.deepcopy(model), peers_fn)}
         t = time_steps(ways, fb, r, args.repeats, 2, device)
@@ -441,7 +448,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = lume.pick_device(args.device)
-    pool, source = load_pool(max(2, args.items // 6 + 1), args.seed)
+    pool, source = load_pool(args.data, max(2, args.items // 6 + 1), args.seed)
     items = bench_items(pool, args.items, args.seed)
     model, tok = load_model(args, items, device)
     shape = model_shape(model)

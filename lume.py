@@ -1,32 +1,28 @@
 """
-LUME engine: loading, batching, the one training loop, batched generation, evaluation.
+LUME engine: device and precision, loading, encoding and batching, log-probabilities, the one
+training loop, batched greedy generation, atomic writers.
 
     python run.py --task 1 --method npo                   # tiny embedded target, CPU, minutes
     python run.py --task 1 --method npo --model olmo-7b   # the released SemEval target (GPU)
 
-Everything model-facing lives here; the losses are in methods.py, the numbers in metrics.py,
-the data in data.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning with Multitask
-Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer (evaluate_generations.py)
-is the protocol we reproduce: raw `input` as the prompt (no chat template), greedy decoding,
-256 new tokens, new tokens decoded with special tokens skipped; MIA score = loss of the whole
-document with labels = inputs.
+Everything here is model-facing and method-agnostic. What is scored lives in evaluation.py, the
+losses in methods.py, the numbers in metrics.py, the data in data.py, torchrun/FSDP2 in dist.py
+and the embedded tiny target in tiny.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning
+with Multitask Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer
+(evaluate_generations.py) is the protocol we reproduce: raw `input` as the prompt (no chat
+template), greedy decoding, 256 new tokens, new tokens decoded with special tokens skipped.
 """
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-import data
-import metrics
 
 # -----------------------------------------------------------------------------
 # device, precision, seeding
@@ -86,7 +82,8 @@ def resolve_model(name: str) -> tuple[str, str]:
     return name, name
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """'ErrorType: first line of its message' (at most 300 characters): one line for a user."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return f"{type(e).__name__}: {lines[0][:300].rstrip('.')}" if lines else type(e).__name__
 
@@ -110,7 +107,7 @@ def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError) as e:  # hub errors subclass OSError; bad repo ids, ValueError
         where = "this local directory" if is_local else "the hub"
         raise SystemExit(
-            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}) from {where}: {_first_line(e)}. "
+            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}) from {where}: {first_line(e)}. "
             "Fix: pass a local directory written by save_pretrained (--model PATH); for the gated SemEval "
             "repos, accept their terms on the hub and log in (`hf auth login`) or set HF_TOKEN.") from None
     if tok.pad_token_id is None:  # the official scorer pads with EOS
@@ -150,11 +147,11 @@ def encode_pair(tok, prompt: str, answer: str) -> tuple[list[int], int]:
 class Batch:
     ids: torch.Tensor    # (B, T) right padded
     attn: torch.Tensor   # (B, T) 1 on real tokens
-    mask: torch.Tensor   # (B, T) 1 on tokens that are predicted targets (answer tokens)
+    target_mask: torch.Tensor  # (B, T) 1 on tokens that are predicted targets (answer tokens)
     idx: torch.Tensor    # (B,) index of each row's item in its source list (NPO reference lookup)
 
     def to(self, device):
-        return Batch(*(t.to(device) for t in (self.ids, self.attn, self.mask, self.idx)))
+        return Batch(*(t.to(device) for t in (self.ids, self.attn, self.target_mask, self.idx)))
 
 
 def make_batch(seqs, starts, idx, pad_id: int) -> Batch:
@@ -205,10 +202,10 @@ def length_batches(lengths, max_batch: int, max_tokens: int):
 
 
 def token_logps(model, b: Batch) -> torch.Tensor:
-    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), zero where mask[:, 1:] is 0. fp32 softmax."""
+    """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), zero where target_mask[:, 1:] is 0. fp32 softmax."""
     logits = model(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1]  # (B, T-1, V)
     logp = -F.cross_entropy(logits.float().transpose(1, 2), b.ids[:, 1:], reduction="none")
-    return logp * b.mask[:, 1:]
+    return logp * b.target_mask[:, 1:]
 
 
 def seq_logps(model, b: Batch) -> torch.Tensor:
@@ -216,12 +213,17 @@ def seq_logps(model, b: Batch) -> torch.Tensor:
     return token_logps(model, b).sum(-1)
 
 
+def nll_sum(model, b: Batch) -> torch.Tensor:
+    """Sum of answer-token negative log-likelihoods of a batch (scalar)."""
+    return -token_logps(model, b).sum()
+
+
 @torch.inference_mode()
-def reference_logps(model, batches, n: int, ctx) -> torch.Tensor:
+def reference_logps(model, batches, n: int, autocast) -> torch.Tensor:
     """log pi_ref(y_i|x_i) for every item i, once, before training (NPO's frozen reference)."""
     out = torch.zeros(n, dtype=torch.float64)
     for b in batches:
-        with ctx:
+        with autocast:
             out[b.idx.cpu()] = seq_logps(model, b).double().cpu()
     return out
 
@@ -279,32 +281,33 @@ def plan_steps(n_forget: int, n_retain: int, batch_size: int, grad_accum: int, e
     return steps
 
 
-def step_norm(micros) -> dict:
-    """Normalisers for one optimizer step, summed over all its micro-batches: a loss term is
-    a sum over the step's tokens (or sequences) divided by these, so k micro-batches give the
-    same gradient as one batch of the same examples (token-normalised accumulation)."""
-    norm = {"f_tok": 0.0, "f_seq": 0.0, "r_tok": 0.0, "r_seq": 0.0}
-    for fb, rb in micros:
-        norm["f_tok"] += float(fb.mask[:, 1:].sum())
-        # a sequence counts if it has targets: a padding row (see skip_padding) counts nowhere
-        norm["f_seq"] += float((fb.mask[:, 1:].sum(-1) > 0).sum())
-        if rb is not None:
-            norm["r_tok"] += float(rb.mask[:, 1:].sum())
-            norm["r_seq"] += float((rb.mask[:, 1:].sum(-1) > 0).sum())
-    return norm
+def step_totals(micros) -> dict:
+    """What one optimizer step's loss terms are divided by, summed over all its micro-batches:
+    answer tokens and sequences, forget and retain. A loss term is a sum over the step's tokens
+    (or sequences) divided by its total, so k micro-batches give the same gradient as one batch
+    of the same examples (token-normalised accumulation)."""
+    totals = {"forget_tokens": 0.0, "forget_seqs": 0.0, "retain_tokens": 0.0, "retain_seqs": 0.0}
+    for forget, retain in micros:
+        totals["forget_tokens"] += float(forget.target_mask[:, 1:].sum())
+        # a sequence counts if it has targets: a padding row (see dist.skip_padding) counts nowhere
+        totals["forget_seqs"] += float((forget.target_mask[:, 1:].sum(-1) > 0).sum())
+        if retain is not None:
+            totals["retain_tokens"] += float(retain.target_mask[:, 1:].sum())
+            totals["retain_seqs"] += float((retain.target_mask[:, 1:].sum(-1) > 0).sum())
+    return totals
 
 
 def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = "constant",
           clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None):
     """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches).
 
-    loss_fn(model, fb, rb, norm) -> (loss, {term: float}) for one micro-batch, already divided by
-    the step's normalisers. Manual AMP: autocast for bf16/fp16, a GradScaler for fp16 only
-    (bf16 has fp32's exponent range). A non-finite loss raises TrainingDiverged before the
-    optimizer step, so the weights are never updated with it.
+    loss_fn(model, forget, retain, totals) -> (loss, {term: float}) for one micro-batch, already
+    divided by the step's totals (step_totals). Manual AMP: autocast for bf16/fp16, a GradScaler
+    for fp16 only (bf16 has fp32's exponent range). A non-finite loss raises TrainingDiverged
+    before the optimizer step, so the weights are never updated with it.
     """
     device = device or next(model.parameters()).device
-    ctx = autocast_ctx(device, precision)
+    autocast = autocast_ctx(device, precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
@@ -313,18 +316,18 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
     history = []
     for step, micros in enumerate(steps):
         t0 = time.time()
-        micros = [(fb.to(device), rb.to(device) if rb is not None else None) for fb, rb in micros]
-        norm = step_norm(micros)
+        micros = [(f.to(device), r.to(device) if r is not None else None) for f, r in micros]
+        totals = step_totals(micros)
         if dist is not None:
-            norm = dist.all_reduce_dict(norm)
+            totals = dist.all_reduce_dict(totals)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, len(steps), lr, warmup, schedule)
         loss_sum, terms_sum = 0.0, {}
-        for k, (fb, rb) in enumerate(micros):
+        for k, (forget, retain) in enumerate(micros):
             if dist is not None:  # reduce-scatter gradients only on the last micro-batch
                 dist.set_sync(model, k == len(micros) - 1)
-            with ctx:
-                loss, terms = loss_fn(model, fb, rb, norm)
+            with autocast:
+                loss, terms = loss_fn(model, forget, retain, totals)
             scaler.scale(loss).backward()
             loss_sum += loss.item()
             for name, v in terms.items():
@@ -341,7 +344,7 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        ntok = sum(int(fb.attn.sum()) + (int(rb.attn.sum()) if rb is not None else 0) for fb, rb in micros)
+        ntok = sum(int(f.attn.sum()) + (int(r.attn.sum()) if r is not None else 0) for f, r in micros)
         if dist is not None:
             ntok = int(dist.all_reduce_float(ntok))
         dt = time.time() - t0
@@ -434,17 +437,17 @@ def decode_new(tok, new_ids) -> str:
 
 @torch.inference_mode()
 def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 32,
-             max_tokens: int = 16384, ctx=None, progress=None) -> list[str]:
+             max_tokens: int = 16384, autocast=None, progress=None) -> list[str]:
     """Greedy completions of raw prompts (no chat template), batched by prompt length."""
     device = next(model.parameters()).device
-    ctx = ctx or contextlib.nullcontext()
+    autocast = autocast or contextlib.nullcontext()
     enc = [tok(p).input_ids for p in prompts]
     outs = [None] * len(prompts)
     pad = pad_of(tok)
     done = 0
     for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
         ids, attn = left_pad([enc[i] for i in idx], pad)
-        with ctx:
+        with autocast:
             new = greedy(model, ids.to(device), attn.to(device), max_new_tokens, tok.eos_token_id)
         for i, row in zip(idx, new.tolist()):
             outs[i] = decode_new(tok, row)
@@ -452,431 +455,6 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
         if progress:
             progress(done, len(prompts))
     return outs
-
-
-# -----------------------------------------------------------------------------
-# MIA losses and MMLU
-
-
-@torch.inference_mode()
-def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, ctx=None) -> list[float]:
-    """Mean token NLL of each whole document (labels = inputs), as `model(ids, labels=ids).loss`
-    of the official scorer, computed in length-sorted right-padded batches."""
-    device = next(model.parameters()).device
-    ctx = ctx or contextlib.nullcontext()
-    enc = [tok(d).input_ids for d in docs]
-    pad = pad_of(tok)
-    out = [None] * len(docs)
-    for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
-        b = make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
-        # next-token labels, -100 (ignored) on padding and after each row's last token
-        labels = b.ids.roll(-1, dims=1).masked_fill(b.mask.roll(-1, dims=1) == 0, -100)
-        with ctx:
-            logits = model(input_ids=b.ids, attention_mask=b.attn).logits  # (B, T, V)
-        # cross_entropy over a contiguous (B*T, V) view, as HF's loss does: the (B, V, T) layout
-        # of token_logps is ~3x slower on CPU for log_softmax over the vocabulary
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-        loss = nll.view(labels.shape).sum(-1) / b.mask[:, 1:].sum(-1)
-        for i, v in zip(idx, loss.tolist()):
-            out[i] = v
-    return out
-
-
-def mmlu_encode(tok, subject, shots, q, max_len: int) -> list[int]:
-    """Token ids of the 5-shot prompt, shots dropped from the end until it fits `max_len`. When
-    even the 0-shot prompt is too long (a small context), its last max_len tokens are kept:
-    the question's end and 'Answer:' are what the prediction needs."""
-    n_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731  (Open-Instruct counts so)
-    try:
-        return tok(metrics.mmlu_fit_prompt(subject, shots, q, n_tokens, max_len)).input_ids
-    except ValueError:
-        return tok(metrics.mmlu_prompt(subject, shots, q, k=0)).input_ids[-max_len:]
-
-
-@torch.inference_mode()
-def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, ctx=None) -> dict:
-    """5-shot MMLU (Open-Instruct protocol, prompts from metrics.py): the answer is the letter
-    whose token gets the highest next-token logit after 'Answer:'."""
-    device = next(model.parameters()).device
-    ctx = ctx or contextlib.nullcontext()
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
-    choice_ids = torch.tensor(metrics.mmlu_choice_ids(tok), device=device)
-    pad = pad_of(tok)
-    records = []
-    for subject in sorted(test):
-        qs = test[subject][:limit] if limit else test[subject]
-        enc = [mmlu_encode(tok, subject, dev.get(subject, []), q, max_len) for q in qs]
-        for idx in length_batches([len(e) for e in enc], batch_size, 1 << 30):
-            ids, attn = left_pad([enc[i] for i in idx], pad)
-            ids, attn = ids.to(device), attn.to(device)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            with ctx:
-                logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits
-            pick = logits[:, -1, choice_ids].argmax(-1).tolist()
-            records += [(subject, "ABCD"[p], qs[i].answer) for i, p in zip(idx, pick)]
-    return metrics.mmlu_accuracy(records)
-
-
-# -----------------------------------------------------------------------------
-# evaluation: generations + MIA + MMLU -> the official results dict
-
-
-def generation_rows(items, outs, stage: str) -> list[dict]:
-    """One generations.jsonl row per item (evaluate and evaluate_sharded)."""
-    return [{"id": it.id, "task": f"Task{it.task}", "input": it.input, "expected_output": it.output,
-             "model_output": out, "stage": stage, "split": it.split, "kind": it.kind,
-             "score": metrics.score_item(it.kind, it.output, out)} for it, out in zip(items, outs, strict=True)]
-
-
-def official_results(gen_rows, mia_rows, mmlu_res) -> dict:
-    """The official results dict of one stage: aggregate of the generation rows, with the MIA AUC
-    (members vs nonmembers of mia_rows; none without rows) and MMLU's average_acc when given."""
-    auc = None
-    if mia_rows:
-        auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
-                              [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
-    return metrics.aggregate(gen_rows, mia_auc=auc, mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
-
-
-def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
-             batch_size: int = 32, mmlu_limit: int = 0, ctx=None, progress=None):
-    """Score `items` (every task present), MIA documents and MMLU as the official scorer does.
-
-    Returns (generation rows, MIA rows, MMLU dict or None, results dict with the official keys).
-    """
-    outs = generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, ctx=ctx,
-                    progress=progress)
-    gen_rows = generation_rows(items, outs, stage)
-    mia_rows = []
-    for name in ("member", "nonmember") if mia else ():
-        losses = doc_losses(model, tok, [d.document for d in mia[name]], ctx=ctx)
-        mia_rows += [{"stage": stage, "set": name, "id": d.id, "loss": v} for d, v in zip(mia[name], losses)]
-    mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, ctx=ctx) if mmlu else None
-    return gen_rows, mia_rows, mmlu_res, official_results(gen_rows, mia_rows, mmlu_res)
-
-
-# -----------------------------------------------------------------------------
-# the tiny embedded target: a BPE tokenizer and an OLMo-architecture model that memorised the data
-
-# ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score >= 0.94
-# on 3 data seeds) in ~2.7 minutes on 2 cores. 50 epochs left Task2 PII at 0.72-0.75 on one seed.
-TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=1024, vocab_size=4096)
-# lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
-TINY_RECIPE = dict(epochs=80, lr=2e-3, warmup=20, batch_size=4, seed=0, version=2)  # bump version on change
-
-
-def fingerprint(items, extra: dict) -> str:
-    """Content hash of the training data and the recipe: the cache key of a tiny target."""
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
-    for it in items:
-        h.update(json.dumps([it.id, it.split, it.task, it.input, it.output]).encode())
-    return h.hexdigest()[:16]
-
-
-def train_tokenizer(texts, vocab_size: int):
-    """Byte-level BPE (GPT-2/OLMo style) trained on `texts`; EOS doubles as BOS-less separator."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|padding|>")
-
-
-def tiny_config(tok, **over):
-    from transformers import OlmoConfig
-    cfg = {**TINY, **over, "vocab_size": len(tok)}
-    return OlmoConfig(**cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      bos_token_id=None, tie_word_embeddings=False)
-
-
-def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None) -> Path:
-    """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
-    input + output sequences, as the released targets were fine-tuned); built once, then reused."""
-    from transformers import OlmoForCausalLM
-    recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
-    path = Path(cache_dir) / f"tiny-{fingerprint(items, {'recipe': recipe, 'config': config})}"
-    if (path / "model.safetensors").exists():
-        log(f"tiny target: reusing {path}")
-        return path
-    t0 = time.time()
-    log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
-    tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])
-    torch.manual_seed(recipe["seed"])
-    model = OlmoForCausalLM(tiny_config(tok, **config)).to(device or "cpu")
-    seqs = [encode_pair(tok, it.input, it.output)[0] for it in items]
-    steps = plan_steps(len(seqs), 0, recipe["batch_size"], 1, recipe["epochs"], 0, recipe["seed"],
-                       lengths=[len(s) for s in seqs])
-    steps = [[(make_batch([seqs[i] for i in f], [0] * len(f), f, tok.pad_token_id), None)
-              for f, _ in micros] for micros in steps]
-    import methods
-    last = {}
-    def log_every(rec):
-        last.update(rec)
-        if rec["step"] % 50 == 0 or rec["step"] == len(steps) - 1:
-            log(f"tiny target: step {rec['step']}/{len(steps)} loss {rec['loss']:.4f} "
-                f"({rec['tokens_per_s']:.0f} tok/s)")
-    train(model, steps, methods.finetune, lr=recipe["lr"], warmup=recipe["warmup"], schedule="linear",
-          log=log_every)
-    save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
-    write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
-                                                  "final_loss": last.get("loss"), "seconds": time.time() - t0})
-    log(f"tiny target: built in {time.time() - t0:.0f}s, final loss {last.get('loss', float('nan')):.4f}")
-    return path
-
-
-# -----------------------------------------------------------------------------
-# distributed: torchrun + FSDP2 (torch.distributed.fsdp.fully_shard); train() above stays plain
-#
-#   torchrun --nproc_per_node N run.py ...   # NCCL on cuda:LOCAL_RANK; without CUDA, gloo on CPU
-#
-# What is split across the N ranks, and why the result is the single-process one:
-#   weights, grads, AdamW  1/N each: fully_shard on every decoder layer, then on the root (embeddings,
-#                 final norm, head). --precision bf16: bf16 all-gather, compute and reduce-scatter
-#                 over fp32 sharded master weights (micro-batches without sync also accumulate
-#                 in bf16: a coarser sum than one GPU's fp32 grads); fp32, bf16-pure: no casting.
-#   training      rank r takes rows r::N of every global micro-batch of plan_steps. step_norm's totals
-#                 are all-reduced and gradients SUMMED over ranks (divide factor 1), so the update is
-#                 the single-process one. Reduce-scatter runs on a step's last micro-batch only. A rank
-#                 left without rows runs a padding row (no targets, loss x 0): FSDP forwards are
-#                 collectives, so every rank must run each one.
-#   NPO reference rows r::N of the forget set in lockstep batches, then summed over ranks.
-#   KL reference  a second copy, loaded and sharded the same way, frozen.
-#   evaluation    greedy decoding stops early per batch, which would break FSDP's lockstep: each
-#                 rank gathers the full weights into a plain replica (7B: 14 GB bf16, 28 GB fp32)
-#                 and scores a contiguous slice of the items, MIA documents and MMLU subjects; rows
-#                 are all-gathered in item order, so each item is scored exactly once.
-#   checkpoint    the full state dict is gathered to rank 0's CPU, which writes save_pretrained.
-# Only rank 0 writes files and prints (print0).
-
-COLLECTIVE_TIMEOUT = 7200  # s: ranks wait at a gather while the slowest one finishes its eval slice
-
-
-class Dist:
-    """This process's place in a torchrun job and the collectives the run needs
-    (train() calls all_reduce_dict, all_reduce_float and set_sync)."""
-
-    def __init__(self, rank: int, world: int, device: torch.device):
-        self.rank, self.world, self.device, self.mesh = rank, world, device, None
-
-    def all_reduce_dict(self, d: dict) -> dict:
-        """{name: float} summed over ranks (same keys in the same order on every rank)."""
-        import torch.distributed as tdist
-        t = torch.tensor([float(v) for v in d.values()], dtype=torch.float64, device=self.device)
-        tdist.all_reduce(t)
-        return dict(zip(d, t.tolist()))
-
-    def all_reduce_float(self, x: float) -> float:
-        return self.all_reduce_dict({"x": x})["x"]
-
-    def set_sync(self, model, sync: bool) -> None:
-        model.set_requires_gradient_sync(sync)  # False: grads accumulate unsharded, no reduce-scatter
-
-    def rows(self, idx) -> tuple[list, bool]:
-        """Rows rank::world of a global batch; (first row, False) when that is empty: padding."""
-        idx = list(idx)
-        mine = idx[self.rank::self.world]
-        return (mine, True) if mine else (idx[:1], False)
-
-    def span(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous share [lo, hi) of n items; shares differ by at most one."""
-        return self.rank * n // self.world, (self.rank + 1) * n // self.world
-
-    def gather(self, part: list) -> list:
-        """Every rank's list, concatenated in rank order, on every rank."""
-        import torch.distributed as tdist
-        parts = [None] * self.world
-        tdist.all_gather_object(parts, part)
-        return [x for p in parts for x in p]
-
-    def on_rank0(self, fn):
-        """fn() on rank 0 only (files, building the tiny target); its result, or its SystemExit,
-        on every rank. Also a barrier."""
-        import torch.distributed as tdist
-        box = [None]
-        if self.rank == 0:
-            try:
-                box = [(fn(), None)]
-            except SystemExit as e:
-                box = [(None, str(e.code))]
-        tdist.broadcast_object_list(box, src=0)
-        if box[0][1] is not None:
-            raise SystemExit(box[0][1])
-        return box[0][0]
-
-    def close(self, together: bool = True) -> None:
-        """Leave the job; `together` (a finished run): after every rank is done. Without the barrier
-        a rank could destroy its gloo group while the other still worked (rank 0 writing files),
-        and without dropping what holds the group (the mesh, FSDP modules) gloo's threads could
-        outlive it into interpreter shutdown: either way a finished run aborted at exit
-        ('terminate called without an active exception': 1 of 12 two-rank runs on this CPU
-        before, 0 of 30 after)."""
-        import gc
-        import torch.distributed as tdist
-        if together:
-            tdist.barrier()
-        self.mesh = None
-        gc.collect()
-        tdist.destroy_process_group()
-
-
-def init_distributed(device: str = "auto", timeout: float = 60.0) -> Dist | None:
-    """Join the torchrun job this process belongs to; None outside torchrun (WORLD_SIZE <= 1).
-
-    env:// rendezvous (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK) that
-    waits at most `timeout` seconds, then exits naming the address. NCCL on cuda:LOCAL_RANK when
-    CUDA is available and --device is not cpu, else gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    from datetime import timedelta
-    import torch.distributed as tdist
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = not device.startswith("cpu") and torch.cuda.is_available()
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
-    try:
-        store, _, _ = next(tdist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
-    except (RuntimeError, ValueError, OSError) as e:  # DistNetworkError, DistStoreError, unset variables
-        raise SystemExit(
-            f"error: rank {rank} of {world}: no rendezvous at {where} within {timeout:g}s "
-            f"({_first_line(e)}). Start the job with `torchrun --nproc_per_node N run.py ...` "
-            "(it sets these variables), make MASTER_ADDR reachable from every rank and MASTER_PORT free "
-            "and open on it, or raise --rdzv-timeout.") from None
-    if cuda:
-        torch.cuda.set_device(dev)
-    store.set_timeout(timedelta(seconds=COLLECTIVE_TIMEOUT))
-    tdist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT), device_id=dev if cuda else None)
-    return Dist(rank, world, dev)
-
-
-def shard(model, dist: Dist, precision: str):
-    """FSDP2 in place: fully_shard every decoder layer (the model's _no_split_modules), then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-    assert precision != "fp16", "fp16 needs a sharded GradScaler: use --precision bf16 or bf16-pure"
-    if dist.mesh is None:
-        dist.mesh = init_device_mesh(dist.device.type, (dist.world,))
-    bf16 = torch.bfloat16
-    mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16) if precision == "bf16" else MixedPrecisionPolicy()
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    assert blocks, f"{type(model).__name__} declares no _no_split_modules: cannot find its decoder layers"
-    for m in blocks + [model]:
-        fully_shard(m, mesh=dist.mesh, mp_policy=mp)
-    for m in model.modules():
-        if isinstance(m, FSDPModule):  # sum over ranks: every loss is divided by the global totals
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
-    return model
-
-
-def as_padding(b):
-    """b without target tokens: a row a rank runs only to keep FSDP's collectives in lockstep."""
-    return None if b is None else Batch(b.ids, b.attn, torch.zeros_like(b.mask), b.idx)
-
-
-def skip_padding(loss_fn):
-    """loss_fn giving 0 (loss and terms) on a padding micro-batch; step_norm counts it nowhere."""
-    def fn(model, fb, rb, norm):
-        loss, terms = loss_fn(model, fb, rb, norm)
-        if fb.mask.sum() > 0:
-            return loss, terms
-        return loss * 0.0, dict.fromkeys(terms, 0.0)
-    return fn
-
-
-def shard_steps(plan, make_f, make_r, dist: Dist):
-    """plan_steps' global micro-batches cut to this rank's rows: lists of (forget, retain|None) Batches."""
-    steps = []
-    for micros in plan:
-        mine = []
-        for f, r in micros:  # len(r) == len(f) or r == []: both slices are empty together
-            rows, real = dist.rows(f)
-            fb, rb = make_f(rows), (make_r(dist.rows(r)[0]) if r else None)
-            mine.append((fb, rb) if real else (as_padding(fb), as_padding(rb)))
-        steps.append(mine)
-    return steps
-
-
-@torch.no_grad()  # not inference_mode: FSDP must not create its unsharded parameters as inference tensors
-def reference_logps_sharded(model, make, n: int, batch_size: int, dist: Dist, ctx) -> torch.Tensor:
-    """reference_logps with rows split over ranks: global batches of batch_size * N items, rank r
-    runs rows r::N of each; every item is computed on exactly one rank, a sum assembles them."""
-    import torch.distributed as tdist
-    out = torch.zeros(n, dtype=torch.float64, device=dist.device)
-    for lo in range(0, n, batch_size * dist.world):
-        rows, real = dist.rows(range(lo, min(lo + batch_size * dist.world, n)))
-        with ctx:
-            lp = seq_logps(model, make(rows).to(dist.device)).double()
-        if real:
-            out[rows] = lp
-    model.reshard()  # the root stays unsharded after a no-grad forward, and its grads would be lost
-    tdist.all_reduce(out)
-    return out.cpu()
-
-
-def plain_model(model, sd: dict):
-    """A plain HF model of model.config holding sd's tensors (no copy) and model's buffers."""
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(sd, assign=True)
-    dev = next(iter(sd.values())).device
-    for name, buf in model.named_buffers():  # non-persistent ones (rotary inv_freq) are not in sd
-        mod, _, leaf = name.rpartition(".")
-        setattr(plain.get_submodule(mod), leaf, buf.to(dev))
-    if getattr(model.config, "tie_word_embeddings", False):
-        plain.tie_weights()
-    return plain.eval().requires_grad_(False)
-
-
-def full_replica(model):
-    """An unsharded copy of an FSDP model on every rank (all-gathered full state dict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return plain_model(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
-
-
-def save_sharded(model, tok, path, dist: Dist) -> None:
-    """save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dist.on_rank0(lambda: save_model(plain_model(model, sd), tok, path))
-
-
-def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stage: str = "after",
-                     max_new_tokens: int = 256, batch_size: int = 32, mmlu_limit: int = 0, ctx=None,
-                     progress=None):
-    """evaluate() of an FSDP model, each rank scoring a contiguous slice on a full replica; the
-    same return value on every rank (progress counts rank 0's slice)."""
-    replica = full_replica(model)
-    lo, hi = dist.span(len(items))
-    outs = dist.gather(generate(replica, tok, [it.input for it in items[lo:hi]], max_new_tokens,
-                                batch_size, ctx=ctx, progress=progress))
-    gen_rows = generation_rows(items, outs, stage)
-    mia_rows = []
-    if mia:
-        docs = [(name, d) for name in ("member", "nonmember") for d in mia[name]]
-        lo, hi = dist.span(len(docs))
-        losses = dist.gather(doc_losses(replica, tok, [d.document for _, d in docs[lo:hi]], ctx=ctx))
-        mia_rows = [{"stage": stage, "set": name, "id": d.id, "loss": v} for (name, d), v in zip(docs, losses)]
-    mmlu_res = None
-    if mmlu:  # whole subjects per rank; average_acc over all questions, as mmlu_accuracy
-        dev, test = mmlu
-        subjects = sorted(test)
-        lo, hi = dist.span(len(subjects))
-        mine = {s: test[s] for s in subjects[lo:hi]}
-        acc = dict(dist.gather(list(mmlu_eval(replica, tok, dev, mine, limit=mmlu_limit, ctx=ctx)
-                                    ["subject_acc"].items()) if mine else []))
-        n = {s: len(test[s][:mmlu_limit] if mmlu_limit else test[s]) for s in subjects}
-        mmlu_res = {"average_acc": sum(round(acc[s] * n[s]) for s in subjects) / sum(n.values()),
-                    "subject_acc": {s: acc[s] for s in subjects}}
-    return gen_rows, mia_rows, mmlu_res, official_results(gen_rows, mia_rows, mmlu_res)
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Memory plan: bytes per GPU of one full-parameter unlearning step, computed from 
 
 Weights, gradients, AdamW states, KL's reference copy, activations saved for backward, transient
 workspace and compute-dtype copies, for fp32, bf16 autocast over fp32 master weights, or pure
-bf16, on one GPU or FSDP-sharded over N (lume.shard). Checked at tiny scale against measured bytes
+bf16, on one GPU or FSDP-sharded over N (dist.shard). Checked at tiny scale against measured bytes
 in tests/test_dist.py. Only planning: the engine (lume.py) never calls it.
 """
 import math

@@ -2,11 +2,12 @@
 Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO.
 
 Each function is one micro-batch's contribution to one optimizer step's loss:
-    loss_fn(model, fb, rb, norm) -> (loss tensor, {term name: float})
-fb / rb are the forget and retain lume.Batch (rb is None when a method needs no retain data);
-norm holds the step's totals over all its micro-batches (and all ranks): f_tok / r_tok answer
-tokens, f_seq / r_seq sequences. Dividing sums by these totals makes gradient accumulation of k
-micro-batches equal one batch of the same examples.
+    loss_fn(model, forget, retain, totals) -> (loss tensor, {term name: float})
+forget / retain are lume.Batch (retain is None when a method needs no retain data); totals
+holds the step's totals over all its micro-batches (and all ranks), from lume.step_totals:
+forget_tokens / retain_tokens answer tokens, forget_seqs / retain_seqs sequences. Dividing sums
+by these totals makes gradient accumulation of k micro-batches equal one batch of the same
+examples. retain_weight (--retain-weight) weighs the retain term of GD, KL and NPO-RT.
 
 Reduction, for every method: only answer tokens count (prompt and padding are masked out; the
 answer ends with EOS). Token-level terms (NLL, KL) are token-normalised: the sum over the step's
@@ -16,31 +17,20 @@ tokens' log-probabilities, and the loss is a mean over the step's sequences.
 import torch
 import torch.nn.functional as F
 
-from lume import token_logps, seq_logps
+from lume import nll_sum, seq_logps
 
 
-def nll_sum(model, b) -> torch.Tensor:
-    """Sum of answer-token negative log-likelihoods of a batch (scalar)."""
-    return -token_logps(model, b).sum()
-
-
-def finetune(model, fb, rb, norm):
-    """Plain NLL, token-normalised: how the tiny target memorises its data (mask = whole sequence)."""
-    nll = nll_sum(model, fb) / norm["f_tok"]
-    return nll, {"forget_nll": nll.item()}
-
-
-def ga(model, fb, rb, norm, **_):
+def ga(model, forget, retain, totals, **_):
     """Gradient Ascent: minimise L = -NLL(forget) (Jang et al. 2023; LUME paper Sec. 4)."""
-    nll = nll_sum(model, fb) / norm["f_tok"]
+    nll = nll_sum(model, forget) / totals["forget_tokens"]
     return -nll, {"forget_nll": nll.item()}
 
 
-def gd(model, fb, rb, norm, alpha: float = 1.0, **_):
-    """Gradient Difference: L = -NLL(forget) + alpha * NLL(retain) (Liu et al. 2022)."""
-    f = nll_sum(model, fb) / norm["f_tok"]
-    r = nll_sum(model, rb) / norm["r_tok"]
-    return -f + alpha * r, {"forget_nll": f.item(), "retain_nll": r.item()}
+def gd(model, forget, retain, totals, retain_weight: float = 1.0, **_):
+    """Gradient Difference: L = -NLL(forget) + retain_weight * NLL(retain) (Liu et al. 2022)."""
+    f = nll_sum(model, forget) / totals["forget_tokens"]
+    r = nll_sum(model, retain) / totals["retain_tokens"]
+    return -f + retain_weight * r, {"forget_nll": f.item(), "retain_nll": r.item()}
 
 
 def kl_sum(model, ref, b) -> torch.Tensor:
@@ -54,37 +44,37 @@ def kl_sum(model, ref, b) -> torch.Tensor:
         ref_logits = ref(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1].float()
     logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T-1)
-    return (kl * b.mask[:, 1:]).sum()
+    return (kl * b.target_mask[:, 1:]).sum()
 
 
-def kl(model, fb, rb, norm, alpha: float = 1.0, ref=None, **_):
-    """KL regularisation: L = -NLL(forget) + alpha * KL(p_ref || p_theta) on retain answer tokens."""
+def kl(model, forget, retain, totals, retain_weight: float = 1.0, ref=None, **_):
+    """KL regularisation: L = -NLL(forget) + retain_weight * KL(p_ref || p_theta) on retain answer tokens."""
     assert ref is not None, "kl needs the frozen reference model (ref=...)"
-    f = nll_sum(model, fb) / norm["f_tok"]
-    k = kl_sum(model, ref, rb) / norm["r_tok"]
-    return -f + alpha * k, {"forget_nll": f.item(), "retain_kl": k.item()}
+    f = nll_sum(model, forget) / totals["forget_tokens"]
+    k = kl_sum(model, ref, retain) / totals["retain_tokens"]
+    return -f + retain_weight * k, {"forget_nll": f.item(), "retain_kl": k.item()}
 
 
-def npo(model, fb, rb, norm, beta: float = 0.1, alpha: float = 1.0, ref_logps=None, **_):
+def npo(model, forget, retain, totals, beta: float = 0.1, retain_weight: float = 1.0, ref_logps=None, **_):
     """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3):
 
         L_NPO = -(2/beta) * mean_i log sigmoid(-beta * (log pi_theta(y_i|x_i) - log pi_ref(y_i|x_i)))
 
-    plus alpha * NLL(retain) (NPO-RT; alpha = 0 gives pure NPO). pi_ref is the model before
-    unlearning, frozen; the forget data are fixed, so log pi_ref(y_i|x_i) is computed once
-    before training (ref_logps, indexed by item) and no second model is held.
+    plus retain_weight * NLL(retain) (NPO-RT; retain_weight 0 gives pure NPO). pi_ref is the
+    model before unlearning, frozen; the forget data are fixed, so log pi_ref(y_i|x_i) is computed
+    once before training (ref_logps, indexed by item) and no second model is held.
     At theta = theta_ref, dL/dr_i = (2/beta) * beta * sigmoid(0) / n = 1/n: the NPO gradient
     equals the gradient of the mean summed answer log-likelihood (GA on sequence sums).
     """
     assert ref_logps is not None, "npo needs the reference log-probs (ref_logps=...)"
-    logp = seq_logps(model, fb)  # (B,)
-    r = logp - ref_logps.to(logp.device, logp.dtype)[fb.idx]
-    loss_f = -(2.0 / beta) * F.logsigmoid(-beta * r).sum() / norm["f_seq"]
-    terms = {"npo": loss_f.item(), "log_ratio": r.sum().item() / norm["f_seq"]}
-    if alpha and rb is not None:
-        ret = nll_sum(model, rb) / norm["r_tok"]
+    logp = seq_logps(model, forget)  # (B,)
+    r = logp - ref_logps.to(logp.device, logp.dtype)[forget.idx]
+    loss_f = -(2.0 / beta) * F.logsigmoid(-beta * r).sum() / totals["forget_seqs"]
+    terms = {"npo": loss_f.item(), "log_ratio": r.sum().item() / totals["forget_seqs"]}
+    if retain_weight and retain is not None:
+        ret = nll_sum(model, retain) / totals["retain_tokens"]
         terms["retain_nll"] = ret.item()
-        return loss_f + alpha * ret, terms
+        return loss_f + retain_weight * ret, terms
     return loss_f, terms
 
 

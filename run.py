@@ -25,42 +25,57 @@ from pathlib import Path
 import torch
 
 import data
+import dist as distributed
+import evaluation
 import lume
 import methods
+import tiny
+
+
+def arg(default, help: str, **extra):
+    """A Config field: its default, its --help text and any argparse extras (choices)."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class Config:
-    task: str = field(default="1", metadata={"help": "what is unlearned: 1, 2, 3 or all (evaluation covers every task)", "choices": ["1", "2", "3", "all"]})
-    method: str = field(default="npo", metadata={"help": "unlearning method; none scores the target as it is", "choices": ["ga", "gd", "kl", "npo", "none"]})
-    model: str = field(default="tiny", metadata={"help": "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local save_pretrained directory"})
-    data: str = field(default="builtin", metadata={"help": "builtin, a LUME release dir (forget.jsonl, retain.jsonl) or a SemEval parquet dir"})
-    n_docs: int = field(default=0, metadata={"help": "documents per task per split: built-in data makes this many (0 = 8), real data keeps the first N (0 = all)"})
-    mia_data: str = field(default="", metadata={"help": "dir with member.jsonl + nonmember.jsonl (built-in data brings its own)"})
-    mmlu: str = field(default="", metadata={"help": "MMLU dir (dev/, test/ CSVs); empty skips MMLU"})
-    mmlu_limit: int = field(default=0, metadata={"help": "questions per MMLU subject (0 = all)"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)"})
-    epochs: float = field(default=0.0, metadata={"help": "passes over the forget set (0 = 20 for tiny, 5 otherwise)"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; > 0 overrides --epochs"})
-    batch_size: int = field(default=4, metadata={"help": "forget (and retain) rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (token-normalised)"})
-    warmup: int = field(default=0, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="constant", metadata={"help": "lr after warmup", "choices": ["constant", "linear"]})
-    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
-    beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature"})
-    retain_weight: float = field(default=-1.0, metadata={"help": "alpha of the retain term of GD, KL and NPO-RT (0 = pure NPO); -1 = 1 for GD/KL, 3 for NPO"})
-    precision: str = field(default="auto", metadata={"help": "auto = bf16 autocast on CUDA, fp32 on CPU", "choices": list(lume.PRECISIONS)})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (7B on one GPU)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
-    max_new_tokens: int = field(default=256, metadata={"help": "generation length (the official scorer uses 256)"})
-    eval_batch_size: int = field(default=32, metadata={"help": "prompts per generation batch"})
-    eval_before: bool = field(default=True, metadata={"help": "also score the target before unlearning"})
-    seed: int = field(default=0, metadata={"help": "seeds data order, sampling of retain batches and torch"})
-    out: str = field(default="", metadata={"help": "run directory (default runs/task<T>-<method>-<model>-<time>); never overwritten"})
-    save: bool = field(default=False, metadata={"help": "save the unlearned model (save_pretrained, safetensors) to <out>/model"})
-    cache_dir: str = field(default=os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
-                           metadata={"help": "where the tiny target is cached (env LUME_CACHE)"})
-    rdzv_timeout: float = field(default=60.0, metadata={"help": "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT before a clear error"})
+    task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
+                    choices=["1", "2", "3", "all"])
+    method: str = arg("npo", "unlearning method; none scores the target as it is",
+                      choices=["ga", "gd", "kl", "npo", "none"])
+    model: str = arg("tiny", "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local "
+                             "save_pretrained directory")
+    data: str = arg("builtin", "builtin, a LUME release dir (forget.jsonl, retain.jsonl) or a SemEval "
+                               "parquet dir")
+    n_docs: int = arg(0, "documents per task per split: built-in data makes this many (0 = 8), "
+                         "real data keeps the first N (0 = all)")
+    mia_data: str = arg("", "dir with member.jsonl + nonmember.jsonl (built-in data brings its own)")
+    mmlu: str = arg("", "MMLU dir (dev/, test/ CSVs); empty skips MMLU")
+    mmlu_limit: int = arg(0, "questions per MMLU subject (0 = all)")
+    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)")
+    epochs: float = arg(0.0, "passes over the forget set (0 = 20 for tiny, 5 otherwise)")
+    max_steps: int = arg(0, "optimizer steps; > 0 overrides --epochs")
+    batch_size: int = arg(4, "forget (and retain) rows per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (token-normalised)")
+    warmup: int = arg(0, "linear warmup steps")
+    schedule: str = arg("constant", "lr after warmup", choices=["constant", "linear"])
+    clip: float = arg(1.0, "gradient-norm clip (0 = off)")
+    beta: float = arg(0.1, "NPO inverse temperature")
+    retain_weight: float = arg(-1.0, "weight of the retain term of GD, KL and NPO (NPO-RT; 0 = pure NPO); "
+                                     "-1 = 1 for GD/KL, 3 for NPO")
+    precision: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=list(lume.PRECISIONS))
+    grad_checkpointing: bool = arg(False, "recompute activations in backward (7B on one GPU)")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    max_new_tokens: int = arg(256, "generation length (the official scorer uses 256)")
+    eval_batch_size: int = arg(32, "prompts per generation batch")
+    eval_before: bool = arg(True, "also score the target before unlearning")
+    seed: int = arg(0, "seeds data order, sampling of retain batches and torch")
+    out: str = arg("", "run directory (default runs/task<T>-<method>-<model>-<time>); never overwritten")
+    save: bool = arg(False, "save the unlearned model (save_pretrained, safetensors) to <out>/model")
+    cache_dir: str = arg(os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
+                         "where the tiny target is cached (env LUME_CACHE)")
+    rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
+                                    "before a clear error")
 
 
 def parse_args(argv=None) -> Config:
@@ -71,13 +86,14 @@ def parse_args(argv=None) -> Config:
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=meta["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"), help=meta["help"])
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"),
+                           help=meta["help"])
     cfg = Config(**vars(p.parse_args(argv)))
     # model-dependent defaults, resolved here once and recorded in config.json. The tiny values
     # were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting.
-    tiny = cfg.model == "tiny"
-    cfg.lr = cfg.lr or (1e-4 if tiny else 1e-5)
-    cfg.epochs = cfg.epochs or (20.0 if tiny else 5.0)
+    is_tiny = cfg.model == "tiny"
+    cfg.lr = cfg.lr or (1e-4 if is_tiny else 1e-5)
+    cfg.epochs = cfg.epochs or (20.0 if is_tiny else 5.0)
     if cfg.retain_weight < 0:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
         cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
     for name in ("epochs", "batch_size", "grad_accum", "max_new_tokens", "eval_batch_size"):
@@ -89,7 +105,7 @@ def parse_args(argv=None) -> Config:
 
 
 # -----------------------------------------------------------------------------
-# the run
+# inputs, model, run directory
 
 
 def make_out_dir(cfg: Config) -> Path:
@@ -130,10 +146,11 @@ def load_inputs(cfg: Config):
 
 
 def load_model(cfg: Config, items, device, dtype, precision: str = "fp32", dist=None):
-    """(model, tokenizer) on device; under torchrun FSDP2-sharded (lume.shard), every rank loading
+    """(model, tokenizer) on device; under torchrun FSDP2-sharded (dist.shard), every rank loading
     on CPU and fully_shard moving its shard to the device layer by layer."""
     if cfg.model == "tiny":
-        build = lambda: lume.tiny_target(items, cfg.cache_dir, log=lume.print0)  # noqa: E731
+        def build():
+            return tiny.tiny_target(items, cfg.cache_dir, log=lume.print0)
         path = dist.on_rank0(build) if dist else build()  # one rank builds it, the others wait
         model, tok = lume.load_pretrained(str(path), dtype)
     else:
@@ -141,7 +158,7 @@ def load_model(cfg: Config, items, device, dtype, precision: str = "fp32", dist=
     if cfg.grad_checkpointing:
         lume.enable_checkpointing(model)
     if dist is not None:
-        return lume.shard(model, dist, precision).eval(), tok
+        return distributed.shard(model, dist, precision).eval(), tok
     return model.to(device).eval(), tok
 
 
@@ -165,41 +182,118 @@ def check_world(cfg: Config, items) -> None:
                          "sharded GradScaler); use --precision bf16 or bf16-pure")
 
 
+# -----------------------------------------------------------------------------
+# unlearning
+
+
+def encode_items(tok, items) -> list[tuple[list[int], int]]:
+    """(prompt + answer + EOS ids, prompt length) of each item, as the losses see them."""
+    return [lume.encode_pair(tok, it.input, it.output) for it in items]
+
+
+def batch_of(encoded, idx, pad_id: int) -> lume.Batch:
+    """The rows `idx` of `encoded` as one right-padded Batch (targets: answer tokens)."""
+    return lume.make_batch([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], idx, pad_id)
+
+
+def npo_reference(model, forget_encoded, pad_id: int, batch_size: int, autocast, dist=None) -> torch.Tensor:
+    """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
+    in batches of batch_size; under torchrun with rows split over ranks."""
+    n = len(forget_encoded)
+    if dist is not None:
+        return distributed.reference_logps_sharded(model, lambda idx: batch_of(forget_encoded, idx, pad_id),
+                                                   n, batch_size, dist, autocast)
+    device = next(model.parameters()).device
+    batches = [batch_of(forget_encoded, list(range(i, min(i + batch_size, n))), pad_id).to(device)
+               for i in range(0, n, batch_size)]
+    return lume.reference_logps(model, batches, n, autocast)
+
+
 def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
     """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
-    under torchrun on this rank's rows of every micro-batch (lume.shard_steps)."""
+    under torchrun on this rank's rows of every micro-batch (dist.shard_steps)."""
     forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
     use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method == "npo" and cfg.retain_weight == 0)
-    fenc = [lume.encode_pair(tok, it.input, it.output) for it in forget]
-    renc = [lume.encode_pair(tok, it.input, it.output) for it in retain] if use_retain else []
-    plan = lume.plan_steps(len(fenc), len(renc), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.max_steps, cfg.seed)
+    forget_encoded = encode_items(tok, forget)
+    retain_encoded = encode_items(tok, retain) if use_retain else []
+    plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
+                           cfg.epochs, cfg.max_steps, cfg.seed)
     pad = tok.pad_token_id
-    mb = lambda enc, idx: lume.make_batch([enc[i][0] for i in idx], [enc[i][1] for i in idx], idx, pad)  # noqa: E731
+
+    def forget_batch(idx):
+        return batch_of(forget_encoded, idx, pad)
+
+    def retain_batch(idx):
+        return batch_of(retain_encoded, idx, pad)
     if dist is None:
-        steps = [[(mb(fenc, f), mb(renc, r) if r else None) for f, r in micros] for micros in plan]
+        steps = [[(forget_batch(f), retain_batch(r) if r else None) for f, r in micros] for micros in plan]
     else:
-        steps = lume.shard_steps(plan, lambda i: mb(fenc, i), lambda i: mb(renc, i), dist)
-    ctx = lume.autocast_ctx(device, precision)
-    kw = {"alpha": cfg.retain_weight}
-    if cfg.method == "npo" and dist is None:
-        batches = [mb(fenc, list(range(i, min(i + cfg.eval_batch_size, len(fenc))))).to(device)
-                   for i in range(0, len(fenc), cfg.eval_batch_size)]
-        kw.update(beta=cfg.beta, ref_logps=lume.reference_logps(model, batches, len(fenc), ctx))
-    if cfg.method == "npo" and dist is not None:
-        kw.update(beta=cfg.beta, ref_logps=lume.reference_logps_sharded(
-            model, lambda i: mb(fenc, i), len(fenc), cfg.eval_batch_size, dist, ctx))
+        steps = distributed.shard_steps(plan, forget_batch, retain_batch, dist)
+    autocast = lume.autocast_ctx(device, precision)
+    options = {"retain_weight": cfg.retain_weight}
+    if cfg.method == "npo":
+        options.update(beta=cfg.beta, ref_logps=npo_reference(model, forget_encoded, pad, cfg.eval_batch_size,
+                                                              autocast, dist))
     if cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
         ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
             cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
-        kw["ref"] = ref.eval().requires_grad_(False)
-    loss_fn = lambda m, fb, rb, norm: methods.METHODS[cfg.method](m, fb, rb, norm, **kw)  # noqa: E731
+        options["ref"] = ref.eval().requires_grad_(False)
+    loss = methods.METHODS[cfg.method]
+
+    def loss_fn(model, forget, retain, totals):
+        return loss(model, forget, retain, totals, **options)
     if dist is not None:
-        loss_fn = lume.skip_padding(loss_fn)
+        loss_fn = distributed.skip_padding(loss_fn)
     lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
-                f"{len(renc)} retain items, {len(steps)} steps")
+                f"{len(retain_encoded)} retain items, {len(steps)} steps")
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
                       clip=cfg.clip, precision=precision, device=device, log=log, dist=dist)
+
+
+# -----------------------------------------------------------------------------
+# scoring and the run
+
+
+def score(cfg: Config, model, tok, inputs, stage: str, autocast, dist=None):
+    """One stage's (generation rows, MIA rows, results): evaluation.evaluate, or under torchrun
+    dist.evaluate_sharded; the results carry the MMLU per-subject accuracies when MMLU is given."""
+    items, mia, mmlu = inputs
+
+    def progress(done, total):
+        lume.print0(f"eval {stage}: {done}/{total} items generated")
+    options = dict(stage=stage, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                   mmlu_limit=cfg.mmlu_limit, autocast=autocast, progress=progress)
+    if dist is not None:
+        gen_rows, mia_rows, mmlu_res, results = distributed.evaluate_sharded(model, tok, items, mia, mmlu,
+                                                                            dist=dist, **options)
+    else:
+        gen_rows, mia_rows, mmlu_res, results = evaluation.evaluate(model, tok, items, mia, mmlu, **options)
+    return gen_rows, mia_rows, results if mmlu_res is None else {**results, "mmlu": mmlu_res}
+
+
+def add_stage(scored: dict, stage: str, gen_rows, mia_rows, results) -> dict:
+    """scored (generation rows, MIA rows and results of the stages so far) with one more stage."""
+    return {"generations": scored["generations"] + gen_rows, "mia": scored["mia"] + mia_rows,
+            "results": {**scored["results"], stage: results}}
+
+
+def write_scores(out: Path, scored: dict) -> None:
+    """Every stage scored so far, each file replaced atomically."""
+    lume.write_jsonl_atomic(out / "generations.jsonl", scored["generations"])
+    lume.write_jsonl_atomic(out / "mia.jsonl", scored["mia"])
+    lume.write_json_atomic(out / "results.json", scored["results"])
+
+
+def step_logger(logf):
+    """log(rec) for lume.train: one line of log.jsonl (rank 0, logf not None) and one printed line."""
+    def log(rec):
+        if logf is not None:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+        extra = " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s"))
+        lume.print0(f"step {rec['step']}: {extra} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
+    return log
 
 
 def summary(results: dict) -> str:
@@ -223,9 +317,9 @@ def main(cfg: Config) -> Path:
     lume.seed_everything(cfg.seed)
     items, mia, mmlu = load_inputs(cfg)
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
-    dist = lume.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
+    dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     try:
-        out = run_job(cfg, items, mia, mmlu, dist, t0)
+        out = run_job(cfg, (items, mia, mmlu), dist, t0)
     except BaseException:
         if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
             dist.close(together=False)
@@ -235,8 +329,9 @@ def main(cfg: Config) -> Path:
     return out
 
 
-def run_job(cfg: Config, items, mia, mmlu, dist, t0) -> Path:
+def run_job(cfg: Config, inputs, dist, t0) -> Path:
     """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes."""
+    items = inputs[0]
     rank0 = dist is None or dist.rank == 0
     device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
     precision = lume.resolve_precision(cfg.precision, device)
@@ -248,39 +343,23 @@ def run_job(cfg: Config, items, mia, mmlu, dist, t0) -> Path:
                                                      "torch": torch.__version__})
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else ""))
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
-    ctx = lume.autocast_ctx(device, precision)
-    gen_rows, mia_rows, results = [], [], {}
-
-    def score(stage):
-        progress = lambda k, n: lume.print0(f"eval {stage}: {k}/{n} items generated")  # noqa: E731
-        kw = dict(stage=stage, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                  mmlu_limit=cfg.mmlu_limit, ctx=ctx, progress=progress)
-        g, m, mm, res = (lume.evaluate_sharded(model, tok, items, mia, mmlu, dist=dist, **kw) if dist
-                         else lume.evaluate(model, tok, items, mia, mmlu, **kw))
-        gen_rows.extend(g), mia_rows.extend(m)
-        results[stage] = res if mm is None else {**res, "mmlu": mm}
-        if rank0:
-            lume.write_jsonl_atomic(out / "generations.jsonl", gen_rows)
-            lume.write_jsonl_atomic(out / "mia.jsonl", mia_rows)
-            lume.write_json_atomic(out / "results.json", results)
-
+    autocast = lume.autocast_ctx(device, precision)
+    scored = {"generations": [], "mia": [], "results": {}}
     if cfg.method == "none" or cfg.eval_before:  # method none: the target as it is, scored once
-        score("before")
+        scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", autocast, dist))
+        if rank0:
+            write_scores(out, scored)
     if cfg.method != "none":
-        with (open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext()) as logf:
-            def log(rec):
-                if logf is not None:
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                extra = " ".join(f"{k} {v:.4f}" for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s"))
-                lume.print0(f"step {rec['step']}: {extra} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s")
-            unlearn(cfg, model, tok, items, device, precision, log, dist)
+        with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
+            unlearn(cfg, model, tok, items, device, precision, step_logger(logf), dist)
         if cfg.save and dist is not None:
-            lume.save_sharded(model, tok, out / "model", dist)
+            distributed.save_sharded(model, tok, out / "model", dist)
         elif cfg.save:
             lume.save_model(model, tok, out / "model")
-        score("after")
-    lume.print0(summary(results))
+        scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", autocast, dist))
+        if rank0:
+            write_scores(out, scored)
+    lume.print0(summary(scored["results"]))
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
     return out
 

@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 import data
+from conftest import oracle
 from data import DataError
 
 # -----------------------------------------------------------------------------
@@ -315,7 +316,7 @@ def test_mia_ids_and_errors(tmp_path):
 
 
 def test_semeval_bad_row(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = oracle("pyarrow")
     import pyarrow.parquet as pq
     rows = [dict(id="f1sc1", input="i", output="o", task="Task1", split="forget"),
             dict(id="f1qa0", input="q", output="a", task="Task9", split="forget")]

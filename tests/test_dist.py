@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 
+import dist
 import lume
 import memory
 import run
@@ -115,7 +116,7 @@ def test_more_ranks_than_forget_items_is_refused_before_rendezvous(tmp_path, mon
 
 def test_row_split_and_spans_cover_each_item_once():
     for world in (1, 2, 3, 5):
-        ranks = [lume.Dist(r, world, torch.device("cpu")) for r in range(world)]
+        ranks = [dist.Dist(r, world, torch.device("cpu")) for r in range(world)]
         for n in range(0, 12):
             spans = [d.span(n) for d in ranks]
             assert [i for lo, hi in spans for i in range(lo, hi)] == list(range(n))
@@ -194,15 +195,16 @@ def test_memory_plan_of_the_released_targets():
 
 SHARDED_BYTES = textwrap.dedent('''
     import sys, torch
-    import lume, memory
+    import dist as distributed, lume, memory
     from transformers import OlmoConfig, OlmoForCausalLM
-    dist = lume.init_distributed("cpu", 30)
+    dist = distributed.init_distributed("cpu", 30)
     rows = []
     cfg = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                vocab_size=701, max_position_embeddings=512, tie_word_embeddings=False)  # 701: uneven shards
     for precision in ("fp32", "bf16-pure"):
         torch.manual_seed(0)
-        model = lume.shard(OlmoForCausalLM(OlmoConfig(**cfg)).to(lume.weight_dtype(precision)), dist, precision)
+        model = OlmoForCausalLM(OlmoConfig(**cfg)).to(lume.weight_dtype(precision))
+        model = distributed.shard(model, dist, precision)
         model(input_ids=torch.randint(0, 701, (2, 8))).logits.float().sum().backward()
         opt = torch.optim.AdamW(model.parameters(), foreach=False)
         opt.step()

@@ -1,9 +1,12 @@
-"""lume.py: loading, batching, generation, MIA losses, the training loop and its precision paths."""
+"""lume.py, evaluation.py and tiny.py: loading, batching, generation, MIA losses, MMLU scoring,
+the training loop and its precision paths, the cached tiny target."""
 import pytest
 import torch
 
+import evaluation
 import lume
 import methods
+import tiny
 
 
 def test_alias_table_and_unreachable_hub(monkeypatch):
@@ -45,8 +48,8 @@ def test_encode_pair_masks_prompt(small_target):
     ids, n = lume.encode_pair(tok, "What is the city?", "Rijola")
     assert ids[:n] == tok("What is the city?").input_ids and ids[-1] == tok.eos_token_id
     b = lume.make_batch([ids, ids[:3]], [n, 1], [0, 1], tok.pad_token_id)
-    assert b.mask[0].tolist() == [0.0] * n + [1.0] * (len(ids) - n)
-    assert b.mask[1].sum() == 2 and b.attn[1].sum() == 3
+    assert b.target_mask[0].tolist() == [0.0] * n + [1.0] * (len(ids) - n)
+    assert b.target_mask[1].sum() == 2 and b.attn[1].sum() == 3
 
 
 def test_batched_generation_equals_one_at_a_time_and_hf_generate(small_target, small_data):
@@ -66,7 +69,7 @@ def test_batched_generation_equals_one_at_a_time_and_hf_generate(small_target, s
 def test_doc_losses_equal_hf_loss_per_document(small_target, small_data):
     model, tok = small_target
     docs = [d.document for d in small_data[1]["member"] + small_data[1]["nonmember"]] + ["Short one."]
-    batched = lume.doc_losses(model, tok, docs, batch_size=3)
+    batched = evaluation.doc_losses(model, tok, docs, batch_size=3)
     for d, v in zip(docs, batched):
         ids = torch.tensor([tok(d).input_ids])
         assert v == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
@@ -94,8 +97,13 @@ def _steps(tok, items, n=2):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-pure"])
-def test_amp_paths_run_on_cpu(small_target, small_data, precision, monkeypatch):
+def test_amp_paths_give_the_fp32_gradient(small_target, small_data, precision, monkeypatch):
+    """Each precision path's step-0 gradient norm (the unscaled one clip_grad_norm_ logs) equals
+    fp32's within bf16/fp16 rounding: a missing unscale_ (fp16 grads x 65536) or a path that
+    computes another loss fails. A GradScaler is enabled exactly for fp16."""
     model, tok = small_target
+    fp32 = lume.load_pretrained(model.name_or_path)[0]
+    want = lume.train(fp32, _steps(tok, small_data[0], 1), methods.ga, lr=1e-4)[0]["grad_norm"]
     model = lume.load_pretrained(model.name_or_path, lume.weight_dtype(precision))[0]
     used = {}
     real = torch.amp.GradScaler
@@ -107,6 +115,8 @@ def test_amp_paths_run_on_cpu(small_target, small_data, precision, monkeypatch):
     hist = lume.train(model, _steps(tok, small_data[0]), methods.ga, lr=1e-4, precision=precision)
     assert used["enabled"] == (precision == "fp16")  # a scaler exactly when fp16
     assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    # measured: relative differences 0.2-2% (bf16 autocast 0.4%, fp16 0.2%, bf16-pure 1.6%)
+    assert hist[0]["grad_norm"] == pytest.approx(want, rel=0.05), (hist[0]["grad_norm"], want)
     if precision == "bf16-pure":
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     with lume.autocast_ctx(torch.device("cpu"), precision):
@@ -118,8 +128,8 @@ def test_nan_loss_stops_before_the_update(small_target, small_data):
     model, tok = small_target
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    def nan_loss(m, fb, rb, norm):
-        loss, terms = methods.ga(m, fb, rb, norm)
+    def nan_loss(m, forget, retain, totals):
+        loss, terms = methods.ga(m, forget, retain, totals)
         return loss * float("nan"), terms
     with pytest.raises(lume.TrainingDiverged, match="step 0: loss is nan"):
         lume.train(model, _steps(tok, small_data[0]), nan_loss, lr=1e-3)
@@ -131,30 +141,32 @@ def test_tiny_target_is_cached_and_reused(small_data, tmp_path, monkeypatch):
     from conftest import SMALL_CONFIG
     items, _ = small_data
     kw = dict(log=lambda s: None, recipe={"epochs": 1, "batch_size": 8}, config=SMALL_CONFIG)
-    p1 = lume.tiny_target(items, tmp_path, **kw)
+    p1 = tiny.tiny_target(items, tmp_path, **kw)
     monkeypatch.setattr(lume, "train", lambda *a, **k: pytest.fail("rebuilt a cached target"))
-    assert lume.tiny_target(items, tmp_path, **kw) == p1
-    assert lume.fingerprint(items, {"a": 1}) != lume.fingerprint(items[1:], {"a": 1})
+    assert tiny.tiny_target(items, tmp_path, **kw) == p1
+    assert tiny.fingerprint(items, {"a": 1}) != tiny.fingerprint(items[1:], {"a": 1})
 
 
-def test_mmlu_eval_on_real_files_with_a_model_that_always_says_A(small_target, shared):
+def test_mmlu_batched_logits_equal_one_question_at_a_time(small_target, shared):
+    """Left-padded MMLU batches of real 5-shot prompts give each question the logits it gets
+    alone (padding, positions and the last-token pick are right), and mmlu_eval's accuracy is
+    the argmax of those logits, question by question."""
     import data
     import metrics
     model, tok = small_target
     dev, test = data.load_mmlu(shared / "mmlu")
-    test = {s: test[s] for s in ("abstract_algebra", "college_medicine", "high_school_european_history")}
-    a_id = metrics.mmlu_choice_ids(tok)[0]
-
-    class AlwaysA(torch.nn.Module):  # the real model's forward, with " A" pushed to the top
-        def __init__(self):
-            super().__init__()
-            self.m, self.config = model, model.config
-
-        def forward(self, **kw):
-            out = self.m(**kw)
-            out.logits[..., a_id] += 1e4
-            return out
-    res = lume.mmlu_eval(AlwaysA(), tok, dev, test, limit=2)
-    answers = [q.answer for s in test for q in test[s][:2]]
-    assert res["average_acc"] == pytest.approx(answers.count("A") / len(answers))
-    assert len(res["subject_acc"]) == 3  # european history: 0-shot prompts exceed the 512-token context
+    test = {s: test[s][:3] for s in ("abstract_algebra", "college_medicine", "high_school_european_history")}
+    max_len = model.config.max_position_embeddings  # 512: european history keeps only a 0-shot tail
+    enc = [evaluation.mmlu_encode(tok, s, dev[s], q, max_len) for s in test for q in test[s]]
+    assert len({len(e) for e in enc}) >= 5  # rows of a batch are padded differently
+    batched = evaluation.mmlu_choice_logits(model, tok, enc, batch_size=4)
+    alone = torch.cat([evaluation.mmlu_choice_logits(model, tok, [e], batch_size=1) for e in enc])
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    assert batched.std(0).min() > 0  # the logits depend on the question: not a constant
+    res = evaluation.mmlu_eval(model, tok, dev, test)
+    truth = [q.answer for s in test for q in test[s]]
+    picks = ["ABCD"[i] for i in alone.argmax(-1).tolist()]
+    hits = [p == a for p, a in zip(picks, truth)]
+    assert res["average_acc"] == pytest.approx(sum(hits) / len(hits))
+    assert res["subject_acc"]["abstract_algebra"] == pytest.approx(sum(hits[:3]) / 3)
+    assert metrics.mmlu_choice_ids(tok) == [tok.encode(" " + c, add_special_tokens=False)[-1] for c in "ABCD"]

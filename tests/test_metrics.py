@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import oracle
 from metrics import (aggregate, exact_match, mia_auc, mia_score, mmlu_accuracy, mmlu_choice_ids,
                      mmlu_fit_prompt, mmlu_format, mmlu_prompt, porter_stem, roc_auc,
                      rouge_l_recall, score_item, tokenize)
@@ -44,7 +45,7 @@ def _read_mmlu(path, subject):
 
 @pytest.fixture(scope="module")
 def rouge_oracle():
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    rouge_scorer = oracle("rouge_score.rouge_scorer")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return lambda ref, cand: scorer.score(ref, cand)["rougeL"].recall
 
@@ -83,7 +84,7 @@ HAND_CASES = [
 
 @pytest.mark.parametrize("ref,cand", HAND_CASES)
 def test_rouge_l_hand_cases(ref, cand, rouge_oracle):
-    tokenizers = pytest.importorskip("rouge_score.tokenizers")
+    tokenizers = oracle("rouge_score.tokenizers")
     oracle_tok = tokenizers.DefaultTokenizer(use_stemmer=True)
     assert tokenize(ref) == oracle_tok.tokenize(ref)
     assert tokenize(cand) == oracle_tok.tokenize(cand)
@@ -123,14 +124,14 @@ TRICKY = ["generously", "ies", "dying", "lying", "tying", "sky", "skies", "news"
 
 
 def test_porter_matches_nltk_on_tricky_words():
-    porter = pytest.importorskip("nltk.stem.porter")
+    porter = oracle("nltk.stem.porter")
     stemmer = porter.PorterStemmer()
     for w in TRICKY:
         assert porter_stem(w) == stemmer.stem(w), w
 
 
 def test_porter_matches_nltk_on_every_lume_word(lume_rows):
-    porter = pytest.importorskip("nltk.stem.porter")
+    porter = oracle("nltk.stem.porter")
     stemmer = porter.PorterStemmer()
     words = {w for r in lume_rows for text in (r["input"], r["output"])
              for w in re.sub(r"[^a-z0-9]+", " ", text.lower()).split()}
@@ -156,7 +157,7 @@ def test_exact_match_and_score_item():
 
 
 def _sk_auc(pos, neg):
-    skm = pytest.importorskip("sklearn.metrics")
+    skm = oracle("sklearn.metrics")
     labels = [1] * len(pos) + [0] * len(neg)
     fpr, tpr, _ = skm.roc_curve(labels, np.concatenate([pos, neg]))
     return float(skm.auc(fpr, tpr))

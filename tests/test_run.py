@@ -4,17 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import data
 import lume
+import metrics
 import run
-from conftest import ROOT, SMALL_CONFIG, SMALL_RECIPE
-
-
-@pytest.fixture
-def small_tiny(monkeypatch):
-    """Make --model tiny build the small test target (seconds) instead of the default one."""
-    monkeypatch.setattr(lume, "TINY", {**lume.TINY, **SMALL_CONFIG})
-    monkeypatch.setattr(lume, "TINY_RECIPE", {**lume.TINY_RECIPE, **SMALL_RECIPE})
+import tiny
+from conftest import ROOT
 
 
 def args(tmp_path, out, *extra):
@@ -86,8 +83,22 @@ def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
     gens = read_jsonl(out / "generations.jsonl")
     assert len(gens) == 2 * 2 * (2 * 2 + 2 * 6 + 2 * 2)  # stages x splits x (Task1 + Task2 + Task3 items)
     assert any(g["id"].startswith('"') for g in gens)  # Task1 ids keep their literal quotes
-    assert len(read_jsonl(out / "mia.jsonl")) == 2 * 300  # the official 150 + 150 documents
-    assert 0.0 <= json.load(open(out / "results.json"))["after"]["mia_loss_acc"] <= 1.0
+    mia = read_jsonl(out / "mia.jsonl")
+    assert len(mia) == 2 * 300  # the official 150 + 150 documents
+    res = json.load(open(out / "results.json"))
+    for stage in ("before", "after"):  # the AUC is the official one of the rows written beside it
+        rows = [r for r in mia if r["stage"] == stage]
+        auc = metrics.mia_auc([r["loss"] for r in rows if r["set"] == "member"],
+                              [r["loss"] for r in rows if r["set"] == "nonmember"])
+        assert res[stage]["mia_loss_acc"] == auc
+    # the before-stage losses are the official scorer's model(ids, labels=ids).loss of the target
+    items = run.load_inputs(run.parse_args(["--n-docs", "2", "--data", str(shared / "lume-data" / "lume")]))[0]
+    model, tok = lume.load_pretrained(str(tiny.tiny_target(items, tmp_path / "cache", log=lambda s: None)))
+    docs = {d.id: d.document for name in ("member", "nonmember")
+            for d in data.load_mia(shared / "lume-data" / "semeval25" / "mia_data")[name]}
+    for r in [r for r in mia if r["stage"] == "before"][::50]:  # 6 documents, members and nonmembers
+        ids = torch.tensor([tok(docs[r["id"]]).input_ids])
+        assert r["loss"] == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
 
 
 def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
