@@ -7,7 +7,9 @@ forget / retain are lume.Batch (retain is None when a method needs no retain dat
 holds the step's totals over all its micro-batches (and all ranks), from lume.step_totals:
 forget_tokens / retain_tokens answer tokens, forget_seqs / retain_seqs sequences. Dividing sums
 by these totals makes gradient accumulation of k micro-batches equal one batch of the same
-examples. retain_weight (--retain-weight) weighs the retain term of GD, KL and NPO-RT.
+examples. retain_weight (--retain-weight) weighs the retain term of GD, KL and NPO-RT. Options
+are keyword-only and have no defaults: a misspelt or missing one is a TypeError, never a
+silent default.
 
 Reduction, for every method: only answer tokens count (prompt and padding are masked out; the
 answer ends with EOS). Token-level terms (NLL, KL) are token-normalised: the sum over the step's
@@ -20,14 +22,22 @@ import torch.nn.functional as F
 from lume import nll_sum, seq_logps
 
 
-def ga(model, forget, retain, totals, **_):
+def ga(model, forget, retain, totals):
     """Gradient Ascent: minimise L = -NLL(forget) (Jang et al. 2023; LUME paper Sec. 4)."""
     nll = nll_sum(model, forget) / totals["forget_tokens"]
     return -nll, {"forget_nll": nll.item()}
 
 
-def gd(model, forget, retain, totals, retain_weight: float = 1.0, **_):
+def need_retain(method: str, retain) -> None:
+    """A method with a retain term refuses a micro-batch without retain rows, in words."""
+    if retain is None:
+        raise ValueError(f"{method} needs retain items (its retain term), but this step has none: "
+                         "unlearn a task whose retain split is not empty")
+
+
+def gd(model, forget, retain, totals, *, retain_weight: float):
     """Gradient Difference: L = -NLL(forget) + retain_weight * NLL(retain) (Liu et al. 2022)."""
+    need_retain("gd", retain)
     f = nll_sum(model, forget) / totals["forget_tokens"]
     r = nll_sum(model, retain) / totals["retain_tokens"]
     return -f + retain_weight * r, {"forget_nll": f.item(), "retain_nll": r.item()}
@@ -47,15 +57,15 @@ def kl_sum(model, ref, b) -> torch.Tensor:
     return (kl * b.target_mask[:, 1:]).sum()
 
 
-def kl(model, forget, retain, totals, retain_weight: float = 1.0, ref=None, **_):
+def kl(model, forget, retain, totals, *, retain_weight: float, ref):
     """KL regularisation: L = -NLL(forget) + retain_weight * KL(p_ref || p_theta) on retain answer tokens."""
-    assert ref is not None, "kl needs the frozen reference model (ref=...)"
+    need_retain("kl", retain)
     f = nll_sum(model, forget) / totals["forget_tokens"]
     k = kl_sum(model, ref, retain) / totals["retain_tokens"]
     return -f + retain_weight * k, {"forget_nll": f.item(), "retain_kl": k.item()}
 
 
-def npo(model, forget, retain, totals, beta: float = 0.1, retain_weight: float = 1.0, ref_logps=None, **_):
+def npo(model, forget, retain, totals, *, beta: float, retain_weight: float, ref_logps: torch.Tensor):
     """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3):
 
         L_NPO = -(2/beta) * mean_i log sigmoid(-beta * (log pi_theta(y_i|x_i) - log pi_ref(y_i|x_i)))
@@ -66,7 +76,6 @@ def npo(model, forget, retain, totals, beta: float = 0.1, retain_weight: float =
     At theta = theta_ref, dL/dr_i = (2/beta) * beta * sigmoid(0) / n = 1/n: the NPO gradient
     equals the gradient of the mean summed answer log-likelihood (GA on sequence sums).
     """
-    assert ref_logps is not None, "npo needs the reference log-probs (ref_logps=...)"
     logp = seq_logps(model, forget)  # (B,)
     r = logp - ref_logps.to(logp.device, logp.dtype)[forget.idx]
     loss_f = -(2.0 / beta) * F.logsigmoid(-beta * r).sum() / totals["forget_seqs"]

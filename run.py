@@ -231,7 +231,7 @@ def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
     else:
         steps = distributed.shard_steps(plan, forget_batch, retain_batch, dist)
     autocast = lume.autocast_ctx(device, precision)
-    options = {"retain_weight": cfg.retain_weight}
+    options = {} if cfg.method == "ga" else {"retain_weight": cfg.retain_weight}
     if cfg.method == "npo":
         options.update(beta=cfg.beta, ref_logps=npo_reference(model, forget_encoded, pad, cfg.eval_batch_size,
                                                               autocast, dist))

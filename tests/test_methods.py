@@ -103,7 +103,7 @@ def test_kl_matches_hand_and_is_zero_at_reference():
             count += 1
     _, terms = methods.kl(m, fb, rb, n, retain_weight=1.0, ref=ref)
     assert terms["retain_kl"] == pytest.approx(kl_hand / count, rel=1e-6)
-    _, terms = methods.kl(m, fb, rb, n, ref=copy.deepcopy(m))
+    _, terms = methods.kl(m, fb, rb, n, retain_weight=1.0, ref=copy.deepcopy(m))
     assert terms["retain_kl"] == pytest.approx(0.0, abs=1e-7)
 
 
@@ -142,8 +142,9 @@ def test_grad_accumulation_equals_one_batch(method):
     # Token-normalised (NLL, KL) and sequence-normalised (NPO) terms divide by the step's totals,
     # so two micro-batches accumulate to exactly the gradient of one batch of the same rows.
     m, ref = PrefixBag(), PrefixBag(seed=3)
-    kw = {"ref": ref, "ref_logps": torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64),
-          "retain_weight": 0.5}
+    kw = {"ga": {}, "gd": {"retain_weight": 0.5}, "kl": {"retain_weight": 0.5, "ref": ref},
+          "npo": {"beta": 0.1, "retain_weight": 0.5,
+                  "ref_logps": torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)}}[method]
     fn = methods.METHODS[method]
     whole = [(toy_batch(F_ROWS), toy_batch(R_ROWS))]
     split = [(toy_batch(F_ROWS[:1], [0]), toy_batch(R_ROWS[:1])),
@@ -156,3 +157,16 @@ def test_grad_accumulation_equals_one_batch(method):
             fn(m, fb, rb, n, **kw)[0].backward()
         grads.append(flat_grad(m))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_options_are_keyword_only_without_defaults_and_retain_is_required():
+    m = PrefixBag()
+    fb, rb = toy_batch(F_ROWS), toy_batch(R_ROWS)
+    n = totals_of(fb, rb)
+    with pytest.raises(TypeError, match="retain_wieght"):  # a misspelt option is an error ...
+        methods.gd(m, fb, rb, n, retain_wieght=2.0)
+    with pytest.raises(TypeError, match="beta"):  # ... and so is a missing one
+        methods.npo(m, fb, None, n, retain_weight=0.0, ref_logps=torch.zeros(3, dtype=torch.float64))
+    for name, kw in (("gd", {"retain_weight": 1.0}), ("kl", {"retain_weight": 1.0, "ref": m})):
+        with pytest.raises(ValueError, match=f"{name} needs retain items"):
+            methods.METHODS[name](m, fb, None, totals_of(fb), **kw)

@@ -58,8 +58,8 @@ def test_same_seed_same_results(tmp_path, small_tiny):
 
 def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
     import methods
-    monkeypatch.setitem(methods.METHODS, "ga", lambda m, fb, rb, norm, **kw: (
-        methods.ga(m, fb, rb, norm)[0] * float("inf"), {}))
+    monkeypatch.setitem(methods.METHODS, "ga", lambda m, forget, retain, totals: (
+        methods.ga(m, forget, retain, totals)[0] * float("inf"), {}))
     with pytest.raises(lume.TrainingDiverged):
         run.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
     assert not (tmp_path / "nan" / "model").exists()
