@@ -9,7 +9,7 @@ LUME benchmark: the project's way of doing each job against the official / peers
 Every figure is a ratio of two ways of doing the same work, measured in this process on the same
 model and items, each way timed --repeats times (interleaved, after a warm-up) and the median kept;
 absolute times are printed but are not the figures.
-  1. generation  lume.generate (length-sorted left-padded batches, KV cache) vs the official scorer's
+  1. generation  generation.generate (length-sorted left-padded batches, KV cache) vs the official scorer's
                  loop: each item alone through model.generate(input_ids, max_new_tokens, do_sample=False)
   2. MIA         evaluation.doc_losses (length-sorted batches) vs model(ids, labels=ids).loss per document
   3. training    one optimizer step of GA, GD, KL, NPO through lume.train: tokens/s and achieved FLOP/s
@@ -37,6 +37,7 @@ import torch
 
 import data
 import evaluation
+import generation
 import lume
 import methods
 import metrics
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--items", type=int, default=200, help="LUME items (half sc, half qa) for generation and MIA")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median kept)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="generation length, the same for both ways")
-    p.add_argument("--gen-batch", type=int, default=32, help="prompts per lume.generate batch (run.py default)")
+    p.add_argument("--gen-batch", type=int, default=32, help="prompts per generation.generate batch (run.py default)")
     p.add_argument("--train-batch", type=int, default=4, help="rows per forget / retain micro-batch (run.py default)")
     p.add_argument("--rouge-items", type=int, default=0, help="sc items scored for ROUGE (0 = every one)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -184,16 +185,16 @@ def official_generate(model, tok, prompts, max_new_tokens: int, device):
         new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         ntok += len(new)
-        outs.append(lume.decode_new(tok, new))
+        outs.append(generation.decode_new(tok, new, generation.stop_ids(model, tok)))
     return outs, ntok
 
 
 def bench_generation(model, tok, items, args, device) -> dict:
     prompts = [it.input for it in items]
     m = args.max_new_tokens
-    r = compare(lambda: lume.generate(model, tok, prompts, m, batch_size=args.gen_batch),
+    r = compare(lambda: generation.generate(model, tok, prompts, m, batch_size=args.gen_batch),
                 lambda: official_generate(model, tok, prompts, m, device), args.repeats, device,
-                warm_ours=lambda: lume.generate(model, tok, prompts[-args.gen_batch:], m, batch_size=args.gen_batch),
+                warm_ours=lambda: generation.generate(model, tok, prompts[-args.gen_batch:], m, batch_size=args.gen_batch),
                 warm_theirs=lambda: official_generate(model, tok, prompts[:4], m, device))
     ours, (theirs, ntok) = r["ours_out"], r["theirs_out"]
     diff = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]

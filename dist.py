@@ -35,7 +35,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM
 
 import evaluation
+import generation
 import lume
+import metrics
 
 COLLECTIVE_TIMEOUT = 7200  # s: ranks wait at a gather while the slowest one finishes its eval slice
 
@@ -179,17 +181,11 @@ def shard_steps(plan, make_f, make_r, dist: Dist):
     return steps
 
 
-@torch.no_grad()  # not inference_mode: FSDP must not create its unsharded parameters as inference tensors
-def reference_logps_sharded(model, make, n: int, batch_size: int, dist: Dist, autocast) -> torch.Tensor:
-    """lume.reference_logps with rows split over ranks: global batches of batch_size * N items, rank r
-    runs rows r::N of each; every item is computed on exactly one rank, a sum assembles them."""
-    out = torch.zeros(n, dtype=torch.float64, device=dist.device)
-    for lo in range(0, n, batch_size * dist.world):
-        rows, real = dist.rows(range(lo, min(lo + batch_size * dist.world, n)))
-        with autocast:
-            lp = lume.seq_logps(model, make(rows).to(dist.device)).double()
-        if real:
-            out[rows] = lp
+def reference_logps_sharded(model, batches, n: int, dist: Dist, autocast) -> torch.Tensor:
+    """lume.reference_logps of this rank's rows of the training micro-batches (every rank runs the
+    same number of forwards, padding rows included: FSDP forwards are collectives); each item is
+    computed on exactly one rank, and a sum over ranks assembles the table."""
+    out = lume.reference_logps(model, batches, n, autocast).to(dist.device)
     model.reshard()  # the root stays unsharded after a no-grad forward, and its grads would be lost
     tdist.all_reduce(out)
     return out.cpu()
@@ -209,9 +205,13 @@ def plain_model(model, sd: dict):
     return plain.eval().requires_grad_(False)
 
 
-def full_replica(model):
-    """An unsharded copy of an FSDP model on every rank (all-gathered full state dict)."""
-    return plain_model(model, get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+def full_replica(model, dtype: torch.dtype | None = None):
+    """An unsharded copy of an FSDP model on every rank (all-gathered full state dict), its
+    floating-point weights cast to `dtype` when given (evaluation's dtype, lume.resolve_eval_precision)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return plain_model(model, sd)
 
 
 def save_sharded(model, tok, path, dist: Dist) -> None:
@@ -222,12 +222,12 @@ def save_sharded(model, tok, path, dist: Dist) -> None:
 
 def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stage: str = "after",
                      max_new_tokens: int = 256, batch_size: int = 32, mmlu_limit: int = 0, autocast=None,
-                     progress=None):
-    """evaluation.evaluate() of an FSDP model, each rank scoring a contiguous slice on a full replica; the
-    same return value on every rank (progress counts rank 0's slice)."""
-    replica = full_replica(model)
+                     progress=None, dtype: torch.dtype | None = None):
+    """evaluation.evaluate() of an FSDP model, each rank scoring a contiguous slice on a full replica
+    (weights in `dtype` when given); the same return value on every rank (progress counts rank 0's slice)."""
+    replica = full_replica(model, dtype)
     lo, hi = dist.span(len(items))
-    outs = dist.gather(lume.generate(replica, tok, [it.input for it in items[lo:hi]], max_new_tokens,
+    outs = dist.gather(generation.generate(replica, tok, [it.input for it in items[lo:hi]], max_new_tokens,
                                      batch_size, autocast=autocast, progress=progress))
     gen_rows = evaluation.generation_rows(items, outs, stage)
     mia_rows = []
@@ -238,14 +238,11 @@ def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stag
                                                    autocast=autocast))
         mia_rows = [{"stage": stage, "set": name, "id": d.id, "loss": v} for (name, d), v in zip(docs, losses)]
     mmlu_res = None
-    if mmlu:  # whole subjects per rank; average_acc over all questions, as mmlu_accuracy
-        dev, test = mmlu
+    if mmlu:  # whole subjects per rank; the (subject, prediction, answer) records are gathered, so
+        dev, test = mmlu  # average_acc counts every question once, as one process counts them
         subjects = sorted(test)
         lo, hi = dist.span(len(subjects))
         mine = {s: test[s] for s in subjects[lo:hi]}
-        acc = dict(dist.gather(list(evaluation.mmlu_eval(replica, tok, dev, mine, limit=mmlu_limit, autocast=autocast)
-                                    ["subject_acc"].items()) if mine else []))
-        n = {s: len(test[s][:mmlu_limit] if mmlu_limit else test[s]) for s in subjects}
-        mmlu_res = {"average_acc": sum(round(acc[s] * n[s]) for s in subjects) / sum(n.values()),
-                    "subject_acc": {s: acc[s] for s in subjects}}
+        records = evaluation.mmlu_records(replica, tok, dev, mine, limit=mmlu_limit, autocast=autocast) if mine else []
+        mmlu_res = metrics.mmlu_accuracy(dist.gather(records))
     return gen_rows, mia_rows, mmlu_res, evaluation.official_results(gen_rows, mia_rows, mmlu_res)

@@ -12,7 +12,7 @@ SemEval-2025 Task 4 results dict (metrics.aggregate), exactly as the official sc
 
     python run.py --method none      # score the tiny target as it is
 
-Generation is lume.generate (batched, left padded, KV cache); the numbers are metrics.py's.
+Generation is generation.generate (batched, left padded, KV cache); the numbers are metrics.py's.
 Named evaluation.py, not evaluate.py, which would shadow the `evaluate` package.
 """
 import contextlib
@@ -20,6 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import generation
 import lume
 import metrics
 
@@ -51,10 +52,14 @@ def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, 
     return out
 
 
-def mmlu_encode(tok, subject, shots, q, max_len: int) -> list[int]:
-    """Token ids of the 5-shot prompt, shots dropped from the end until it fits `max_len`. When
-    even the 0-shot prompt is too long (a small context), its last max_len tokens are kept:
-    the question's end and 'Answer:' are what the prediction needs."""
+MMLU_MAX_TOKENS = 2048  # Open-Instruct's cap on the prompt, whatever the model's context
+
+
+def mmlu_encode(tok, subject, shots, q, max_len: int = MMLU_MAX_TOKENS) -> list[int]:
+    """Token ids of the 5-shot prompt, shots dropped from the end while it is longer than max_len
+    (Open-Instruct: `while len(tokenized_prompt) > 2048: k -= 1`). When even the 0-shot prompt is
+    too long (a small context), its last max_len tokens are kept: the question's end and 'Answer:'
+    are what the prediction needs."""
     n_tokens = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731  (Open-Instruct counts so)
     try:
         return tok(metrics.mmlu_fit_prompt(subject, shots, q, n_tokens, max_len)).input_ids
@@ -80,17 +85,23 @@ def mmlu_choice_logits(model, tok, encoded, batch_size: int = 8, autocast=None) 
     return out
 
 
-def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None) -> dict:
-    """5-shot MMLU (Open-Instruct protocol, prompts from metrics.py): the answer is the letter
-    whose token gets the highest next-token logit after 'Answer:'."""
-    max_len = getattr(model.config, "max_position_embeddings", 2048)
+def mmlu_records(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None) -> list[tuple]:
+    """(subject, predicted letter, answer letter) per question: 5-shot prompts (Open-Instruct
+    protocol, from metrics.py) capped at 2,048 tokens, or the model's context when that is shorter;
+    the prediction is the letter whose token gets the highest next-token logit after 'Answer:'."""
+    max_len = min(MMLU_MAX_TOKENS, getattr(model.config, "max_position_embeddings", MMLU_MAX_TOKENS))
     records = []
     for subject in sorted(test):
         qs = test[subject][:limit] if limit else test[subject]
         encoded = [mmlu_encode(tok, subject, dev.get(subject, []), q, max_len) for q in qs]
         pick = mmlu_choice_logits(model, tok, encoded, batch_size, autocast).argmax(-1).tolist()
         records += [(subject, "ABCD"[p], q.answer) for q, p in zip(qs, pick)]
-    return metrics.mmlu_accuracy(records)
+    return records
+
+
+def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None) -> dict:
+    """MMLU accuracy: average_acc over all questions, and per subject (metrics.mmlu_accuracy)."""
+    return metrics.mmlu_accuracy(mmlu_records(model, tok, dev, test, limit, batch_size, autocast))
 
 
 # -----------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
 
     Returns (generation rows, MIA rows, MMLU dict or None, results dict with the official keys).
     """
-    outs = lume.generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, autocast=autocast,
+    outs = generation.generate(model, tok, [it.input for it in items], max_new_tokens, batch_size, autocast=autocast,
                     progress=progress)
     gen_rows = generation_rows(items, outs, stage)
     mia_rows = []

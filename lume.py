@@ -1,18 +1,19 @@
 """
 LUME engine: device and precision, loading, encoding and batching, log-probabilities, the one
-training loop, batched greedy generation, atomic writers.
+training loop, atomic writers.
 
     python run.py --task 1 --method npo                   # tiny embedded target, CPU, minutes
     python run.py --task 1 --method npo --model olmo-7b   # the released SemEval target (GPU)
 
-Everything here is model-facing and method-agnostic. What is scored lives in evaluation.py, the
-losses in methods.py, the numbers in metrics.py, the data in data.py, torchrun/FSDP2 in dist.py
-and the embedded tiny target in tiny.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning
+Everything here is model-facing and method-agnostic. Batched greedy decoding lives in
+generation.py, what is scored in evaluation.py, the losses in methods.py, the numbers in
+metrics.py, the data in data.py, torchrun/FSDP2 in dist.py and the embedded tiny target in tiny.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning
 with Multitask Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer
 (evaluate_generations.py) is the protocol we reproduce: raw `input` as the prompt (no chat
 template), greedy decoding, 256 new tokens, new tokens decoded with special tokens skipped.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -51,6 +52,39 @@ def autocast_ctx(device: torch.device, precision: str):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+EVAL_PRECISIONS = ("auto", "bf16", "fp32")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_eval_precision(eval_precision: str, device: torch.device) -> str:
+    """auto = bf16 weights on CUDA, as the official scorer loads the targets (torch_dtype=bfloat16),
+    and fp32 elsewhere (bf16 matmuls are ~100x slower on these CPUs). Evaluation runs on weights of
+    that dtype without autocast, never on autocast over fp32 weights: greedy near-ties and MIA
+    losses would differ from the official numbers."""
+    if eval_precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    assert eval_precision in EVAL_PRECISIONS, f"--eval-precision must be one of {EVAL_PRECISIONS}"
+    return eval_precision
+
+
+@contextlib.contextmanager
+def weights_as(model, dtype: torch.dtype):
+    """The model with its floating-point weights in `dtype`: the model itself when they already
+    are, else a temporary copy in that dtype (7B: 14 GB more in bf16), freed on exit."""
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        yield model
+        return
+    # the parameters go straight into the copy in `dtype` (no transient full-precision copy);
+    # buffers (rotary inv_freq) stay as they are, as from_pretrained(dtype=...) leaves them
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            for p in model.parameters() if p.is_floating_point()}
+    twin = copy.deepcopy(model, memo)
+    try:
+        yield twin.eval()
+    finally:
+        del twin
 
 
 def weight_dtype(precision: str) -> torch.dtype:
@@ -218,13 +252,20 @@ def nll_sum(model, b: Batch) -> torch.Tensor:
     return -token_logps(model, b).sum()
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP must not create its unsharded parameters as inference tensors
 def reference_logps(model, batches, n: int, autocast) -> torch.Tensor:
-    """log pi_ref(y_i|x_i) for every item i, once, before training (NPO's frozen reference)."""
+    """log pi_ref(y_i|x_i) of every item i, once, before training (NPO's frozen reference), from
+    the training micro-batches themselves: the same rows, padding and autocast give the same
+    rounding, so log pi_theta - log pi_ref is exactly 0 at step 0, in bf16 too. Rows without
+    targets (dist's padding rows) are skipped; items never in `batches` stay 0."""
     out = torch.zeros(n, dtype=torch.float64)
+    device = next(model.parameters()).device
     for b in batches:
+        b = b.to(device)
         with autocast:
-            out[b.idx.cpu()] = seq_logps(model, b).double().cpu()
+            lp = seq_logps(model, b).double().cpu()
+        real = (b.target_mask[:, 1:].sum(-1) > 0).cpu()
+        out[b.idx.cpu()[real]] = lp[real]
     return out
 
 
@@ -250,35 +291,51 @@ def plan_steps(n_forget: int, n_retain: int, batch_size: int, grad_accum: int, e
                max_steps: int, seed: int, lengths=None) -> list[list[tuple[list[int], list[int]]]]:
     """Optimizer steps as lists of micro-batches (forget indices, retain indices).
 
-    The forget set defines an epoch (shuffled each epoch); each forget micro-batch is paired
-    with a retain micro-batch of the same size drawn at random (empty when n_retain is 0).
-    The last partial step of an epoch is kept (its loss is normalised by its own counts).
-    With `lengths`, each window of 16 micro-batches is sorted by length before it is cut, so
-    rows of a micro-batch have similar lengths (less padding), and the windows stay random.
+    The forget set defines an epoch. Its micro-batches of batch_size rows are formed once (seeded
+    shuffle) and visited in a new seeded order each epoch, grad_accum of them per step; the last
+    partial step of an epoch is kept (its loss is normalised by its own totals). A row thus always
+    meets the same batch partners and padding, which is what lets NPO's reference log-probs be
+    computed once, in exactly the shapes training uses (run.npo_reference). Each forget micro-batch
+    is paired with a retain micro-batch of the same size drawn at random (empty when n_retain is 0).
+    With `lengths` (building the tiny target), the forget set is reshuffled every epoch instead, and
+    each window of 16 micro-batches is sorted by length before it is cut, so rows of a micro-batch
+    have similar lengths (less padding) while the windows stay random.
     """
     rng = random.Random(seed)
-    per_step = batch_size * grad_accum
-    steps_per_epoch = math.ceil(n_forget / per_step)
+    steps_per_epoch = math.ceil(n_forget / (batch_size * grad_accum))
     total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
-    steps, order = [], []
+    fixed = None
+    if lengths is None:
+        order = list(range(n_forget))
+        rng.shuffle(order)
+        fixed = [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
+    steps, queue = [], []
     while len(steps) < total:
-        if not order:
-            order = list(range(n_forget))
-            rng.shuffle(order)
-            if lengths is not None:
-                w = 16 * batch_size
-                order = [i for k in range(0, n_forget, w) for i in sorted(order[k:k + w], key=lengths.__getitem__)]
-                micro = [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
-                rng.shuffle(micro)
-                order = [i for m in micro for i in m]
-        chunk, order = order[:per_step], order[per_step:]
+        if not queue:
+            queue = epoch_micro_batches(rng, n_forget, batch_size, fixed, lengths)
         micros = []
-        for i in range(0, len(chunk), batch_size):
-            f = chunk[i:i + batch_size]
+        for f in queue[:grad_accum]:
             r = [rng.randrange(n_retain) for _ in f] if n_retain else []
             micros.append((f, r))
+        queue = queue[grad_accum:]
         steps.append(micros)
     return steps
+
+
+def epoch_micro_batches(rng, n_forget: int, batch_size: int, fixed=None, lengths=None) -> list[list[int]]:
+    """One epoch's forget micro-batches in visiting order: the fixed ones in a new order, or (no
+    fixed ones) a fresh shuffle of the items, length-sorted within windows when lengths are given."""
+    if fixed is not None:
+        return rng.sample(fixed, len(fixed))
+    order = list(range(n_forget))
+    rng.shuffle(order)
+    if lengths is not None:
+        w = 16 * batch_size
+        order = [i for k in range(0, n_forget, w) for i in sorted(order[k:k + w], key=lengths.__getitem__)]
+        micro = [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
+        rng.shuffle(micro)
+        order = [i for m in micro for i in m]
+    return [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
 
 
 def step_totals(micros) -> dict:
@@ -297,14 +354,28 @@ def step_totals(micros) -> dict:
     return totals
 
 
+def disable_dropout(model) -> None:
+    """Dropout off for training: unlearning compares the policy with its reference (NPO's
+    log-ratio, KL's distributions), and a dropout mask in train mode would make them differ at
+    step 0 on a target whose config has dropout (as TRL's preference trainers do too). nn.Dropout
+    modules get p = 0; HF attention modules read their `attention_dropout` attribute."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
 def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = "constant",
           clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None):
     """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches).
 
     loss_fn(model, forget, retain, totals) -> (loss, {term: float}) for one micro-batch, already
     divided by the step's totals (step_totals). Manual AMP: autocast for bf16/fp16, a GradScaler
-    for fp16 only (bf16 has fp32's exponent range). A non-finite loss raises TrainingDiverged
-    before the optimizer step, so the weights are never updated with it.
+    for fp16 only (bf16 has fp32's exponent range). A non-finite loss, or (without a GradScaler,
+    which skips such steps itself) a non-finite gradient norm, raises TrainingDiverged before the
+    optimizer step, so the weights are never updated with it. Dropout is off (disable_dropout);
+    the model leaves in eval mode however the loop ends.
     """
     device = device or next(model.parameters()).device
     autocast = autocast_ctx(device, precision)
@@ -312,149 +383,66 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=dist is None)
+    disable_dropout(model)
     model.train()
     history = []
-    for step, micros in enumerate(steps):
-        t0 = time.time()
-        micros = [(f.to(device), r.to(device) if r is not None else None) for f, r in micros]
-        totals = step_totals(micros)
-        if dist is not None:
-            totals = dist.all_reduce_dict(totals)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, len(steps), lr, warmup, schedule)
-        loss_sum, terms_sum = 0.0, {}
-        for k, (forget, retain) in enumerate(micros):
-            if dist is not None:  # reduce-scatter gradients only on the last micro-batch
-                dist.set_sync(model, k == len(micros) - 1)
-            with autocast:
-                loss, terms = loss_fn(model, forget, retain, totals)
-            scaler.scale(loss).backward()
-            loss_sum += loss.item()
-            for name, v in terms.items():
-                terms_sum[name] = terms_sum.get(name, 0.0) + v
-        if dist is not None:
-            loss_sum = dist.all_reduce_float(loss_sum)
-            terms_sum = dist.all_reduce_dict(terms_sum)
-        if not math.isfinite(loss_sum):
-            raise TrainingDiverged(
-                f"step {step}: loss is {loss_sum} ({terms_sum}); stopping without saving. "
-                "Lower --lr, use --precision fp32/bf16, or raise --beta for NPO.")
-        scaler.unscale_(opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        ntok = sum(int(f.attn.sum()) + (int(r.attn.sum()) if r is not None else 0) for f, r in micros)
-        if dist is not None:
-            ntok = int(dist.all_reduce_float(ntok))
-        dt = time.time() - t0
-        rec = {"step": step, "loss": loss_sum, **terms_sum, "grad_norm": float(gnorm),
-               "lr": opt.param_groups[0]["lr"], "tokens_per_s": ntok / max(dt, 1e-9)}
-        history.append(rec)
-        if log is not None:
-            log(rec)
-    model.eval()
+    try:
+        for step, micros in enumerate(steps):
+            rec = train_step(model, opt, scaler, micros, loss_fn, step=step, lr=lr_at(step, len(steps), lr, warmup,
+                             schedule), clip=clip, autocast=autocast, device=device, dist=dist)
+            history.append(rec)
+            if log is not None:
+                log(rec)
+    finally:
+        model.eval()
     return history
 
 
-# -----------------------------------------------------------------------------
-# generation: batched greedy decoding, left padding, KV cache
-
-
-def preallocated_cache(capacity: int):
-    """A KV cache whose keys and values live in buffers allocated once for `capacity` positions.
-
-    DynamicCache appends each token with torch.cat, re-copying (and re-allocating) the whole
-    cache every step, so decoding long left-padded batches was memory-bound on CPU (bench model,
-    2 cores, the 64 longest bench prompts x 128 new tokens: 19-28 s with DynamicCache, 12-13 s
-    with this). StaticCache avoids the copy but attends over all `capacity` slots from the first
-    step. Here each step writes one slot and attention sees views of the filled part: exactly
-    the keys and values DynamicCache holds.
-    """
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class BufferLayer(DynamicLayer):
-        def update(self, k, v, *args, **kwargs):
-            if not self.is_initialized:
-                B, H, _, D = k.shape  # (B, heads, T, head_dim)
-                self.kbuf, self.vbuf = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
-                self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
-            n, T = self.n, k.shape[-2]
-            assert n + T <= capacity, f"KV cache of {capacity} positions is full"
-            self.kbuf[:, :, n:n + T], self.vbuf[:, :, n:n + T] = k, v
-            self.n = n + T
-            self.keys, self.values = self.kbuf[:, :, :n + T], self.vbuf[:, :, :n + T]
-            return self.keys, self.values
-
-    return Cache(layer_class_to_replicate=BufferLayer)
-
-
-@torch.inference_mode()
-def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, eos_id: int) -> torch.Tensor:
-    """(B, T) left-padded prompts -> (B, N) new tokens, N <= max_new_tokens, EOS-filled after EOS.
-
-    Positions count real tokens only ((cumsum - 1) on the mask), so a left-padded row sees
-    the same positions as the same prompt alone, and pads are masked out of attention.
-    """
-    B, T = ids.shape
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(T + max_new_tokens)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1)  # (B,)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    new = []
-    for t in range(max_new_tokens):
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        new.append(nxt)
-        done |= nxt == eos_id
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
-                    past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
-    return torch.stack(new, dim=1) if new else ids.new_zeros(B, 0)
-
-
-def clean_up_tokenization(text: str) -> str:
-    """The space clean-up the official scorer gets from `batch_decode(..., clean_up_tokenization_spaces=True)`
-    (transformers 4.x applied it to every tokenizer; 5.x skips it for BPE, so we apply it ourselves)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(a, b)
-    return text
-
-
-def decode_new(tok, new_ids) -> str:
-    """New tokens up to the first EOS, special tokens skipped, as the official scorer decodes."""
-    ids = list(new_ids)
-    if tok.eos_token_id in ids:
-        ids = ids[:ids.index(tok.eos_token_id)]
-    return clean_up_tokenization(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
-@torch.inference_mode()
-def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 32,
-             max_tokens: int = 16384, autocast=None, progress=None) -> list[str]:
-    """Greedy completions of raw prompts (no chat template), batched by prompt length."""
-    device = next(model.parameters()).device
-    autocast = autocast or contextlib.nullcontext()
-    enc = [tok(p).input_ids for p in prompts]
-    outs = [None] * len(prompts)
-    pad = pad_of(tok)
-    done = 0
-    for idx in length_batches([len(e) for e in enc], batch_size, max_tokens):
-        ids, attn = left_pad([enc[i] for i in idx], pad)
+def train_step(model, opt, scaler, micros, loss_fn, *, step: int, lr: float, clip: float, autocast,
+               device, dist=None) -> dict:
+    """One optimizer step over its micro-batches; the log record of the step."""
+    t0 = time.time()
+    micros = [(f.to(device), r.to(device) if r is not None else None) for f, r in micros]
+    totals = step_totals(micros)
+    if dist is not None:
+        totals = dist.all_reduce_dict(totals)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss_sum, terms_sum = 0.0, {}
+    for k, (forget, retain) in enumerate(micros):
+        if dist is not None:  # reduce-scatter gradients only on the last micro-batch
+            dist.set_sync(model, k == len(micros) - 1)
         with autocast:
-            new = greedy(model, ids.to(device), attn.to(device), max_new_tokens, tok.eos_token_id)
-        for i, row in zip(idx, new.tolist()):
-            outs[i] = decode_new(tok, row)
-        done += len(idx)
-        if progress:
-            progress(done, len(prompts))
-    return outs
+            loss, terms = loss_fn(model, forget, retain, totals)
+        scaler.scale(loss).backward()
+        loss_sum += loss.item()
+        for name, v in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + v
+    if dist is not None:
+        loss_sum = dist.all_reduce_float(loss_sum)
+        terms_sum = dist.all_reduce_dict(terms_sum)
+    if not math.isfinite(loss_sum):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"step {step}: loss is {loss_sum} ({terms_sum}); stopping without saving. "
+            "Lower --lr, use --precision fp32/bf16, or raise --beta for NPO.")
+    scaler.unscale_(opt)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+    if not math.isfinite(gnorm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+        opt.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"step {step}: loss {loss_sum:.4g} is finite but the gradient norm is {gnorm}; stopping without "
+            "saving. Lower --lr or use --precision fp32.")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    ntok = sum(int(f.attn.sum()) + (int(r.attn.sum()) if r is not None else 0) for f, r in micros)
+    if dist is not None:
+        ntok = int(dist.all_reduce_float(ntok))
+    dt = time.time() - t0
+    return {"step": step, "loss": loss_sum, **terms_sum, "grad_norm": gnorm,
+            "lr": opt.param_groups[0]["lr"], "tokens_per_s": ntok / max(dt, 1e-9)}
 
 
 # -----------------------------------------------------------------------------

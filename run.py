@@ -64,6 +64,8 @@ class Config:
     retain_weight: float = arg(-1.0, "weight of the retain term of GD, KL and NPO (NPO-RT; 0 = pure NPO); "
                                      "-1 = 1 for GD/KL, 3 for NPO")
     precision: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=list(lume.PRECISIONS))
+    eval_precision: str = arg("auto", "weights' dtype when scoring: auto = bf16 on CUDA (as the official scorer "
+                                      "loads the targets), fp32 on CPU", choices=list(lume.EVAL_PRECISIONS))
     grad_checkpointing: bool = arg(False, "recompute activations in backward (7B on one GPU)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     max_new_tokens: int = arg(256, "generation length (the official scorer uses 256)")
@@ -196,17 +198,26 @@ def batch_of(encoded, idx, pad_id: int) -> lume.Batch:
     return lume.make_batch([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], idx, pad_id)
 
 
-def npo_reference(model, forget_encoded, pad_id: int, batch_size: int, autocast, dist=None) -> torch.Tensor:
+def first_forget_batches(plan, steps) -> list:
+    """This process's forget micro-batch at every place of the plan where rows are seen for the
+    first time (plan: global indices; steps: the Batches this process trains on, aligned with it)."""
+    seen, out = set(), []
+    for global_micros, micros in zip(plan, steps):
+        for (rows, _), (forget, _) in zip(global_micros, micros):
+            if not seen.issuperset(rows):
+                seen.update(rows)
+                out.append(forget)
+    return out
+
+
+def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> torch.Tensor:
     """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
-    in batches of batch_size; under torchrun with rows split over ranks."""
-    n = len(forget_encoded)
+    computed on the training micro-batches themselves (lume.plan_steps keeps their rows fixed), so
+    NPO's log-ratio is exactly 0 at step 0; under torchrun each rank runs its rows."""
+    batches = first_forget_batches(plan, steps)
     if dist is not None:
-        return distributed.reference_logps_sharded(model, lambda idx: batch_of(forget_encoded, idx, pad_id),
-                                                   n, batch_size, dist, autocast)
-    device = next(model.parameters()).device
-    batches = [batch_of(forget_encoded, list(range(i, min(i + batch_size, n))), pad_id).to(device)
-               for i in range(0, n, batch_size)]
-    return lume.reference_logps(model, batches, n, autocast)
+        return distributed.reference_logps_sharded(model, batches, n_forget, dist, autocast)
+    return lume.reference_logps(model, batches, n_forget, autocast)
 
 
 def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
@@ -233,8 +244,7 @@ def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
     autocast = lume.autocast_ctx(device, precision)
     options = {} if cfg.method == "ga" else {"retain_weight": cfg.retain_weight}
     if cfg.method == "npo":
-        options.update(beta=cfg.beta, ref_logps=npo_reference(model, forget_encoded, pad, cfg.eval_batch_size,
-                                                              autocast, dist))
+        options.update(beta=cfg.beta, ref_logps=npo_reference(model, plan, steps, len(forget), autocast, dist))
     if cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
         ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
             cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
@@ -255,20 +265,23 @@ def unlearn(cfg: Config, model, tok, items, device, precision, log, dist=None):
 # scoring and the run
 
 
-def score(cfg: Config, model, tok, inputs, stage: str, autocast, dist=None):
-    """One stage's (generation rows, MIA rows, results): evaluation.evaluate, or under torchrun
-    dist.evaluate_sharded; the results carry the MMLU per-subject accuracies when MMLU is given."""
+def score(cfg: Config, model, tok, inputs, stage: str, eval_precision: str, dist=None):
+    """One stage's (generation rows, MIA rows, results): evaluation.evaluate on the weights in the
+    evaluation dtype (bf16 on CUDA, as the official scorer loads the targets; no autocast), or under
+    torchrun dist.evaluate_sharded; the results carry the MMLU per-subject accuracies when MMLU is given."""
     items, mia, mmlu = inputs
+    dtype = lume.DTYPES[eval_precision]
 
     def progress(done, total):
         lume.print0(f"eval {stage}: {done}/{total} items generated")
     options = dict(stage=stage, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-                   mmlu_limit=cfg.mmlu_limit, autocast=autocast, progress=progress)
+                   mmlu_limit=cfg.mmlu_limit, progress=progress)
     if dist is not None:
         gen_rows, mia_rows, mmlu_res, results = distributed.evaluate_sharded(model, tok, items, mia, mmlu,
-                                                                            dist=dist, **options)
+                                                                            dist=dist, dtype=dtype, **options)
     else:
-        gen_rows, mia_rows, mmlu_res, results = evaluation.evaluate(model, tok, items, mia, mmlu, **options)
+        with lume.weights_as(model, dtype) as weights:
+            gen_rows, mia_rows, mmlu_res, results = evaluation.evaluate(weights, tok, items, mia, mmlu, **options)
     return gen_rows, mia_rows, results if mmlu_res is None else {**results, "mmlu": mmlu_res}
 
 
@@ -339,14 +352,16 @@ def run_job(cfg: Config, inputs, dist, t0) -> Path:
     if rank0:
         lume.write_json_atomic(out / "config.json", {**dataclasses.asdict(cfg), "argv": sys.argv,
                                                      "device": str(device), "resolved_precision": precision,
+                                                     "resolved_eval_precision": lume.resolve_eval_precision(
+                                                         cfg.eval_precision, device),
                                                      "world_size": dist.world if dist else 1,
                                                      "torch": torch.__version__})
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else ""))
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
-    autocast = lume.autocast_ctx(device, precision)
+    eval_precision = lume.resolve_eval_precision(cfg.eval_precision, device)
     scored = {"generations": [], "mia": [], "results": {}}
     if cfg.method == "none" or cfg.eval_before:  # method none: the target as it is, scored once
-        scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", autocast, dist))
+        scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", eval_precision, dist))
         if rank0:
             write_scores(out, scored)
     if cfg.method != "none":
@@ -356,7 +371,7 @@ def run_job(cfg: Config, inputs, dist, t0) -> Path:
             distributed.save_sharded(model, tok, out / "model", dist)
         elif cfg.save:
             lume.save_model(model, tok, out / "model")
-        scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", autocast, dist))
+        scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", eval_precision, dist))
         if rank0:
             write_scores(out, scored)
     lume.print0(summary(scored["results"]))

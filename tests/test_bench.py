@@ -5,7 +5,7 @@ import json
 import pytest
 
 import bench
-import lume
+import generation
 from conftest import SMALL_CONFIG, oracle
 
 KEYS = {"generation_speedup", "mia_speedup", "npo_step_speedup", "npo_memory_ratio", "ga_peak_fraction",
@@ -38,8 +38,8 @@ def test_bench_small_setting_writes_every_figure(tmp_path, small_tiny, capsys):
 
 def test_bench_identity_check_catches_a_wrong_fast_path(tmp_path, small_tiny, monkeypatch):
     """A batched path that returns different generations must fail the benchmark, not report a figure."""
-    real = lume.generate
-    monkeypatch.setattr(lume, "generate", lambda *a, **k: [s + "!" for s in real(*a, **k)])
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: [s + "!" for s in real(*a, **k)])
     with pytest.raises(AssertionError, match="generation: batched output differs"):
         bench.main(["--model", "tiny", "--data", "builtin", "--items", "8", "--repeats", "1", "--max-new-tokens", "4",
                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "b.json")])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import evaluation
+import generation
 import lume
 import methods
 import tiny
@@ -56,13 +57,13 @@ def test_batched_generation_equals_one_at_a_time_and_hf_generate(small_target, s
     model, tok = small_target
     items, _ = small_data
     prompts = [it.input for it in items[:12]]
-    batched = lume.generate(model, tok, prompts, max_new_tokens=24, batch_size=5)
-    single = [lume.generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
+    batched = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=5)
+    single = [generation.generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
     assert batched == single
     for p, out in zip(prompts[:4], batched):  # the official protocol: model.generate, one prompt
         ids = tok(p, return_tensors="pt").input_ids
         ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-        assert lume.decode_new(tok, ref[0, ids.shape[1]:].tolist()) == out
+        assert generation.decode_new(tok, ref[0, ids.shape[1]:].tolist()) == out
     assert len(set(batched)) >= 6  # varied outputs: the equality is not trivial
 
 
