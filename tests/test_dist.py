@@ -51,10 +51,12 @@ WEIGHT_ATOL = 2e-4  # measured 4e-5 after 3 AdamW steps that move weights by up 
 
 
 @pytest.mark.parametrize("method,extra", [("npo", []), ("kl", ["--no-eval-before"])])
-def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method, extra):
+def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method, extra, request):
     from transformers import AutoModelForCausalLM
     target = small_target[0].name_or_path  # the session's small target, built once, as --model PATH
     argv = ["--model", target, "--method", method, *RUN, *extra]
+    if method == "kl":  # MMLU too (one question per subject): ranks score whole subjects, gathered
+        argv += ["--mmlu", str(request.getfixturevalue("shared") / "mmlu"), "--mmlu-limit", "1"]
     torchrun(2, "run.py", *argv, "--out", tmp_path / "two")
     run.main(run.parse_args([*argv, "--out", str(tmp_path / "one")]))
     one, two = tmp_path / "one", tmp_path / "two"
@@ -86,7 +88,12 @@ def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method,
     assert [(r["stage"], r["set"], r["id"]) for r in mia2] == [(r["stage"], r["set"], r["id"]) for r in mia1]
     assert len(mia2) == len(stages) * (len(mia["member"]) + len(mia["nonmember"]))
     assert all(b["loss"] == pytest.approx(a["loss"], abs=1e-4) for a, b in zip(mia1, mia2))
-    assert json.load(open(two / "results.json")).keys() == set(stages)
+    res1, res2 = json.load(open(one / "results.json")), json.load(open(two / "results.json"))
+    assert res2.keys() == set(stages)
+    if method == "kl":  # the same MMLU records, counted once each: equal accuracies, per subject too
+        assert len(res2["after"]["mmlu"]["subject_acc"]) == 57
+        assert res2["after"]["mmlu"] == res1["after"]["mmlu"]
+        assert res2["after"]["mmlu_average"] == res1["after"]["mmlu_average"]
 
 
 # --- clear errors before any work
