@@ -241,7 +241,7 @@ def download(url: str) -> bytes:
         raise Unreachable(url, str(e.reason)) from None
     except (OSError, http.client.HTTPException) as e:  # timeouts, resets, malformed or cut chunked bodies
         raise Unreachable(url, _one_line(e)) from None
-    if size is not None and n != int(size):
+    if size is not None and size.isdigit() and n != int(size):
         raise Unreachable(url, f"the connection closed after {n} of {size} bytes")
     return b"".join(chunks)
 
@@ -509,14 +509,14 @@ bfd8a9560123c397d4697333b59e1230b4154c466c9361530381434e2c6fd401  val/virology_v
 
 SOURCES = {
     "lume": Source(
-        "the LUME release (forget.jsonl, retain.jsonl)", "http",
-        f"https://raw.githubusercontent.com/amazon-science/lume-llm-unlearning/{LUME_COMMIT}", "data",
-        LUME_COMMIT, "--data", env="LUME_DATA_URL", files={
+        what="the LUME release (forget.jsonl, retain.jsonl)", kind="http", env="LUME_DATA_URL",
+        base=f"https://raw.githubusercontent.com/amazon-science/lume-llm-unlearning/{LUME_COMMIT}",
+        remote="data", revision=LUME_COMMIT, flag="--data", files={
             "forget.jsonl": "3a74f30223c35b173664dfea5b1c5939587f1eac868a9764891f30c2c317c381",
             "retain.jsonl": "ec8826a91d9fb9e5a50ba732549e8eff75fc99c2f67d6873d1ea36fd403a003d"}),
     "semeval": Source(
-        "the SemEval-2025 Task 4 public split (data/*.parquet)", "hub", SEMEVAL_REPO, "data",
-        SEMEVAL_REVISION, "--data", files={
+        what="the SemEval-2025 Task 4 public split (data/*.parquet)", kind="hub", base=SEMEVAL_REPO,
+        remote="data", revision=SEMEVAL_REVISION, flag="--data", files={
             "forget_train-00000-of-00001.parquet": "b82f81fcfc29a6c131bcacf9fc5943f10ee50abf1086a45ccdb11d2a050e5bde",
             "forget_validation-00000-of-00001.parquet":
                 "591b79b1c31060de51859f4ee531b901e8f7e578321e6395c9067fb08432ad5f",
@@ -524,14 +524,14 @@ SOURCES = {
             "retain_validation-00000-of-00001.parquet":
                 "54fe101d31f3145be7c8fccc4722acf14a6ad06dfe28b5da488cc9cd4ea3ecae"}),
     "mia": Source(
-        "the SemEval-2025 Task 4 MIA sets (mia_data/member.jsonl, nonmember.jsonl)", "hub", SEMEVAL_REPO,
-        "mia_data", SEMEVAL_REVISION, "--mia-data", without=_AGG, files={
+        what="the SemEval-2025 Task 4 MIA sets (mia_data/member.jsonl, nonmember.jsonl)", kind="hub",
+        base=SEMEVAL_REPO, remote="mia_data", revision=SEMEVAL_REVISION, flag="--mia-data", without=_AGG, files={
             "member.jsonl": "46476d20b21dbab766ef9c06fc519f76f6faf1995ebafdaa4107a667b8e7497d",
             "nonmember.jsonl": "55f918ce91c48e67955fe70c423457c2b5d9d0ff6894cca9c9fcd355131d58c3"}),
     "mmlu": Source(
-        "MMLU (dev/val/test CSVs)", "zip",
-        f"https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/{MMLU_COMMIT}", "evaluation/mmlu/mmlu.zip",
-        MMLU_COMMIT, "--mmlu", env="LUME_MMLU_URL", inside="data", without=_AGG,
-        archive_sha256="9e2b2d78bf59d80baf271a13005568ef0aca17bd663f2e5ebfecdc07a68f0edc",
+        what="MMLU (dev/val/test CSVs)", kind="zip", env="LUME_MMLU_URL",
+        base=f"https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/{MMLU_COMMIT}",
+        remote="evaluation/mmlu/mmlu.zip", inside="data", revision=MMLU_COMMIT, flag="--mmlu", without=_AGG,
+        archive_sha256="9e2b2d78bf59d80baf271a13005568ef0aca17bd663f2e5ebfecdc07a68f0edc",  # 2,336,375 bytes
         files=_sums(_MMLU_SHA256SUMS)),
 }

@@ -301,7 +301,8 @@ def test_hub_offline_gives_one_line(env, tmp_path):
     assert rec["source"] == "mia" and rec["url"].endswith(fetch.SEMEVAL_REPO) and "error" in rec
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     line = r.stderr.strip()
-    assert line.startswith("error: cannot fetch the SemEval-2025 Task 4 public split (data/*.parquet) from https://")
+    what = fetch.SOURCES["semeval"].what
+    assert line.startswith(f"error: cannot fetch {what} from https://huggingface.co/datasets/{fetch.SEMEVAL_REPO}: ")
     assert "outgoing traffic has been disabled" in line  # the hub's own reason: HF_HUB_OFFLINE
     assert "hf auth login" in line and "HF_TOKEN" in line and "--data" in line
     assert entries(env) == []
