@@ -504,7 +504,6 @@ def builtin(n_docs=8, n_nonmembers=None, seed=0,
     return validate(items, "builtin"), {"member": members, "nonmember": nonmembers}
 
 
-
 if __name__ == "__main__":  # the real data ahead of a job on a machine without network (fetch.py)
     import argparse
 
