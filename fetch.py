@@ -56,7 +56,7 @@ class Unreachable(Exception):
 
     def __init__(self, where: str, reason: str):
         super().__init__(f"{where}: {reason}")
-        self.where, self.reason = where, reason
+        self.where, self.reason = where, reason.rstrip(".")  # messages add their own full stop
 
 
 def default_cache() -> Path:
