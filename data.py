@@ -18,6 +18,7 @@ Every problem raises DataError naming the file, the line (JSONL) or row (parquet
 
     python -c "import data; print(len(data.load_items('../shared/lume-data/lume')))"   # validate
     python -c "import data; data.write_lume(data.builtin()[0], 'out/builtin')"         # dump built-in data
+    python data.py fetch [--to DIR]   # fetch + verify the real data into the cache (fetch.py, docs/data.md)
 """
 import csv
 import json
@@ -502,3 +503,14 @@ def builtin(n_docs=8, n_nonmembers=None, seed=0,
                   (_wiki_bio(rng, used) for _ in range(n_docs if n_nonmembers is None else n_nonmembers))]
     return validate(items, "builtin"), {"member": members, "nonmember": nonmembers}
 
+
+if __name__ == "__main__":  # the real data ahead of a job on a machine without network (fetch.py)
+    import argparse
+
+    import fetch
+    p = argparse.ArgumentParser(description="Fetch the LUME release, the SemEval split and MIA sets and MMLU, "
+                                            "verify them against the checksums pinned in fetch.py, cache them.")
+    p.add_argument("command", choices=["fetch"])
+    p.add_argument("--to", default=None, help="cache root (default $LUME_CACHE or ~/.cache/lume); files go to "
+                                              "DIR/data/<source>/, and LUME_CACHE=DIR makes a run read them there")
+    fetch.fetch_all(p.parse_args().to)
