@@ -2,9 +2,8 @@
 Unlearn a LUME target and score it before and after, as the SemEval-2025 Task 4 scorer does.
 
     python run.py --task 1 --method npo                     # tiny embedded target on built-in data (CPU)
-    python run.py --task all --method gd --model olmo-7b \\
-        --data ../shared/lume-data/lume --mia-data ../shared/lume-data/semeval25/mia_data \\
-        --mmlu ../shared/mmlu                                  # the released 7B target (GPU)
+    python run.py --task 1 --method npo --model olmo-7b     # the released 7B target on the real benchmark
+                                                            # (data fetched, verified, cached on first use)
     torchrun --nproc_per_node 2 run.py ...                   # the same run, FSDP2-sharded
 
 The configuration is the dataclass below: every field is a --flag with its default and help in
@@ -27,6 +26,7 @@ import torch
 import data
 import dist as distributed
 import evaluation
+import fetch
 import lume
 import methods
 import tiny
@@ -45,12 +45,14 @@ class Config:
                       choices=["ga", "gd", "kl", "npo", "none"])
     model: str = arg("tiny", "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local "
                              "save_pretrained directory")
-    data: str = arg("builtin", "builtin, a LUME release dir (forget.jsonl, retain.jsonl) or a SemEval "
-                               "parquet dir")
+    data: str = arg("auto", "auto (builtin for --model tiny, else lume), builtin, lume, semeval (fetched, "
+                            "verified, cached: docs/data.md), or a LUME release dir / a SemEval parquet dir")
     n_docs: int = arg(0, "documents per task per split: built-in data makes this many (0 = 8), "
                          "real data keeps the first N (0 = all)")
-    mia_data: str = arg("", "dir with member.jsonl + nonmember.jsonl (built-in data brings its own)")
-    mmlu: str = arg("", "MMLU dir (dev/, test/ CSVs); empty skips MMLU")
+    mia_data: str = arg("auto", "auto (built-in data brings its own; real data: mia, or none with a note if it "
+                                "cannot be fetched), mia, none, or a dir with member.jsonl + nonmember.jsonl")
+    mmlu: str = arg("auto", "auto (none with built-in data; real data: mmlu, or none with a note if it cannot "
+                            "be fetched), mmlu, none, or an MMLU dir (dev/, test/ CSVs)")
     mmlu_limit: int = arg(0, "questions per MMLU subject (0 = all)")
     lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)")
     epochs: float = arg(0.0, "passes over the forget set (0 = 20 for tiny, 5 otherwise)")
@@ -75,7 +77,7 @@ class Config:
     out: str = arg("", "run directory (default runs/task<T>-<method>-<model>-<time>); never overwritten")
     save: bool = arg(False, "save the unlearned model (save_pretrained, safetensors) to <out>/model")
     cache_dir: str = arg(os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
-                         "where the tiny target is cached (env LUME_CACHE)")
+                         "where the tiny target and the fetched data are cached (env LUME_CACHE)")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
 
@@ -128,12 +130,36 @@ def make_out_dir(cfg: Config) -> Path:
     return out
 
 
+def data_source(cfg: Config, value: str, names: tuple, fetch_auto: bool) -> tuple[str, dict | None]:
+    """A --data / --mia-data / --mmlu value -> (what the loader reads: 'builtin', '' for none, or a
+    directory; its record for config.json). `auto` fetches the source names[0] when fetch_auto (on
+    first use, fetch.py; a source that auto cannot fetch is skipped with a note, except the items),
+    else means builtin for --data and none otherwise (built-in data brings its own MIA sets). A
+    named source is required; a local directory is hashed as it is."""
+    if value == "auto" and not fetch_auto:
+        return ("builtin" if "lume" in names else ""), None
+    if value == "auto":
+        path, record = fetch.resolve(names[0], cfg.cache_dir, required="lume" in names, log=lume.print0)
+        return (str(path) if path else ""), record
+    if value in names:
+        path, record = fetch.resolve(value, cfg.cache_dir, log=lume.print0)
+        return str(path), record
+    if value in ("", "none", "builtin"):
+        return ("" if value == "none" else value), None
+    return value, fetch.local_record(value)
+
+
 def load_inputs(cfg: Config):
-    """(items, MIA sets or None, MMLU (dev, test) or None), validated before any model work."""
-    if cfg.data == "builtin":
+    """(items, MIA sets or None, MMLU (dev, test) or None, the sources' records for config.json),
+    fetched if needed and validated before any model work."""
+    data_dir, data_record = data_source(cfg, cfg.data, ("lume", "semeval"), fetch_auto=cfg.model != "tiny")
+    real = data_dir != "builtin"  # auto MIA sets and MMLU follow the data: fetched for the real benchmark
+    mia_dir, mia_record = data_source(cfg, cfg.mia_data, ("mia",), fetch_auto=real)
+    mmlu_dir, mmlu_record = data_source(cfg, cfg.mmlu, ("mmlu",), fetch_auto=real)
+    if data_dir == "builtin":
         items, mia = data.builtin(n_docs=cfg.n_docs or 8, seed=cfg.seed)
     else:
-        items, mia = data.load_items(cfg.data), None
+        items, mia = data.load_items(data_dir), None
         if cfg.n_docs:  # a quick subset of a real release: the first N documents of each task and split
             keep = {}
             for it in items:
@@ -141,10 +167,10 @@ def load_inputs(cfg: Config):
                 if it.doc_id not in docs and len(docs) < cfg.n_docs:
                     docs.append(it.doc_id)
             items = [it for it in items if it.doc_id in keep[(it.split, it.task)]]
-    if cfg.mia_data:
-        mia = data.load_mia(cfg.mia_data)
-    mmlu = data.load_mmlu(cfg.mmlu) if cfg.mmlu else None
-    return items, mia, mmlu
+    if mia_dir:
+        mia = data.load_mia(mia_dir)
+    mmlu = data.load_mmlu(mmlu_dir) if mmlu_dir else None
+    return items, mia, mmlu, {"data": data_record, "mia_data": mia_record, "mmlu": mmlu_record}
 
 
 def load_model(cfg: Config, items, device, dtype, precision: str = "fp32", dist=None):
@@ -328,11 +354,11 @@ def summary(results: dict) -> str:
 def main(cfg: Config) -> Path:
     t0 = time.time()
     lume.seed_everything(cfg.seed)
-    items, mia, mmlu = load_inputs(cfg)
+    items, mia, mmlu, sources = load_inputs(cfg)
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     try:
-        out = run_job(cfg, (items, mia, mmlu), dist, t0)
+        out = run_job(cfg, (items, mia, mmlu), dist, t0, sources)
     except BaseException:
         if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
             dist.close(together=False)
@@ -342,7 +368,7 @@ def main(cfg: Config) -> Path:
     return out
 
 
-def run_job(cfg: Config, inputs, dist, t0) -> Path:
+def run_job(cfg: Config, inputs, dist, t0, sources=None) -> Path:
     """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes."""
     items = inputs[0]
     rank0 = dist is None or dist.rank == 0
@@ -355,6 +381,7 @@ def run_job(cfg: Config, inputs, dist, t0) -> Path:
                                                      "resolved_eval_precision": lume.resolve_eval_precision(
                                                          cfg.eval_precision, device),
                                                      "world_size": dist.world if dist else 1,
+                                                     "data_sources": sources,
                                                      "torch": torch.__version__})
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else ""))
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)

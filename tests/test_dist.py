@@ -44,7 +44,7 @@ def read_jsonl(path):
 
 # batch 3 x grad_accum 2 over 4 forget items: a step is micro-batches of 3 rows and 1 row, so rank 1
 # gets a padding row, and the first micro-batch accumulates without a reduce-scatter
-RUN = ["--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "16", "--task", "1", "--lr", "1e-3",
+RUN = ["--data", "builtin", "--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "16", "--task", "1", "--lr", "1e-3",
        "--batch-size", "3", "--grad-accum", "2", "--save"]
 LOSS_RTOL = 1e-5    # measured <= 3e-7 relative: fp32, only the reduction order differs
 WEIGHT_ATOL = 2e-4  # measured 4e-5 after 3 AdamW steps that move weights by up to 3e-3

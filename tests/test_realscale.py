@@ -209,7 +209,8 @@ def test_evaluation_runs_on_weights_in_the_evaluation_dtype(olmo_dir, release, m
 def test_run_py_end_to_end_on_the_hub_shaped_directory(olmo_dir, shared, tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "run.py", "--model", str(olmo_dir), "--data",
-                        str(shared / "lume-data" / "lume"), "--n-docs", "1", "--method", "npo",
+                        str(shared / "lume-data" / "lume"), "--mia-data", "none", "--mmlu", "none",
+                        "--n-docs", "1", "--method", "npo",
                         "--max-steps", "2", "--max-new-tokens", "8", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -79,7 +79,9 @@ def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny
 def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
     # the tiny target built on (the first 2 documents per task and split of) the real release
     out = run.main(args(tmp_path, "real", "--data", str(shared / "lume-data" / "lume"), "--method", "gd",
-                        "--mia-data", str(shared / "lume-data" / "semeval25" / "mia_data")))
+                        "--mia-data", str(shared / "lume-data" / "semeval25" / "mia_data"), "--mmlu", "none"))
+    sources = json.load(open(out / "config.json"))["data_sources"]
+    assert sources["data"]["matches"] == ["lume"] and sources["mmlu"] is None  # the pinned release, by hash
     gens = read_jsonl(out / "generations.jsonl")
     assert len(gens) == 2 * 2 * (2 * 2 + 2 * 6 + 2 * 2)  # stages x splits x (Task1 + Task2 + Task3 items)
     assert any(g["id"].startswith('"') for g in gens)  # Task1 ids keep their literal quotes
@@ -92,7 +94,8 @@ def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
                               [r["loss"] for r in rows if r["set"] == "nonmember"])
         assert res[stage]["mia_loss_acc"] == auc
     # the before-stage losses are the official scorer's model(ids, labels=ids).loss of the target
-    items = run.load_inputs(run.parse_args(["--n-docs", "2", "--data", str(shared / "lume-data" / "lume")]))[0]
+    items = run.load_inputs(run.parse_args(["--n-docs", "2", "--data", str(shared / "lume-data" / "lume"),
+                                            "--mia-data", "none", "--mmlu", "none"]))[0]
     model, tok = lume.load_pretrained(str(tiny.tiny_target(items, tmp_path / "cache", log=lambda s: None)))
     docs = {d.id: d.document for name in ("member", "nonmember")
             for d in data.load_mia(shared / "lume-data" / "semeval25" / "mia_data")[name]}
@@ -127,3 +130,22 @@ def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
     kept = {(task, key): after["retain-set"][task][key] / before["retain-set"][task][key]
             for task in ("Task1", "Task2", "Task3") for key in keys}
     assert min(kept.values()) >= 0.75 and sum(kept.values()) / len(kept) >= 0.9, kept
+
+
+def test_auto_data_sources_follow_the_model(monkeypatch, tmp_path):
+    """--data/--mia-data/--mmlu auto: built-in data and its own MIA sets for the tiny target; for any
+    other model the real benchmark, fetched (fetch.resolve): the items required, MIA and MMLU not."""
+    calls = []
+    monkeypatch.setattr(run.fetch, "resolve", lambda name, cache, required=True, log=print: (
+        calls.append((name, required)), (None, {"source": name}))[1])
+    cfg = run.parse_args(["--cache-dir", str(tmp_path)])
+    assert [run.data_source(cfg, cfg.data, ("lume", "semeval"), cfg.model != "tiny"),
+            run.data_source(cfg, cfg.mia_data, ("mia",), False)] == [("builtin", None), ("", None)]
+    assert calls == []  # the embedded default never touches the network
+    cfg = run.parse_args(["--model", "olmo-7b", "--cache-dir", str(tmp_path)])
+    run.data_source(cfg, cfg.data, ("lume", "semeval"), True)
+    run.data_source(cfg, cfg.mia_data, ("mia",), True)
+    run.data_source(cfg, cfg.mmlu, ("mmlu",), True)
+    run.data_source(cfg, "semeval", ("lume", "semeval"), True)  # a named source is required
+    assert calls == [("lume", True), ("mia", False), ("mmlu", False), ("semeval", True)]
+    assert run.data_source(cfg, "none", ("mmlu",), True) == ("", None)
