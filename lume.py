@@ -367,7 +367,8 @@ def disable_dropout(model) -> None:
 
 
 def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = "constant",
-          clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None):
+          clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None, start: int = 0,
+          restore=None, after_step=None):
     """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches).
 
     loss_fn(model, forget, retain, totals) -> (loss, {term: float}) for one micro-batch, already
@@ -376,6 +377,9 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
     which skips such steps itself) a non-finite gradient norm, raises TrainingDiverged before the
     optimizer step, so the weights are never updated with it. Dropout is off (disable_dropout);
     the model leaves in eval mode however the loop ends.
+    A resumed run starts at step `start` after restore(opt, scaler) has loaded their states;
+    after_step(steps_done, opt, scaler) runs after every step with the model in eval mode (scoring,
+    checkpoints), and training goes on in train mode.
     """
     device = device or next(model.parameters()).device
     autocast = autocast_ctx(device, precision)
@@ -383,16 +387,22 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
     params = [p for p in model.parameters() if p.requires_grad]
     # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=dist is None)
+    if restore is not None:
+        restore(opt, scaler)
     disable_dropout(model)
     model.train()
     history = []
     try:
-        for step, micros in enumerate(steps):
-            rec = train_step(model, opt, scaler, micros, loss_fn, step=step, lr=lr_at(step, len(steps), lr, warmup,
-                             schedule), clip=clip, autocast=autocast, device=device, dist=dist)
+        for step in range(start, len(steps)):
+            rec = train_step(model, opt, scaler, steps[step], loss_fn, step=step, lr=lr_at(step, len(steps), lr,
+                             warmup, schedule), clip=clip, autocast=autocast, device=device, dist=dist)
             history.append(rec)
             if log is not None:
                 log(rec)
+            if after_step is not None:
+                model.eval()
+                after_step(step + 1, opt, scaler)
+                model.train()
     finally:
         model.eval()
     return history

@@ -17,6 +17,7 @@ import torch
 import dist
 import lume
 import memory
+import job
 import run
 from conftest import ROOT
 
@@ -58,7 +59,7 @@ def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method,
     if method == "kl":  # MMLU too (one question per subject): ranks score whole subjects, gathered
         argv += ["--mmlu", str(request.getfixturevalue("shared") / "mmlu"), "--mmlu-limit", "1"]
     torchrun(2, "run.py", *argv, "--out", tmp_path / "two")
-    run.main(run.parse_args([*argv, "--out", str(tmp_path / "one")]))
+    job.main(run.parse_args([*argv, "--out", str(tmp_path / "one")]))
     one, two = tmp_path / "one", tmp_path / "two"
     assert json.load(open(two / "config.json"))["world_size"] == 2
     # losses (and every logged term) per step
@@ -106,7 +107,7 @@ def test_unreachable_rendezvous_names_master_addr_and_port(tmp_path, monkeypatch
         monkeypatch.setenv(k, v)
     msg = rf"rank {rank} of 2: no rendezvous at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within 1s.*torchrun"
     with pytest.raises(SystemExit, match=msg):
-        run.main(run.parse_args(["--n-docs", "2", "--rdzv-timeout", "1", "--out", str(tmp_path / "out")]))
+        job.main(run.parse_args(["--n-docs", "2", "--rdzv-timeout", "1", "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
@@ -114,10 +115,10 @@ def test_more_ranks_than_forget_items_is_refused_before_rendezvous(tmp_path, mon
     monkeypatch.setenv("WORLD_SIZE", "5")  # task 1 of --n-docs 2 has 4 forget items
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="5 ranks .* only 4 forget items .* at most 4 processes"):
-        run.main(run.parse_args(["--n-docs", "2", "--out", str(tmp_path / "out")]))
+        job.main(run.parse_args(["--n-docs", "2", "--out", str(tmp_path / "out")]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="fp16 is not supported under torchrun"):
-        run.main(run.parse_args(["--n-docs", "2", "--precision", "fp16", "--out", str(tmp_path / "out")]))
+        job.main(run.parse_args(["--n-docs", "2", "--precision", "fp16", "--out", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 

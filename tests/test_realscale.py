@@ -21,6 +21,7 @@ import generation
 import lume
 import methods
 import metrics
+import job
 import run
 import tiny
 from conftest import ROOT
@@ -81,12 +82,12 @@ def test_loads_like_a_released_target(olmo):
 def test_training_sequence_is_the_official_prompt_then_answer_then_eos(olmo, release):
     model, tok = olmo
     rows = [it for it in release if it.split == "forget"][:40:4]  # all three tasks, sc and qa
-    encoded = run.encode_items(tok, rows)
+    encoded = job.encode_items(tok, rows)
     for it, (ids, n) in zip(rows, encoded):
         assert ids[:n] == tok(it.input).input_ids  # what the official scorer feeds model.generate
         assert ids[n:-1] == tok(" " + it.output, add_special_tokens=False).input_ids  # one space
         assert ids[-1] == EOS and PAD not in ids
-    b = run.batch_of(encoded, list(range(len(rows))), tok.pad_token_id)
+    b = job.batch_of(encoded, list(range(len(rows))), tok.pad_token_id)
     pads = b.ids == PAD
     assert pads.any() and not (b.target_mask.bool() & pads).any()  # no pad position is a target
     assert (b.attn.bool() == ~pads).all()
@@ -201,7 +202,7 @@ def test_evaluation_runs_on_weights_in_the_evaluation_dtype(olmo_dir, release, m
         return [], [], None, {}
     monkeypatch.setattr(evaluation, "evaluate", spy)
     cfg = run.parse_args(["--model", str(olmo_dir), "--eval-precision", "bf16"])
-    run.score(cfg, model, tok, (release[:2], None, None), "before", "bf16")
+    job.score(cfg, model, tok, (release[:2], None, None), "before", "bf16")
     assert seen == {"dtypes": {torch.bfloat16}, "autocast": False}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
@@ -272,7 +273,7 @@ def test_npo_reference_is_computed_on_the_training_micro_batches(tmp_path, small
     real_step = lume.train_step
     monkeypatch.setattr(lume, "train_step", lambda model, opt, scaler, micros, *a, **k: (
         trained.extend(f for f, _ in micros), real_step(model, opt, scaler, micros, *a, **k))[1])
-    out = run.main(run.parse_args(["--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "3",
+    out = job.main(run.parse_args(["--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "3",
                                    "--precision", "bf16", "--no-eval-before", "--cache-dir", str(tmp_path / "c"),
                                    "--out", str(tmp_path / "o")]))
     first_epoch = trained[-3:-1]  # the unlearning steps come last (after building the target): 4 forget

@@ -9,6 +9,7 @@ import torch
 import data
 import lume
 import metrics
+import job
 import run
 import tiny
 from conftest import ROOT
@@ -24,7 +25,7 @@ def read_jsonl(path):
 
 
 def test_end_to_end_writes_every_file(tmp_path, small_tiny):
-    out = run.main(args(tmp_path, "run", "--task", "1", "--method", "npo", "--save"))
+    out = job.main(args(tmp_path, "run", "--task", "1", "--method", "npo", "--save"))
     cfg = json.load(open(out / "config.json"))
     assert cfg["method"] == "npo" and cfg["seed"] == 0 and cfg["retain_weight"] == 3.0 and "argv" in cfg
     log = read_jsonl(out / "log.jsonl")
@@ -46,12 +47,12 @@ def test_end_to_end_writes_every_file(tmp_path, small_tiny):
     assert (out / "model" / "model.safetensors").exists()
     # a run directory is never overwritten
     with pytest.raises(SystemExit, match="not empty"):
-        run.main(args(tmp_path, "run", "--method", "ga"))
+        job.main(args(tmp_path, "run", "--method", "ga"))
 
 
 def test_same_seed_same_results(tmp_path, small_tiny):
-    a = run.main(args(tmp_path, "a", "--method", "gd", "--no-eval-before"))
-    b = run.main(args(tmp_path, "b", "--method", "gd", "--no-eval-before"))
+    a = job.main(args(tmp_path, "a", "--method", "gd", "--no-eval-before"))
+    b = job.main(args(tmp_path, "b", "--method", "gd", "--no-eval-before"))
     assert json.load(open(a / "results.json")) == json.load(open(b / "results.json"))
     assert [r["loss"] for r in read_jsonl(a / "log.jsonl")] == [r["loss"] for r in read_jsonl(b / "log.jsonl")]
 
@@ -61,13 +62,13 @@ def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
     monkeypatch.setitem(methods.METHODS, "ga", lambda m, forget, retain, totals: (
         methods.ga(m, forget, retain, totals)[0] * float("inf"), {}))
     with pytest.raises(lume.TrainingDiverged):
-        run.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
+        job.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
     assert not (tmp_path / "nan" / "model").exists()
     assert not (tmp_path / "nan" / "results.json").exists()
 
 
 def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny):
-    out = run.main(args(tmp_path, "none", "--method", "none"))
+    out = job.main(args(tmp_path, "none", "--method", "none"))
     assert list(json.load(open(out / "results.json"))) == ["before"]
     assert not (out / "log.jsonl").exists()
     r = subprocess.run([sys.executable, "run.py", "--method", "sgd"], cwd=ROOT, capture_output=True, text=True)
@@ -78,7 +79,7 @@ def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny
 
 def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
     # the tiny target built on (the first 2 documents per task and split of) the real release
-    out = run.main(args(tmp_path, "real", "--data", str(shared / "lume-data" / "lume"), "--method", "gd",
+    out = job.main(args(tmp_path, "real", "--data", str(shared / "lume-data" / "lume"), "--method", "gd",
                         "--mia-data", str(shared / "lume-data" / "semeval25" / "mia_data"), "--mmlu", "none"))
     sources = json.load(open(out / "config.json"))["data_sources"]
     assert sources["data"]["matches"] == ["lume"] and sources["mmlu"] is None  # the pinned release, by hash
@@ -94,7 +95,7 @@ def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
                               [r["loss"] for r in rows if r["set"] == "nonmember"])
         assert res[stage]["mia_loss_acc"] == auc
     # the before-stage losses are the official scorer's model(ids, labels=ids).loss of the target
-    items = run.load_inputs(run.parse_args(["--n-docs", "2", "--data", str(shared / "lume-data" / "lume"),
+    items = job.load_inputs(run.parse_args(["--n-docs", "2", "--data", str(shared / "lume-data" / "lume"),
                                             "--mia-data", "none", "--mmlu", "none"]))[0]
     model, tok = lume.load_pretrained(str(tiny.tiny_target(items, tmp_path / "cache", log=lambda s: None)))
     docs = {d.id: d.document for name in ("member", "nonmember")
@@ -136,16 +137,16 @@ def test_auto_data_sources_follow_the_model(monkeypatch, tmp_path):
     """--data/--mia-data/--mmlu auto: built-in data and its own MIA sets for the tiny target; for any
     other model the real benchmark, fetched (fetch.resolve): the items required, MIA and MMLU not."""
     calls = []
-    monkeypatch.setattr(run.fetch, "resolve", lambda name, cache, required=True, log=print: (
+    monkeypatch.setattr(job.fetch, "resolve", lambda name, cache, required=True, log=print: (
         calls.append((name, required)), (None, {"source": name}))[1])
     cfg = run.parse_args(["--cache-dir", str(tmp_path)])
-    assert [run.data_source(cfg, cfg.data, ("lume", "semeval"), cfg.model != "tiny"),
-            run.data_source(cfg, cfg.mia_data, ("mia",), False)] == [("builtin", None), ("", None)]
+    assert [job.data_source(cfg, cfg.data, ("lume", "semeval"), cfg.model != "tiny"),
+            job.data_source(cfg, cfg.mia_data, ("mia",), False)] == [("builtin", None), ("", None)]
     assert calls == []  # the embedded default never touches the network
     cfg = run.parse_args(["--model", "olmo-7b", "--cache-dir", str(tmp_path)])
-    run.data_source(cfg, cfg.data, ("lume", "semeval"), True)
-    run.data_source(cfg, cfg.mia_data, ("mia",), True)
-    run.data_source(cfg, cfg.mmlu, ("mmlu",), True)
-    run.data_source(cfg, "semeval", ("lume", "semeval"), True)  # a named source is required
+    job.data_source(cfg, cfg.data, ("lume", "semeval"), True)
+    job.data_source(cfg, cfg.mia_data, ("mia",), True)
+    job.data_source(cfg, cfg.mmlu, ("mmlu",), True)
+    job.data_source(cfg, "semeval", ("lume", "semeval"), True)  # a named source is required
     assert calls == [("lume", True), ("mia", False), ("mmlu", False), ("semeval", True)]
-    assert run.data_source(cfg, "none", ("mmlu",), True) == ("", None)
+    assert job.data_source(cfg, "none", ("mmlu",), True) == ("", None)

@@ -1,0 +1,418 @@
+"""
+One LUME run from a resolved Config (run.py): inputs, model, run directory, scoring before,
+unlearning (with trajectory scoring and training checkpoints between steps), saving, scoring
+after, and the report. run.py is the command line; this is what it runs.
+
+    out = job.main(run.parse_args(["--task", "1", "--method", "npo"]))
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import data
+import dist as distributed
+import evaluation
+import fetch
+import lume
+import methods
+import progress
+import report
+import tiny
+import trajectory
+
+
+# -----------------------------------------------------------------------------
+# inputs, model, run directory
+
+
+def make_out_dir(cfg) -> Path:
+    """A fresh run directory; an existing non-empty one is refused, never overwritten (--resume
+    continues in its own)."""
+    if cfg.resume:
+        return Path(cfg.resume)
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists() and any(out.iterdir()):
+            raise SystemExit(f"error: run directory {out} exists and is not empty; pass a new --out "
+                             "(results are never overwritten)")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = f"runs/task{cfg.task}-{cfg.method}-{Path(cfg.model).name}-{stamp}"
+        out, k = Path(base), 1
+        while out.exists():
+            k += 1
+            out = Path(f"{base}-{k}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def data_source(cfg, value: str, names: tuple, fetch_auto: bool) -> tuple[str, dict | None]:
+    """A --data / --mia-data / --mmlu value -> (what the loader reads: 'builtin', '' for none, or a
+    directory; its record for config.json). `auto` fetches the source names[0] when fetch_auto (on
+    first use, fetch.py; a source that auto cannot fetch is skipped with a note, except the items),
+    else means builtin for --data and none otherwise (built-in data brings its own MIA sets). A
+    named source is required; a local directory is hashed as it is."""
+    if value == "auto" and not fetch_auto:
+        return ("builtin" if "lume" in names else ""), None
+    if value == "auto":
+        path, record = fetch.resolve(names[0], cfg.cache_dir, required="lume" in names, log=lume.print0)
+        return (str(path) if path else ""), record
+    if value in names:
+        path, record = fetch.resolve(value, cfg.cache_dir, log=lume.print0)
+        return str(path), record
+    if value in ("", "none", "builtin"):
+        return ("" if value == "none" else value), None
+    return value, fetch.local_record(value)
+
+
+def load_inputs(cfg):
+    """(items, MIA sets or None, MMLU (dev, test) or None, the sources' records for config.json),
+    fetched if needed and validated before any model work."""
+    data_dir, data_record = data_source(cfg, cfg.data, ("lume", "semeval"), fetch_auto=cfg.model != "tiny")
+    real = data_dir != "builtin"  # auto MIA sets and MMLU follow the data: fetched for the real benchmark
+    mia_dir, mia_record = data_source(cfg, cfg.mia_data, ("mia",), fetch_auto=real)
+    mmlu_dir, mmlu_record = data_source(cfg, cfg.mmlu, ("mmlu",), fetch_auto=real)
+    if data_dir == "builtin":
+        items, mia = data.builtin(n_docs=cfg.n_docs or 8, seed=cfg.seed)
+    else:
+        items, mia = data.load_items(data_dir), None
+        if cfg.n_docs:  # a quick subset of a real release: the first N documents of each task and split
+            keep = {}
+            for it in items:
+                docs = keep.setdefault((it.split, it.task), [])
+                if it.doc_id not in docs and len(docs) < cfg.n_docs:
+                    docs.append(it.doc_id)
+            items = [it for it in items if it.doc_id in keep[(it.split, it.task)]]
+    if mia_dir:
+        mia = data.load_mia(mia_dir)
+    mmlu = data.load_mmlu(mmlu_dir) if mmlu_dir else None
+    return items, mia, mmlu, {"data": data_record, "mia_data": mia_record, "mmlu": mmlu_record}
+
+
+def load_model(cfg, items, device, dtype, precision: str = "fp32", dist=None):
+    """(model, tokenizer) on device; under torchrun FSDP2-sharded (dist.shard), every rank loading
+    on CPU and fully_shard moving its shard to the device layer by layer."""
+    if cfg.model == "tiny":
+        def build():
+            return tiny.tiny_target(items, cfg.cache_dir, log=lume.print0)
+        path = dist.on_rank0(build) if dist else build()  # one rank builds it, the others wait
+        model, tok = lume.load_pretrained(str(path), dtype)
+    else:
+        model, tok = lume.load_pretrained(cfg.model, dtype)
+    if cfg.grad_checkpointing:
+        lume.enable_checkpointing(model)
+    if dist is not None:
+        return distributed.shard(model, dist, precision).eval(), tok
+    return model.to(device).eval(), tok
+
+
+def split_items(cfg, items):
+    """(forget, retain) items of the task being unlearned."""
+    tasks = {1, 2, 3} if cfg.task == "all" else {int(cfg.task)}
+    return ([it for it in items if it.split == "forget" and it.task in tasks],
+            [it for it in items if it.split == "retain" and it.task in tasks])
+
+
+def check_world(cfg, items) -> None:
+    """Under torchrun, refuse before the rendezvous what cannot run: more ranks than forget items
+    (a rank would never see one), and fp16 (FSDP would need a sharded GradScaler)."""
+    world, n = int(os.environ.get("WORLD_SIZE", "1")), len(split_items(cfg, items)[0])
+    if world > 1 and world > n:
+        raise SystemExit(f"error: {world} ranks (WORLD_SIZE) but only {n} forget items for --task {cfg.task}: "
+                         f"every rank needs at least one. Start at most {n} processes "
+                         "(torchrun --nproc_per_node), or unlearn more items (--task all, more data).")
+    if world > 1 and cfg.precision == "fp16":
+        raise SystemExit("error: --precision fp16 is not supported under torchrun (FSDP would need a "
+                         "sharded GradScaler); use --precision bf16 or bf16-pure")
+
+
+# -----------------------------------------------------------------------------
+# unlearning
+
+
+def encode_items(tok, items) -> list[tuple[list[int], int]]:
+    """(prompt + answer + EOS ids, prompt length) of each item, as the losses see them."""
+    return [lume.encode_pair(tok, it.input, it.output) for it in items]
+
+
+def batch_of(encoded, idx, pad_id: int) -> lume.Batch:
+    """The rows `idx` of `encoded` as one right-padded Batch (targets: answer tokens)."""
+    return lume.make_batch([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], idx, pad_id)
+
+
+def first_forget_batches(plan, steps) -> list:
+    """This process's forget micro-batch at every place of the plan where rows are seen for the
+    first time (plan: global indices; steps: the Batches this process trains on, aligned with it)."""
+    seen, out = set(), []
+    for global_micros, micros in zip(plan, steps):
+        for (rows, _), (forget, _) in zip(global_micros, micros):
+            if not seen.issuperset(rows):
+                seen.update(rows)
+                out.append(forget)
+    return out
+
+
+def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> torch.Tensor:
+    """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
+    computed on the training micro-batches themselves (lume.plan_steps keeps their rows fixed), so
+    NPO's log-ratio is exactly 0 at step 0; under torchrun each rank runs its rows."""
+    batches = first_forget_batches(plan, steps)
+    if dist is not None:
+        return distributed.reference_logps_sharded(model, batches, n_forget, dist, autocast)
+    return lume.reference_logps(model, batches, n_forget, autocast)
+
+
+def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=None, after_step=None):
+    """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
+    under torchrun on this rank's rows of every micro-batch (dist.shard_steps). resume: a training
+    checkpoint (checkpoint.load) to continue from; after_step(done, opt, scaler, ref_logps): scoring
+    and checkpoints between steps."""
+    forget, retain = split_items(cfg, items)
+    assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
+    use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method == "npo" and cfg.retain_weight == 0)
+    forget_encoded = encode_items(tok, forget)
+    retain_encoded = encode_items(tok, retain) if use_retain else []
+    plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
+                           cfg.epochs, cfg.max_steps, cfg.seed)
+    pad = tok.pad_token_id
+
+    def forget_batch(idx):
+        return batch_of(forget_encoded, idx, pad)
+
+    def retain_batch(idx):
+        return batch_of(retain_encoded, idx, pad)
+    if dist is None:
+        steps = [[(forget_batch(f), retain_batch(r) if r else None) for f, r in micros] for micros in plan]
+    else:
+        steps = distributed.shard_steps(plan, forget_batch, retain_batch, dist)
+    autocast = lume.autocast_ctx(device, precision)
+    options = {} if cfg.method == "ga" else {"retain_weight": cfg.retain_weight}
+    if cfg.method == "npo":  # a resumed run takes the reference its checkpoint holds (the target's)
+        ref_logps = resume["state"]["ref_logps"] if resume else npo_reference(model, plan, steps, len(forget),
+                                                                               autocast, dist)
+        options.update(beta=cfg.beta, ref_logps=ref_logps)
+    if cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
+        ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
+            cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
+        options["ref"] = ref.eval().requires_grad_(False)
+    loss = methods.METHODS[cfg.method]
+
+    def loss_fn(model, forget, retain, totals):
+        return loss(model, forget, retain, totals, **options)
+    if dist is not None:
+        loss_fn = distributed.skip_padding(loss_fn)
+    lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
+                f"{len(retain_encoded)} retain items, {len(steps)} steps"
+                + (f", resumed after step {resume['step']}" if resume else ""))
+    if cfg.method == "npo":
+        lume.print0(f"  the NPO loss starts at (2/beta) log 2 = {2 / cfg.beta * 0.6931:.2f} per batch (the model is "
+                    "its own reference) and falls toward 0 as the batch's answers become unlikely; batches swing "
+                    "between the two while some answers are forgotten and others not yet")
+
+    def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
+        checkpoint.load_trainable(model, resume["weights"])
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["state"]["scaler"])
+        checkpoint.set_rng_state(resume["state"]["rng"])
+
+    def between(done, opt, scaler):
+        after_step(done, opt, scaler, options.get("ref_logps"))
+    return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
+                      clip=cfg.clip, precision=precision, device=device, log=log, dist=dist,
+                      start=resume["step"] if resume else 0, restore=restore if resume else None,
+                      after_step=between if after_step else None)
+
+
+# -----------------------------------------------------------------------------
+# scoring and the run
+
+
+def score(cfg, model, tok, inputs, stage: str, eval_precision: str, dist=None, mmlu_limit=None):
+    """One stage's (generation rows, MIA rows, results): evaluation.evaluate on the weights in the
+    evaluation dtype (bf16 on CUDA, as the official scorer loads the targets; no autocast), or under
+    torchrun dist.evaluate_sharded; the results carry the MMLU per-subject accuracies when MMLU is given."""
+    items, mia, mmlu = inputs
+    dtype = lume.DTYPES[eval_precision]
+    bar = progress.Progress(f"scoring {stage}", len(items))
+    options = dict(stage=stage, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                   mmlu_limit=cfg.mmlu_limit if mmlu_limit is None else mmlu_limit,
+                   progress=lambda done, total: bar.update(done))
+    if dist is not None:
+        gen_rows, mia_rows, mmlu_res, results = distributed.evaluate_sharded(model, tok, items, mia, mmlu,
+                                                                            dist=dist, dtype=dtype, **options)
+    else:
+        with lume.weights_as(model, dtype) as weights:
+            gen_rows, mia_rows, mmlu_res, results = evaluation.evaluate(weights, tok, items, mia, mmlu, **options)
+    bar.close()
+    return gen_rows, mia_rows, results if mmlu_res is None else {**results, "mmlu": mmlu_res}
+
+
+def add_stage(scored: dict, stage: str, gen_rows, mia_rows, results) -> dict:
+    """scored (generation rows, MIA rows and results of the stages so far) with one more stage."""
+    return {"generations": scored["generations"] + gen_rows, "mia": scored["mia"] + mia_rows,
+            "results": {**scored["results"], stage: results}}
+
+
+def write_scores(out: Path, scored: dict) -> None:
+    """Every stage scored so far, each file replaced atomically."""
+    lume.write_jsonl_atomic(out / "generations.jsonl", scored["generations"])
+    lume.write_jsonl_atomic(out / "mia.jsonl", scored["mia"])
+    lume.write_json_atomic(out / "results.json", scored["results"])
+
+
+def read_scores(out: Path) -> dict:
+    """The stages a run directory already holds (a resumed run does not score them again)."""
+    if not (out / "results.json").is_file():
+        return {"generations": [], "mia": [], "results": {}}
+    rows = lambda name: [json.loads(line) for line in open(out / name)]  # noqa: E731
+    return {"generations": rows("generations.jsonl"), "mia": rows("mia.jsonl"),
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def read_jsonl_until(path: Path, steps_done: int) -> list[dict]:
+    """The rows of log.jsonl with step < steps_done: what a resumed run keeps of it."""
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, open(path)) if r["step"] < steps_done]
+
+
+def step_logger(logf, total: int, start: int = 0):
+    """log(rec) for lume.train: one line of log.jsonl (rank 0, logf not None) and the progress line."""
+    bar = progress.Progress("unlearning: step", total, start=start)
+
+    def log(rec):
+        if logf is not None:
+            logf.write(json.dumps(rec) + "\n")
+            logf.flush()
+        terms = {k: v for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s", "grad_norm")}
+        bar.update(rec["step"] + 1, **terms, tokens_per_s=rec["tokens_per_s"])
+        if rec["step"] + 1 == total:
+            bar.close()
+    return log
+
+
+def main(cfg) -> Path:
+    t0 = time.time()
+    lume.seed_everything(cfg.seed)
+    items, mia, mmlu, sources = load_inputs(cfg)
+    check_world(cfg, items)  # before the rendezvous: every rank fails fast
+    dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
+    try:
+        out = run_job(cfg, (items, mia, mmlu), dist, t0, sources)
+    except BaseException:
+        if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
+            dist.close(together=False)
+        raise
+    if dist is not None:
+        dist.close()
+    return out
+
+
+def write_config(cfg, out: Path, device, precision: str, dist, sources) -> None:
+    """config.json: the resolved arguments and what they resolved to, before any work."""
+    lume.write_json_atomic(out / "config.json", {
+        **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
+        "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
+        "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__})
+
+
+def run_job(cfg, inputs, dist, t0, sources=None) -> Path:
+    """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes."""
+    items = inputs[0]
+    rank0 = dist is None or dist.rank == 0
+    device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
+    precision = lume.resolve_precision(cfg.precision, device)
+    out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
+    if rank0 and not cfg.resume:
+        write_config(cfg, out, device, precision, dist, sources)
+    lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")
+                + (" (resumed)" if cfg.resume else ""))
+    model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
+    eval_precision = lume.resolve_eval_precision(cfg.eval_precision, device)
+    scored = read_scores(out) if cfg.resume else {"generations": [], "mia": [], "results": {}}
+    if (cfg.method == "none" or cfg.eval_before) and "before" not in scored["results"]:
+        scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", eval_precision, dist))
+        if rank0:
+            write_scores(out, scored)
+    kept = None
+    if cfg.method != "none":
+        kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist)
+    if cfg.save:
+        (distributed.save_sharded(model, tok, out / "model", dist) if dist is not None
+         else lume.save_model(model, tok, out / "model"))
+    if cfg.method != "none":
+        scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", eval_precision, dist))
+        if kept:
+            scored["results"]["kept"] = kept
+        if rank0:
+            write_scores(out, scored)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete
+    results = {k: v for k, v in scored["results"].items() if k != "kept"}
+    lume.print0(report.table(results))
+    lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
+    lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
+    return out
+
+
+def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist):
+    """unlearn() with what long runs need between steps: the trajectory rows (--eval-every), the
+    best step's weights (--keep best) and training checkpoints (--save-every); a resumed run
+    continues from its checkpoint. Returns results.json's "kept" entry, or None (--keep last)."""
+    items, mia, mmlu = inputs
+    rank0 = dist is None or dist.rank == 0
+    resume = checkpoint.load(out) if cfg.resume else None
+    track = resume["state"]["track"] if resume else {"rows": [], "best": None}
+    best_weights = resume["best"] if resume else None
+    subset = (trajectory.eval_subset(items, cfg.seed), mia, mmlu)
+    tasks = sorted({it.task for it in split_items(cfg, items)[0]})
+
+    def score_subset(done):
+        nonlocal best_weights
+        results = score(cfg, model, tok, subset, f"step {done}", eval_precision, dist,
+                        mmlu_limit=trajectory.SUBSET_MMLU)[2]
+        track["rows"].append(trajectory.row(done, results))
+        if rank0:
+            lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+        if cfg.keep == "best" and trajectory.select_best(track["rows"], tasks)[0]["step"] == done:
+            track["best"], best_weights = done, checkpoint.trainable_state(model)
+
+    if cfg.eval_every and not track["rows"]:
+        score_subset(0)
+    total = {"steps": None}
+
+    def after_step(done, opt, scaler, ref_logps):
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total["steps"]):
+            score_subset(done)
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total["steps"]) and rank0:
+            checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
+                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights)
+
+    done_before = resume["step"] if resume else 0
+    if rank0 and resume:  # drop what a killed run wrote after its checkpoint
+        lume.write_jsonl_atomic(out / "log.jsonl", read_jsonl_until(out / "log.jsonl", done_before))
+        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+    with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
+        n_steps = len(lume.plan_steps(len(split_items(cfg, items)[0]), 0, cfg.batch_size, cfg.grad_accum,
+                                      cfg.epochs, cfg.max_steps, cfg.seed))
+        total["steps"] = n_steps
+        unlearn(cfg, model, tok, items, device, precision, step_logger(logf, n_steps, done_before), dist,
+                resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)
+    if cfg.eval_every and rank0:
+        note = trajectory.plot(track["rows"], out / "trajectory.png")
+        lume.print0(note or f"trajectory: {out / 'trajectory.png'}")
+    if cfg.keep != "best":
+        return None
+    row, why = trajectory.select_best(track["rows"], tasks)
+    if row["step"] != track["rows"][-1]["step"]:
+        checkpoint.load_trainable(model, best_weights)
+    lume.print0(f"kept step {row['step']}: {why}")
+    return {"step": row["step"], "why": why}
