@@ -22,6 +22,7 @@ import data
 import dist as distributed
 import evaluation
 import fetch
+import lora
 import lume
 import methods
 import progress
@@ -105,9 +106,11 @@ def load_model(cfg, items, device, dtype, precision: str = "fp32", dist=None):
         def build():
             return tiny.tiny_target(items, cfg.cache_dir, log=lume.print0)
         path = dist.on_rank0(build) if dist else build()  # one rank builds it, the others wait
-        model, tok = lume.load_pretrained(str(path), dtype)
+        model, tok = lume.load_pretrained(str(path), lora.load_dtype(cfg, precision, dtype))
     else:
-        model, tok = lume.load_pretrained(cfg.model, dtype)
+        model, tok = lume.load_pretrained(cfg.model, lora.load_dtype(cfg, precision, dtype))
+    if cfg.lora_rank or cfg.train_layers:  # what trains: LoRA adapters or the last K layers (lora.py)
+        lume.print0(lora.describe(lora.apply(model, cfg)))
     if cfg.grad_checkpointing:
         lume.enable_checkpointing(model)
     if dist is not None:
@@ -200,7 +203,9 @@ def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=No
         ref_logps = resume["state"]["ref_logps"] if resume else npo_reference(model, plan, steps, len(forget),
                                                                                autocast, dist)
         options.update(beta=cfg.beta, ref_logps=ref_logps)
-    if cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
+    if cfg.method == "kl" and lora.has_adapters(model):  # the same model with adapters off: no second copy
+        options["ref"] = lora.Reference(model)
+    elif cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
         ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
             cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
         options["ref"] = ref.eval().requires_grad_(False)
@@ -348,7 +353,7 @@ def run_job(cfg, inputs, dist, t0, sources=None) -> Path:
         kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist)
     if cfg.save:
         (distributed.save_sharded(model, tok, out / "model", dist) if dist is not None
-         else lume.save_model(model, tok, out / "model"))
+         else lora.save(model, tok, out))  # with LoRA: merged <out>/model and PEFT's <out>/adapter
     if cfg.method != "none":
         scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", eval_precision, dist))
         if kept:

@@ -59,6 +59,12 @@ class Config:
     eval_precision: str = arg("auto", "weights' dtype when scoring: auto = bf16 on CUDA (as the official scorer "
                                       "loads the targets), fp32 on CPU", choices=list(lume.EVAL_PRECISIONS))
     grad_checkpointing: bool = arg(False, "recompute activations in backward (7B on one GPU)")
+    lora_rank: int = arg(0, "LoRA rank r: train low-rank adapters over a frozen base (lora.py); 0 = off")
+    lora_alpha: float = arg(0.0, "LoRA alpha: the update is (alpha/r) B A (0 = 2 * rank)")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated names of the nn.Linear layers that get adapters")
+    lora_dropout: float = arg(0.0, "dropout on the adapters' input, in [0, 1)")
+    train_layers: int = arg(0, "train only the last K decoder layers (fp32), the rest frozen (0 = all)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     max_new_tokens: int = arg(256, "generation length (the official scorer uses 256)")
     eval_batch_size: int = arg(32, "prompts per generation batch")
@@ -109,7 +115,30 @@ def parse_args(argv=None) -> Config:
         p.error(f"--beta must be > 0, got {cfg.beta}")
     if cfg.keep == "best" and not cfg.eval_every:
         p.error("--keep best picks among the scored steps: give --eval-every N too")
+    check_trainable(p, cfg)
     return cfg
+
+
+def check_trainable(p, cfg) -> None:
+    """--lora-* and --train-layers (lora.py): ranges, one of the two, single process; LoRA's defaults.
+    --train-layers' upper bound (the model's layer count) is checked once the model is loaded."""
+    for name in ("lora_rank", "lora_alpha", "train_layers"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.lora_dropout < 1:
+        p.error(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_rank and cfg.train_layers:
+        p.error("--lora-rank and --train-layers choose what trains in two different ways: give one of them")
+    if cfg.lora_rank and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+        p.error("--lora-targets names no layer: give e.g. q_proj,v_proj")
+    if (cfg.lora_rank or cfg.train_layers) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--lora-rank and --train-layers run in one process only (not under torchrun/FSDP2 yet); "
+                "start the run with python run.py")
+    if cfg.train_layers and cfg.precision == "bf16-pure":
+        p.error("--train-layers trains fp32 layers among bf16 ones, which needs autocast: use --precision bf16 "
+                "(the CUDA default) or fp32, not bf16-pure")
+    if cfg.lora_rank:
+        cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
 
 
 def resumed_config(p, run_dir: str, argv) -> Config:
