@@ -103,7 +103,8 @@ def add_lora(model, rank: int, alpha: float, targets, dropout: float = 0.0):
     for name in found:
         parent, _, leaf = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, leaf, LoRALinear(getattr(owner, leaf), rank, alpha, dropout))
+        layer = LoRALinear(getattr(owner, leaf), rank, alpha, dropout)
+        setattr(owner, leaf, layer.train(owner.training))  # a new module would be in train mode (dropout on)
     return model
 
 
