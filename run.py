@@ -44,7 +44,7 @@ class Config:
     mmlu: str = arg("auto", "auto (none with built-in data; real data: mmlu, or none with a note if it cannot "
                             "be fetched), mmlu, none, or an MMLU dir (dev/, test/ CSVs)")
     mmlu_limit: int = arg(0, "questions per MMLU subject (0 = all)")
-    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)")
+    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise; with --lora-rank 3e-4 / 1e-4)")
     epochs: float = arg(0.0, "passes over the forget set (0 = 20 for tiny, 5 otherwise)")
     max_steps: int = arg(0, "optimizer steps; > 0 overrides --epochs")
     batch_size: int = arg(4, "forget (and retain) rows per micro-batch")
@@ -104,6 +104,8 @@ def parse_args(argv=None) -> Config:
     # model-dependent defaults, resolved here once and recorded in config.json. The tiny values
     # were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting.
     is_tiny = cfg.model == "tiny"
+    if cfg.lora_rank and not cfg.lr:  # B starts at 0 and a rank-r update moves few directions: a larger
+        cfg.lr = 3e-4 if is_tiny else 1e-4  # step (tiny NPO r=8: 1e-4 forgot nothing, 2e-4 half; docs/lora.md)
     cfg.lr = cfg.lr or (1e-4 if is_tiny else 1e-5)
     cfg.epochs = cfg.epochs or (20.0 if is_tiny else 5.0)
     if cfg.retain_weight < 0:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
