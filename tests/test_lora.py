@@ -54,9 +54,9 @@ def test_lora_at_init_gives_the_base_logits_exactly():
 
 def test_merged_equals_unmerged_and_the_merged_state_dict_loads_into_the_base(tmp_path):
     base, b = olmo(), batch()
-    model = lora.add_lora(copy.deepcopy(base), rank=4, alpha=8, targets=TARGETS)
+    model = lora.add_lora(copy.deepcopy(base), rank=4, alpha=8, targets=TARGETS, dropout=0.5)
     randomise_adapters(model)
-    want = logits(model, b)
+    want = logits(model, b)  # an eval-mode model: its new LoRA layers are in eval mode too (no dropout)
     assert not torch.allclose(want, logits(base, b), atol=1e-3)  # the adapters do change the outputs
     plain = olmo(seed=5)  # other weights: everything must come from the merged state dict
     plain.load_state_dict(lora.merged_state_dict(model), strict=True)
