@@ -175,7 +175,7 @@ def test_flags_are_checked_at_argument_time(monkeypatch, capsys):
     assert run.parse_args(["--lora-rank", "8"]).lora_alpha == 16.0  # 0 = 2 * rank
     assert run.parse_args(["--lora-rank", "8", "--lora-alpha", "4"]).lora_alpha == 4.0
     assert run.parse_args(["--lora-rank", "8"]).lr == 3e-4  # LoRA's default step (docs/lora.md)
-    assert run.parse_args(["--lora-rank", "8", "--model", "olmo-7b"]).lr == 1e-4
+    assert run.resolve_auto(run.Config(lora_rank=8, model="olmo-7b")).lr == 1e-4  # (parse_args would ask the hub)
     assert run.parse_args(["--lora-rank", "8", "--lr", "5e-5"]).lr == 5e-5 and run.parse_args([]).lr == 1e-4
     with pytest.raises(SystemExit, match="--lora-targets: no nn.Linear named qproj"):
         lora.add_lora(olmo(), 2, 4, "qproj")
