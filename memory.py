@@ -316,11 +316,11 @@ def plan_seq_len(name: str, items) -> int:
     """The longest training row (prompt + answer + EOS) of `items`, in tokens: the tokenizer's count,
     or for the tiny target (its tokenizer is built with it) the UTF-8 bytes + 2, a byte-level BPE bound."""
     if name == "tiny":
-        return max(len((it.input + " " + it.output).encode()) + 2 for it in items)
+        return max((len((it.input + " " + it.output).encode()) + 2 for it in items), default=1)
     from transformers import AutoTokenizer
     path = lume.resolve_model(name)[1]
     tok = AutoTokenizer.from_pretrained(path if not Path(path).expanduser().exists() else str(Path(path).expanduser()))
-    return max(len(lume.encode_pair(tok, it.input, it.output)[0]) for it in items)
+    return max((len(lume.encode_pair(tok, it.input, it.output)[0]) for it in items), default=1)
 
 
 def explicit_flags(cfg) -> list[str]:
