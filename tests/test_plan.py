@@ -32,12 +32,12 @@ class LoRALinear(torch.nn.Module):
         return self.base(x) + (x @ self.A.T) @ self.B.T * 2.0
 
 
-def frozen_model(k: int, r: int, gc: bool):
-    """CFG's OLMo in bf16, frozen, with the last k layers trainable in fp32 or LoRA rank r on every projection."""
+def frozen_model(k: int, r: int, gc: bool, cfg=CFG):
+    """cfg's OLMo in bf16, frozen, with the last k layers trainable in fp32 or LoRA rank r on every projection."""
     from transformers import OlmoConfig, OlmoForCausalLM
     torch.manual_seed(0)
-    model = OlmoForCausalLM(OlmoConfig(**CFG)).bfloat16().requires_grad_(False).train()
-    for layer in model.model.layers[CFG["num_hidden_layers"] - k:] if k else []:
+    model = OlmoForCausalLM(OlmoConfig(**cfg)).bfloat16().requires_grad_(False).train()
+    for layer in model.model.layers[cfg["num_hidden_layers"] - k:] if k else []:
         layer.float().requires_grad_(True)
     for layer in model.model.layers if r else []:
         for mod in (layer.self_attn, layer.mlp):
@@ -49,24 +49,29 @@ def frozen_model(k: int, r: int, gc: bool):
     return model
 
 
+def activation_bytes(model, B: int, T: int) -> int:
+    """Bytes autograd saves for one gd step (a forget and a retain forward, both graphs alive)."""
+    batch = lume.Batch(torch.randint(0, 700, (B, T)), torch.ones(B, T, dtype=torch.long), torch.ones(B, T),
+                       torch.arange(B))
+    loss = []
+
+    def step():
+        with lume.autocast_ctx(torch.device("cpu"), "bf16"):
+            loss.append(lume.token_logps(model, batch).sum() - lume.token_logps(model, batch).sum())
+    return saved_bytes(model, step), loss[0]
+
+
 @pytest.mark.parametrize("k,r", [(1, 0), (2, 0), (0, 4)])
 @pytest.mark.parametrize("gc", [False, True])
 def test_frozen_base_plan_matches_measured_bytes(k, r, gc):
     B, T = 3, 40
     plan = memory.memory_plan(CFG, "gd", "bf16", B, T, grad_checkpointing=gc, train_layers=k, lora_rank=r)
     model = frozen_model(k, r, gc)
-    batch = lume.Batch(torch.randint(0, 700, (B, T)), torch.ones(B, T, dtype=torch.long), torch.ones(B, T),
-                       torch.arange(B))
-    loss = []
-
-    def step():  # gd: a forget and a retain forward, both graphs alive until backward
-        with lume.autocast_ctx(torch.device("cpu"), "bf16"):
-            loss.append(lume.token_logps(model, batch).sum() - lume.token_logps(model, batch).sum())
-    act = saved_bytes(model, step)
+    act, loss = activation_bytes(model, B, T)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert nbytes(model.parameters()) == plan["weights"]
-    loss[0].backward()
+    loss.backward()
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     assert nbytes(p.grad for p in trainable) == plan["grads"]
     opt = torch.optim.AdamW(trainable)
@@ -75,6 +80,23 @@ def test_frozen_base_plan_matches_measured_bytes(k, r, gc):
     # activations are an estimate (per-layer coefficients): within 10%; the saved tensors include
     # autocast's bf16 casts of the fp32 trainables (plan["copies"])
     assert act == pytest.approx(plan["activations"] + plan["copies"], rel=0.10), (act, plan)
+
+
+@pytest.mark.parametrize("k,r", [(1, 0), (0, 4)])
+@pytest.mark.parametrize("gc", [False, True])
+def test_what_two_more_frozen_layers_save_is_planned_exactly(k, r, gc):
+    """The plan's assumptions on layers, exactly: under checkpointing every layer keeps its bf16
+    input (frozen ones too); without it, last K's frozen layers save nothing and LoRA's a whole layer."""
+    B, T = 3, 40
+    deeper = {**CFG, "num_hidden_layers": CFG["num_hidden_layers"] + 2}
+    plans = [memory.memory_plan(c, "gd", "bf16", B, T, grad_checkpointing=gc, train_layers=k, lora_rank=r)
+             for c in (CFG, deeper)]
+    acts = [activation_bytes(frozen_model(k, r, gc, c), B, T)[0] for c in (CFG, deeper)]
+    planned = [p["activations"] + p["copies"] for p in plans]
+    if gc or k:
+        assert acts[1] - acts[0] == planned[1] - planned[0] == (2 * 2 * B * T * 2 * CFG["hidden_size"] if gc else 0)
+    else:  # LoRA, no checkpointing: two more layers' tensors, the estimate within 10%
+        assert acts[1] - acts[0] == pytest.approx(planned[1] - planned[0], rel=0.10)
 
 
 def test_kl_reference_of_lora_is_free_and_of_last_k_a_copy():
