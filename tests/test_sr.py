@@ -1,12 +1,16 @@
 """Stochastic rounding and lume.StochasticAdamW: unbiased rounding, no lost updates at lr 1e-5 on
 bf16 weights (where torch's AdamW on bf16 weights applies ~19% of the update), torch's AdamW on
 fp32 weights op for op, torch's AdamW in expectation on bf16 weights, a seeded and resumable stream."""
+import json
 import math
+import textwrap
 
 import pytest
 import torch
 
 import lume
+from conftest import ROOT
+from test_dist import torchrun
 
 
 def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,3 +184,42 @@ def test_one_bf16_pure_step_of_lume_train_applies_the_fp32_step(small_target, sm
     plain = mass(step("bf16-pure"))
     print(f"update mass of the fp32 step applied: bf16-pure SR {sr:.3f}, bf16-pure round-to-nearest {plain:.3f}")
     assert sr > 0.9 and plain < 0.3
+
+
+SHARDED_SR = textwrap.dedent('''
+    import sys, torch
+    import dist as distributed, lume
+    from transformers import OlmoConfig, OlmoForCausalLM
+    d = distributed.init_distributed("cpu", 30)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=301,
+               max_position_embeddings=128, tie_word_embeddings=False)  # 301: uneven shards
+    rows = {}
+    for precision in ("fp32", "bf16-pure"):
+        torch.manual_seed(0)
+        full = OlmoForCausalLM(OlmoConfig(**cfg)).to(lume.weight_dtype(precision))
+        before = {k: v.detach().float().clone() for k, v in full.named_parameters()}
+        model = distributed.shard(full, d, precision)
+        torch.manual_seed(1)
+        model(input_ids=torch.randint(0, 301, (2, 8))).logits.float().sum().backward()
+        lume.StochasticAdamW(model.parameters(), lr=1e-3, weight_decay=0.0, seed=0).step()
+        after = {k: v.detach().full_tensor().float() for k, v in model.named_parameters()}
+        g = {k: v.grad.full_tensor().float() for k, v in model.named_parameters()}
+        want = {k: before[k] - 1e-3 * g[k] / (g[k].abs() + 1e-8) for k in before}  # AdamW's first step
+        rows[precision] = [max(float((after[k] - want[k]).abs().max()) for k in before),
+                           sum(float((after[k] - before[k]).abs().sum()) for k in before)
+                           / sum(float((want[k] - before[k]).abs().sum()) for k in before)]
+    lume.write_json_atomic(f"{sys.argv[1]}/sr{d.rank}.json", rows)
+    d.close()
+''')
+
+
+def test_sharded_weights_step_in_place_on_two_ranks(tmp_path):
+    """Under FSDP2 (torchrun, DTensor parameters) the step updates each rank's shard in place:
+    fp32 gives AdamW's first step lr * g / (|g| + eps) exactly, bf16 its mass within 3%."""
+    script = tmp_path / "sharded_sr.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n" + SHARDED_SR)
+    torchrun(2, script, tmp_path)
+    for rank in (0, 1):
+        rows = json.load(open(tmp_path / f"sr{rank}.json"))
+        assert rows["fp32"][0] < 1e-7 and rows["fp32"][1] == pytest.approx(1.0, abs=1e-5), rows
+        assert rows["bf16-pure"][0] < 2e-3 and rows["bf16-pure"][1] == pytest.approx(1.0, abs=0.03), rows
