@@ -3,6 +3,7 @@ Memory plan: bytes per GPU of one unlearning step, computed from the model confi
 a run picks from it.
 
     python memory.py                                             # the README's table (full parameter)
+    python memory.py --setups                                    # the README's single-GPU setups table
     python memory.py --model olmo-7b --method npo --gpu-gib 80   # every single-GPU setup, the pick marked
     python memory.py --measure --model olmo-7b --method npo      # CUDA: random weights, planned vs measured
 
@@ -277,6 +278,29 @@ def setup_table(config, method: str, batch: int, seq_len: int, gpu_bytes: int) -
     return "\n".join(lines + ["", note])
 
 
+def print_setup_table(batch: int = 4, seq_len: int = 512, budgets=(24, 40, 80)) -> str:
+    """The README's single-GPU table: total GiB of every setup for OLMo 1B and 7B and every method,
+    and the setup a run picks on GPUs of `budgets` GiB ('-' where none fits)."""
+    names = [n for n, _, _ in SETUPS]
+    lines = [f"GiB on one GPU; batch {batch} forget rows (+{batch} retain rows for gd/kl/npo) x {seq_len} tokens", "",
+             "| model | method | " + " | ".join(names) + " | " + " | ".join(f"pick on {g} GiB" for g in budgets) + " |",
+             "|---" * (2 + len(names) + len(budgets)) + "|"]
+    for model in ("olmo-1b", "olmo-7b"):
+        for method in ("ga", "gd", "kl", "npo"):
+            totals = [plan_setup(OLMO_CONFIGS[model], method, batch, seq_len, s)["total"] / GiB for _, _, s in SETUPS]
+            picks = []
+            for g in budgets:
+                try:
+                    picks.append(pick_setup(OLMO_CONFIGS[model], method, batch, seq_len, g * GiB)[0])
+                except NoSetupFits:
+                    picks.append("-")
+            lines.append(f"| {model} | {method} | " + " | ".join(f"{t:.1f}" for t in totals) + " | "
+                         + " | ".join(picks) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 def print_memory_table(batch: int = 4, seq_len: int = 512, grad_accum: int = 1) -> str:
     """The README's table: GiB per GPU for OLMo 1B and 7B, every method, three setups."""
     setups = [("bf16 autocast, fp32 weights + AdamW, 1 GPU", "bf16", 1, False),
@@ -446,6 +470,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory in GiB")
     p.add_argument("--measure", action="store_true", help="CUDA: random weights on the GPU, a few steps of "
                                                           "the picked setup, planned vs measured peak")
+    p.add_argument("--setups", action="store_true", help="the README's single-GPU table: every setup for "
+                                                         "OLMo 1B and 7B, every method, the picks on 24/40/80 GiB")
     p.add_argument("--setup", default="", choices=[""] + [n for n, _, _ in SETUPS], help="--measure this setup")
     a = p.parse_args(argv)
     for flag in ("batch", "seq_len", "gpu_gib"):
@@ -453,6 +479,9 @@ def main(argv=None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     if a.measure:
         return measure(a.model or "olmo-7b", a.method, a.batch, a.seq_len, a.setup or None)
+    if a.setups:
+        print_setup_table(a.batch, a.seq_len)
+        return 0
     if not a.model:
         print_memory_table(a.batch, a.seq_len)
         return 0

@@ -199,6 +199,9 @@ def test_cli_marks_the_pick_and_measure_needs_cuda(capsys, monkeypatch):
     assert memory.main(["--model", "olmo-7b", "--method", "npo", "--gpu-gib", "80"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [r.split("|")[1].strip() for r in rows[1:]] == ["", "*", "", ""] and "full-bf16-sr" in rows[2]
+    table = memory.print_setup_table()
+    rows = [r for r in table.splitlines() if r.startswith("| olmo-")]
+    assert len(rows) == 8 and rows[-1].split(" | ")[-3:] == ["lora-16", "lora-16", "full-bf16-sr |"]  # 7B npo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert memory.main(["--measure", "--model", "olmo-7b"]) == 2
     assert "needs CUDA" in capsys.readouterr().out
