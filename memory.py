@@ -16,6 +16,7 @@ bytes in tests/test_dist.py and tests/test_plan.py. The engine (lume.py) never c
 asks it for the setup on CUDA (auto_setup) before any weight is loaded.
 """
 import argparse
+import copy
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 import lume
+import methods
 import tiny
 
 # The bases of the released targets (config.json). OLMo-1B-0724-hf is untied, unlike OLMo-1B-hf:
@@ -417,15 +419,19 @@ def build_random(config, setup: dict, device):
     return model
 
 
-def measure(name: str, method: str, batch: int, seq_len: int, setup_name: str | None = None, steps: int = 3) -> int:
+def measure(name: str, method: str, batch: int, seq_len: int, setup_name: str | None = None, steps: int = 3,
+            device: str = "cuda") -> dict | None:
     """Build `name`'s shape with random weights on the GPU, run `steps` optimizer steps of the setup
-    a run would pick (or setup_name) through lume.train, print planned against measured bytes."""
-    if not torch.cuda.is_available():
+    a run would pick (or setup_name) through lume.train, print planned against measured bytes and
+    return both ({term: (planned, measured)}), or None without CUDA. device "cpu" runs the same
+    path, counting only the optimizer states (the tests' check of the code)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
         print("memory.py --measure needs CUDA (it builds the model on the GPU); use --gpu-gib N for the plan alone")
-        return 2
-    import copy
-    import methods
-    device, config, free = torch.device("cuda"), model_config(name), torch.cuda.mem_get_info()[0]
+        return None
+    config = model_config(name)
+    free = torch.cuda.mem_get_info(device)[0] if cuda else 80 * GiB
     if setup_name:
         setup = next(s for n, _, s in SETUPS if n == setup_name)
         plan = plan_setup(config, method, batch, seq_len, setup)
@@ -433,31 +439,32 @@ def measure(name: str, method: str, batch: int, seq_len: int, setup_name: str | 
         setup_name, setup, plan = pick_setup(config, method, batch, seq_len, free)
     print(f"{name} {method}: {setup_name}, batch {batch} x {seq_len} tokens, {free / GiB:.1f} GiB free")
     model = build_random(config, setup, device)
-    weights = torch.cuda.memory_allocated()
+    weights = torch.cuda.memory_allocated(device) if cuda else 0
     vocab = model.get_input_embeddings().weight.shape[0]
-    rows = lambda: lume.Batch(torch.randint(0, vocab, (batch, seq_len)),  # noqa: E731
-                              torch.ones(batch, seq_len, dtype=torch.long), torch.ones(batch, seq_len), torch.arange(batch))
-    plan_of = [[(rows(), rows() if methods.NEEDS_RETAIN[method] else None)] for _ in range(steps)]
-    options = {"ga": {}, "gd": dict(retain_weight=1.0), "npo": dict(beta=0.1, retain_weight=1.0,
-               ref_logps=torch.zeros(batch)), "kl": dict(retain_weight=1.0)}[method]
-    if method == "kl":
+    rows = lambda: lume.Batch(torch.randint(0, vocab, (batch, seq_len)), torch.ones(batch, seq_len,  # noqa: E731
+                              dtype=torch.long), torch.ones(batch, seq_len), torch.arange(batch))
+    steps_of = [[(rows(), rows() if methods.NEEDS_RETAIN[method] else None)] for _ in range(steps)]
+    options = {"ga": {}, "gd": dict(retain_weight=1.0), "kl": dict(retain_weight=1.0),
+               "npo": dict(beta=0.1, retain_weight=1.0, ref_logps=torch.zeros(batch))}[method]
+    if method == "kl":  # the frozen copy job.unlearn makes (LoRA: lora.py switches the adapters off instead)
         options["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
-    loss = methods.METHODS[method]
-    got = {}
+    loss, got = methods.METHODS[method], {}
 
     def after(done, opt, scaler):
         got["optimizer"] = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-                               if torch.is_tensor(t) and t.is_cuda)
-    torch.cuda.reset_peak_memory_stats()
+                               if torch.is_tensor(t))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.time()
-    lume.train(model, plan_of, lambda m, f, r, totals: loss(m, f, r, totals, **options), lr=1e-5,
+    lume.train(model, steps_of, lambda m, f, r, totals: loss(m, f, r, totals, **options), lr=1e-5,
                precision=setup["precision"], device=device, after_step=after)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    rows = {"weights": (plan["weights"], weights), "optimizer states": (plan["optimizer"], got["optimizer"]),
+            "peak (torch.cuda.max_memory_allocated)": (plan["total"], peak)}
     print(f"{steps} steps in {time.time() - t0:.1f}s\n\n| | planned GiB | measured GiB |\n|---|---|---|")
-    print(f"| weights | {plan['weights'] / GiB:.2f} | {weights / GiB:.2f} |")
-    print(f"| optimizer states | {plan['optimizer'] / GiB:.2f} | {got.get('optimizer', 0) / GiB:.2f} |")
-    print(f"| peak (torch.cuda.max_memory_allocated) | {plan['total'] / GiB:.2f} | {peak / GiB:.2f} |")
-    return 0
+    for term, (planned, measured) in rows.items():
+        print(f"| {term} | {planned / GiB:.2f} | {measured / GiB:.2f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -478,7 +485,7 @@ def main(argv=None) -> int:
         if getattr(a, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(a, flag)}")
     if a.measure:
-        return measure(a.model or "olmo-7b", a.method, a.batch, a.seq_len, a.setup or None)
+        return 0 if measure(a.model or "olmo-7b", a.method, a.batch, a.seq_len, a.setup or None) else 2
     if a.setups:
         print_setup_table(a.batch, a.seq_len)
         return 0
