@@ -514,7 +514,9 @@ class StochasticAdamW(torch.optim.Optimizer):
                     self.update(*(t[k:k + self.CHUNK] for t in flat), group, float(state["step"]))
 
     def update(self, w, g, m, v, group, step: float) -> None:
-        """One AdamW step on 1-D slices, in place: w -= lr (m_hat / (sqrt(v_hat) + eps) + wd w)."""
+        """One AdamW step on 1-D slices, in place (Loshchilov & Hutter 2019, Alg. 2; torch's order):
+        w *= 1 - lr wd; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        w -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps), per element (no reduction)."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         w32, m32, v32, g32 = (t if t.dtype == torch.float32 else t.float() for t in (w, m, v, g))
         w32.mul_(1 - lr * wd)
