@@ -122,9 +122,16 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0][:300].rstrip('.')}" if lines else type(e).__name__
 
 
+def quiet_transformers() -> None:
+    """No tqdm bars from transformers' loading and saving: the run prints its own progress lines."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+
+
 def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer with from_pretrained; one clear line when it cannot."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
     model_path, tok_path = resolve_model(name)
     local = Path(model_path).expanduser()
     # A path-like name is never sent to the hub: a typo in a local path should say so, not
@@ -561,6 +568,8 @@ def write_jsonl_atomic(path, rows) -> None:
 def save_model(model, tok, path) -> None:
     """save_pretrained (safetensors) and the tokenizer into a temporary directory, then one rename."""
     assert not Path(path).exists(), f"{path} exists; refusing to overwrite a checkpoint"
+
+    quiet_transformers()
 
     def write(tmp):
         model.save_pretrained(tmp, safe_serialization=True)

@@ -154,7 +154,8 @@ def test_a_smaller_budget_names_the_lora_rank_and_layers_that_fit():
 
 
 def fake_cfg(*flags, model="olmo-7b"):
-    return run.parse_args(["--model", model, "--method", "npo", *flags])
+    """The Config of these flags as the command line gives it (no preflight: the 7B is not downloaded)."""
+    return run.Config(**vars(run.parser().parse_args(["--model", model, "--method", "npo", *flags])))
 
 
 def test_auto_setup_applies_the_pick_and_an_explicit_flag_wins(monkeypatch):
