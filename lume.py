@@ -466,24 +466,20 @@ def train_step(model, opt, scaler, micros, loss_fn, *, step: int, lr: float, cli
 
 
 def round_stochastic(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """x (fp32) -> bf16, rounded to the bf16 neighbour above or below with probability equal to the
-    fraction of the gap it covers, so E[result] = x exactly. bf16 is fp32's top 16 bits: add 16
-    uniform random bits below them to the fp32 bit pattern (a carry bumps the magnitude up one bf16
-    ulp), then truncate. Round-to-nearest instead drops every update under half an ulp: at lr 1e-5 on
-    N(0, 0.02) weights it applies ~19% of the update mass (tests/test_sr.py)."""
+    """x (fp32) -> bf16, rounded up with probability = the fraction of the gap to the next bf16, so
+    E[result] = x: add 16 random bits below bf16's mantissa to the fp32 bits, truncate. Round-to-nearest
+    drops updates under half an ulp: 19% of the mass applied at lr 1e-5 on N(0, 0.02) (tests/test_sr.py)."""
     bits = x.float().contiguous().view(torch.int32)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=gen)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # -65536 = 0xFFFF0000
 
 
 class StochasticAdamW(torch.optim.Optimizer):
-    """torch.optim.AdamW (decoupled weight decay, bias correction, no amsgrad) for weights of any
-    dtype: each step is computed in fp32 from the weight, gradient and moments, and written back to
-    bf16 tensors (weights and, for bf16 weights, the moments) with round_stochastic, so the expected
-    applied update is the fp32 step; fp32 tensors get torch's single-tensor AdamW step op for op.
-    Nothing persistent beyond torch's AdamW states in the weight's dtype: the fp32 work is done in
-    chunks of 2^24 elements (~0.3 GiB transient). The random bits come from a generator per device
-    seeded with `seed`; its state travels in state_dict(), so a resumed run continues the stream."""
+    """torch.optim.AdamW (no amsgrad) for weights of any dtype: the step is computed in fp32 and written
+    back to bf16 weights and moments with round_stochastic (expected update = the fp32 step); fp32
+    tensors get torch's single-tensor step op for op. States as torch's, in the weight's dtype; the fp32
+    work runs in chunks of 2^24 elements (~0.3 GiB transient). The bits come from a generator per
+    device seeded with `seed`, whose state travels in state_dict() (a resumed run continues it)."""
     CHUNK = 1 << 24
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, seed: int = 0):
@@ -537,8 +533,7 @@ class StochasticAdamW(torch.optim.Optimizer):
 
 
 def make_optimizer(params, lr: float, dist=None) -> torch.optim.Optimizer:
-    """AdamW without weight decay; StochasticAdamW when any trainable weight is bf16 (--precision
-    bf16-pure), seeded with the run's seed (torch.initial_seed(): lume.seed_everything)."""
+    """AdamW, no weight decay; StochasticAdamW for bf16 weights (bf16-pure), seeded by seed_everything."""
     if any(p.dtype == torch.bfloat16 for p in params):
         return StochasticAdamW(params, lr=lr, weight_decay=0.0, seed=torch.initial_seed())
     # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
