@@ -24,6 +24,7 @@ import evaluation
 import fetch
 import lora
 import lume
+import memory
 import methods
 import progress
 import report
@@ -370,12 +371,13 @@ def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
     return SystemExit(code)
 
 
-def write_config(cfg, out: Path, device, precision: str, dist, sources) -> None:
+def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None) -> None:
     """config.json: the resolved arguments and what they resolved to, before any work."""
     lume.write_json_atomic(out / "config.json", {
         **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
         "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
-        "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__})
+        "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__,
+        "memory_plan": memory_plan})
 
 
 def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
@@ -385,13 +387,15 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     items = inputs[0]
     rank0 = dist is None or dist.rank == 0
     device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
+    # on one CUDA GPU with no setup flag given, the memory plan picks precision, checkpointing, layers
+    plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
     precision = lume.resolve_precision(cfg.precision, device)
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
     if where is not None:
         where["out"] = out
     if rank0 and not cfg.resume:
-        write_config(cfg, out, device, precision, dist, sources)
+        write_config(cfg, out, device, precision, dist, sources, plan)
     if rank0:
         write_status(out, "running")
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")

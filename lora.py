@@ -256,8 +256,9 @@ def load_dtype(cfg, precision: str, dtype: torch.dtype) -> torch.dtype:
 def apply(model, cfg):
     """LoRA adapters (--lora-rank) or the last K layers (--train-layers) as the trainable
     parameters; the model unchanged when both are 0."""
-    if cfg.lora_rank:
-        return add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    if cfg.lora_rank:  # alpha 0 = 2 r also here: memory.auto_setup may set lora_rank after parse_args
+        alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+        return add_lora(model, cfg.lora_rank, alpha, cfg.lora_targets, cfg.lora_dropout)
     if cfg.train_layers:
         return train_last_layers(model, cfg.train_layers)
     return model

@@ -65,10 +65,14 @@ class Config:
     retain_weight: float = arg(None, "weight of the retain term: GD and KL, and NPO, which then is NPO with a retain "
                                      "term ('NPO-RT' in the NPO paper; 0 = pure NPO). GA has none (default: auto = "
                                      "1 for GD and KL, 3 for NPO)", type=float)
-    precision: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=list(lume.PRECISIONS))
+    precision: str = arg("auto", "auto = fp32 on CPU; on CUDA the memory plan's pick (memory.py): bf16 autocast over "
+                                 "fp32 weights if it fits. bf16-pure: bf16 weights and AdamW states, updated with "
+                                 "stochastic rounding (lume.StochasticAdamW: no update lost at small lr)",
+                         choices=list(lume.PRECISIONS))
     eval_precision: str = arg("auto", "weights' dtype when scoring: auto = bf16 on CUDA (as the official scorer "
                                       "loads the targets), fp32 on CPU", choices=list(lume.EVAL_PRECISIONS))
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (7B on one GPU)")
+    grad_checkpointing: bool = arg(None, "recompute activations in backward (7B on one GPU) (default: auto = off, "
+                                         "except where the memory plan on CUDA picks it)")
     lora_rank: int = arg(0, "LoRA rank r: train low-rank adapters over a frozen base (lora.py); 0 = off")
     lora_alpha: float = arg(0.0, "LoRA alpha: the update is (alpha/r) B A (0 = 2 * rank)")
     lora_targets: str = arg("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

@@ -73,7 +73,8 @@ def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method,
     m1, m2 = (AutoModelForCausalLM.from_pretrained(d / "model") for d in (one, two))
     s0, s1, s2 = small_target[0].state_dict(), m1.state_dict(), m2.state_dict()
     assert s1.keys() == s2.keys()
-    assert max((s1[k] - s0[k]).abs().max().item() for k in s1) > 1e-3
+    kept = json.load(open(one / "results.json")).get("kept", {"step": 3})["step"]  # --keep best may keep step 0
+    assert kept == 0 or max((s1[k] - s0[k]).abs().max().item() for k in s1) > 1e-3
     assert max((s1[k] - s2[k]).abs().max().item() for k in s1) <= WEIGHT_ATOL
     # evaluation: every item exactly once per stage, in item order; the same rows as one process
     items, mia = small_data

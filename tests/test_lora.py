@@ -177,6 +177,8 @@ def test_flags_are_checked_at_argument_time(monkeypatch, capsys):
     assert run.parse_args(["--lora-rank", "8"]).lr == 3e-4  # LoRA's default step (docs/lora.md)
     assert run.resolve_auto(run.Config(lora_rank=8, model="olmo-7b")).lr == 1e-4  # (parse_args would ask the hub)
     assert run.parse_args(["--lora-rank", "8", "--lr", "5e-5"]).lr == 5e-5 and run.parse_args([]).lr == 1e-4
+    picked = lora.apply(olmo(), run.Config(lora_rank=4))  # rank set after parse_args (the memory plan's pick)
+    assert {m.scale for m in lora.lora_modules(picked).values()} == {2.0}
     with pytest.raises(SystemExit, match="--lora-targets: no nn.Linear named qproj"):
         lora.add_lora(olmo(), 2, 4, "qproj")
 

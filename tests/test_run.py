@@ -76,7 +76,8 @@ def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
 
 
 def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny):
-    out = job.main(args(tmp_path, "none", "--method", "none"))
+    out = job.main(run.parse_args(["--n-docs", "2", "--max-new-tokens", "16", "--cache-dir", str(tmp_path / "cache"),
+                                   "--out", str(tmp_path / "none"), "--method", "none"]))
     assert list(json.load(open(out / "results.json"))) == ["before"]
     assert not (out / "log.jsonl").exists()
     r = subprocess.run([sys.executable, "run.py", "--method", "sgd"], cwd=ROOT, capture_output=True, text=True)
