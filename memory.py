@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import lora
 import lume
 import methods
 import tiny
@@ -41,6 +42,7 @@ OLMO_CONFIGS = {
 # autocast keeps the residual stream in fp32. Eager attention would add ~heads * T * 2 bytes.
 # A layer training over a frozen bf16 embedding (LoRA, last K) has a bf16 residual stream: bf16-pure's.
 ACT_COEF = {"fp32": (36, 16), "bf16": (28, 8), "bf16-pure": (22, 8)}
+FULL_LR, LORA_LR = 1e-5, 1e-4  # run.py's auto lr for a released target: full parameters, LoRA
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # lora.py's default --lora-targets
 GiB = 2**30
 
@@ -372,12 +374,11 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
         name, setup, plan = pick_setup(model_config(cfg.model), cfg.method, cfg.batch_size, seq_len, free)
     except NoSetupFits as e:
         raise SystemExit(f"error: --model {cfg.model} on {device}: {e}") from None
-    if (setup["train_layers"] or setup["lora_rank"]) and not (Path(__file__).parent / "lora.py").is_file():
-        raise SystemExit(f"error: the memory plan picks {name} for --model {cfg.model} on {device}, which needs "
-                         "lora.py (--train-layers, --lora-rank); give --precision bf16-pure --grad-checkpointing "
-                         "or a smaller --batch-size explicitly")
     for key, value in setup.items():
         setattr(cfg, key, value)
+    if setup["lora_rank"] and cfg.lr == FULL_LR:  # the auto lr of full fine-tuning: LoRA's instead (run.py)
+        cfg.lr, cfg.lora_alpha = LORA_LR, 2.0 * setup["lora_rank"]
+        lume.print0(f"memory plan: LoRA picked, so the auto lr {FULL_LR:g} becomes LoRA's {LORA_LR:g}")
     lume.print0(f"memory plan: {name} ({plan['total'] / GiB:.1f} GiB planned of {free / GiB:.1f} GiB free, "
                 f"batch {cfg.batch_size} x {seq_len} tokens); an explicit --precision, --grad-checkpointing, "
                 "--train-layers or --lora-rank overrides it (python memory.py shows every setup)")
@@ -389,15 +390,6 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
 # planned vs measured on a CUDA GPU
 
 
-def train_last_layers(model, k: int) -> None:
-    """Only the last k decoder layers train, in fp32; everything else frozen in its dtype. (The
-    run's --train-layers is lora.py's; this is the plan's measurement of the same layout.)"""
-    layers = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]
-    model.requires_grad_(False)
-    for layer in layers[len(layers) - k:]:
-        layer.float().requires_grad_(True)
-
-
 def build_random(config, setup: dict, device):
     """A random-weight model of config's shape built directly on `device` in the setup's layout."""
     from transformers import AutoModelForCausalLM, OlmoConfig
@@ -407,13 +399,9 @@ def build_random(config, setup: dict, device):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if setup["train_layers"]:
-        train_last_layers(model, setup["train_layers"])
+        lora.train_last_layers(model, setup["train_layers"])
     if setup["lora_rank"]:
-        try:
-            import lora
-        except ImportError:
-            raise SystemExit("memory.py --measure of a LoRA setup needs lora.py (--lora-rank)") from None
-        lora.add_lora(model, rank=setup["lora_rank"], targets=LORA_TARGETS)  # TODO at merge: lora.py's API
+        lora.add_lora(model, rank=setup["lora_rank"], alpha=2.0 * setup["lora_rank"], targets=LORA_TARGETS)
     if setup["grad_checkpointing"]:
         lume.enable_checkpointing(model)
     return model
