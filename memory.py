@@ -399,7 +399,7 @@ def build_random(config, setup: dict, device):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if setup["train_layers"]:
-        lora.train_last_layers(model, setup["train_layers"])
+        lora.train_last_layers(model, min(setup["train_layers"], config.num_hidden_layers))  # a small test shape
     if setup["lora_rank"]:
         lora.add_lora(model, rank=setup["lora_rank"], alpha=2.0 * setup["lora_rank"], targets=LORA_TARGETS)
     if setup["grad_checkpointing"]:
