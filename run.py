@@ -78,6 +78,8 @@ class Config:
                           "config.json (give no other flag)")
     cache_dir: str = arg(os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
                          "where the tiny target and the fetched data are cached (env LUME_CACHE)")
+    attacks: str = arg("", "after the after-evaluation, attack the unlearned model and score it again "
+                           "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, or all; '' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
 
@@ -107,6 +109,15 @@ def parse_args(argv=None) -> Config:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.beta <= 0:
         p.error(f"--beta must be > 0, got {cfg.beta}")
+    try:
+        asked = job.attacks.parse(cfg.attacks)
+    except ValueError as e:
+        p.error(f"--attacks {cfg.attacks!r}: {e}")
+    if asked and cfg.method == "none":
+        p.error("--attacks attacks an unlearned model: give an unlearning --method (not none)")
+    if "relearn" in asked and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
+                "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
     if cfg.keep == "best" and not cfg.eval_every:
         p.error("--keep best picks among the scored steps: give --eval-every N too")
     return cfg
