@@ -129,10 +129,10 @@ def test_rtn_error_at_most_half_a_step_per_channel_or_group(bits):
     g = attacks.GROUP[bits] or w.shape[1]  # 4-bit: columns 0-127, 128-255, 256-299
     for c in range(0, w.shape[1], g):
         x, x_dq = w[:, c:c + g], dq[:, c:c + g]
-        step = x.abs().amax(1, keepdim=True) / qmax  # the exact step; ours is it rounded to 16 bits
-        assert ((x - x_dq).abs() <= step / 2 * (1 + 2e-5) + 1e-30).all()
+        step = x.abs().amax(1, keepdim=True) / qmax
+        assert ((x - x_dq).abs() <= step / 2 * (1 + 1e-6)).all()  # fp32 rounding of x / s only
         q = x_dq / torch.where(step > 0, step, 1)  # on a grid of at most 2 qmax + 1 levels per row
-        assert (q.abs() <= qmax * (1 + 2e-5)).all()
+        assert (q.abs() <= qmax * (1 + 1e-6)).all()
         assert all(len(set(r.tolist())) <= 2 * qmax + 1 for r in x_dq)
     assert (dq[5] == 0).all()
     assert (dq != w).any()
