@@ -219,7 +219,8 @@ def test_attacks_flag_is_checked_at_argument_time(monkeypatch, capsys):
 
 def test_attacks_end_to_end(tmp_path, small_tiny):  # the one slow test: run.py with --attacks all
     out = job.main(run.parse_args(["--data", "builtin", "--n-docs", "2", "--max-steps", "2", "--max-new-tokens", "16",
-                                   "--attacks", "all", "--save", "--out", str(tmp_path / "r")]))
+                                   "--attacks", "all", "--save", "--out", str(tmp_path / "r"),
+                                   "--cache-dir", str(tmp_path / "cache")]))
     res = json.load(open(out / "results.json"))
     assert set(res) == {"before", "after", "robustness"} and list(res["robustness"]) == ["quant8", "quant4", "relearn"]
     for stage in (res["before"], res["after"], *res["robustness"].values()):
