@@ -31,10 +31,12 @@ import metrics
 
 
 @torch.inference_mode()
-def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[dict]:
+def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
+              extra: bool = True) -> list[dict]:
     """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
     labels=ids).loss` of the official scorer, and from the same forward the extra MIA statistics
-    of attacks.doc_scores (zlib, Min-K%, Min-K%++); length-sorted right-padded batches."""
+    of attacks.doc_scores (zlib, Min-K%, Min-K%++), unless extra=False; length-sorted right-padded
+    batches."""
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     enc = [tok(d).input_ids for d in docs]
@@ -50,6 +52,10 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
         # of token_logps is ~3x slower on CPU for log_softmax over the vocabulary
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
         loss = nll.view(labels.shape).sum(-1) / b.target_mask[:, 1:].sum(-1)
+        if not extra:  # the official loss alone (bench.py times it against model(ids, labels=ids))
+            for i, v in zip(idx, loss.tolist()):
+                out[i] = {"loss": v}
+            continue
         valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
         mu, sigma = attacks.next_token_moments(logits[valid])  # (N,) each
         counts = valid.sum(-1).tolist()
@@ -60,8 +66,8 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
 
 
 def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[float]:
-    """Mean token NLL of each whole document (doc_stats' "loss")."""
-    return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast)]
+    """Mean token NLL of each whole document (doc_stats' "loss", without the extra statistics)."""
+    return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast, extra=False)]
 
 
 MMLU_MAX_TOKENS = 2048  # Open-Instruct's cap on the prompt, whatever the model's context
