@@ -40,9 +40,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard under FSDP2 (a DTensor), else the tensor."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """CPU copies of the parameters that train (the others are the target's, unchanged)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the parameters that train (the others are the target's, unchanged); under
+    FSDP2, of this rank's shards (--keep best holds one per rank)."""
+    return {name: local(p.detach()).to("cpu", copy=True) for name, p in model.named_parameters()
+            if p.requires_grad}
 
 
 def load_trainable(model, weights: dict[str, torch.Tensor]) -> None:
@@ -53,7 +60,7 @@ def load_trainable(model, weights: dict[str, torch.Tensor]) -> None:
     assert not missing and not unknown, f"checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}"
     with torch.no_grad():
         for name, w in weights.items():
-            params[name].copy_(w)
+            local(params[name]).copy_(w)
 
 
 def save(run_dir, step: int, weights: dict, optimizer: dict, state: dict, best: dict | None = None) -> Path:

@@ -21,6 +21,7 @@ Every problem raises DataError naming the file, the line (JSONL) or row (parquet
     python data.py fetch [--to DIR]   # fetch + verify the real data into the cache (fetch.py, docs/data.md)
 """
 import csv
+import io
 import json
 import random
 import uuid
@@ -75,8 +76,13 @@ def _read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a non-UTF-8 line is named by its number
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {n}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at "
+                                f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -226,8 +232,14 @@ def _read_mmlu_dir(folder, split):
     out = {}
     for file in sorted(folder.glob(f"*_{split}.csv")):
         subject, qs = file.name[: -len(f"_{split}.csv")], []
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{file} line {line}: not UTF-8 text") from None
         # newline='' lets the csv module handle quoted newlines and CRs inside fields.
-        with open(file, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             for n, row in enumerate(csv.reader(f), 1):
                 if not row:  # blank line, as for JSONL
                     continue

@@ -24,6 +24,7 @@ import dist as distributed
 import evaluation
 import fetch
 import lume
+import memory
 import methods
 import progress
 import report
@@ -104,7 +105,7 @@ def load_model(cfg, items, device, dtype, precision: str = "fp32", dist=None):
     on CPU and fully_shard moving its shard to the device layer by layer."""
     if cfg.model == "tiny":
         def build():
-            return tiny.tiny_target(items, cfg.cache_dir, log=lume.print0)
+            return tiny.tiny_target(items, cfg.cache_dir, log=lume.print0, show_progress=True)
         path = dist.on_rank0(build) if dist else build()  # one rank builds it, the others wait
         model, tok = lume.load_pretrained(str(path), dtype)
     else:
@@ -183,7 +184,7 @@ def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=No
     forget_encoded = encode_items(tok, forget)
     retain_encoded = encode_items(tok, retain) if use_retain else []
     plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
-                           cfg.epochs, cfg.max_steps, cfg.seed)
+                           cfg.epochs, cfg.max_steps or 0, cfg.seed)
     pad = tok.pad_token_id
 
     def forget_batch(idx):
@@ -301,43 +302,100 @@ def step_logger(logf, total: int, start: int = 0):
     return log
 
 
+class UserError(Exception):
+    """A problem with the user's input found while reading it (bad data), before the run directory
+    exists: run.py prints it as one `error:` line and exits with status 2."""
+
+
 def main(cfg) -> Path:
+    """The run of cfg; returns its directory. A failure after the run directory exists marks it
+    failed (status.json) and ends with a SystemExit whose last line says what to do next."""
     t0 = time.time()
     lume.seed_everything(cfg.seed)
-    items, mia, mmlu, sources = load_inputs(cfg)
+    try:
+        items, mia, mmlu, sources = load_inputs(cfg)
+    except data.DataError as e:
+        raise UserError(str(e)) from None
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
+    where = {}  # the run directory, once it exists
     try:
-        out = run_job(cfg, (items, mia, mmlu), dist, t0, sources)
-    except BaseException:
+        out = run_job(cfg, (items, mia, mmlu), dist, t0, sources, where)
+    except BaseException as e:
         if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
             dist.close(together=False)
-        raise
+        if "out" not in where:  # nothing was created: a user's error (one line) or a bug (traceback)
+            raise
+        raise failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
     if dist is not None:
         dist.close()
     return out
 
 
-def write_config(cfg, out: Path, device, precision: str, dist, sources) -> None:
+def write_status(out: Path, status: str, **fields) -> None:
+    """status.json: running, complete or failed (with the reason and what to do next)."""
+    lume.write_json_atomic(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                 **fields})
+
+
+def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
+    """Mark the run directory failed, print why and what to do next as the last line, and return the
+    SystemExit to end with (130 after Ctrl-C, 1 otherwise). What the run completed stays as it is."""
+    checkpoints = (out / "checkpoints" / "latest.json").is_file()
+    again = (f"continue it with: python run.py --resume {out}" if checkpoints else
+             "run it again with a new --out (add --save-every N to be able to resume)")
+    code = 1
+    if isinstance(e, KeyboardInterrupt):
+        reason, code = "interrupted (Ctrl-C)", 130
+    elif isinstance(e, lume.TrainingDiverged):
+        reason, again = lume.first_line(e), "lower --lr, or see the message above; " + again
+    elif isinstance(e, torch.OutOfMemoryError):
+        reason = lume.first_line(e)
+        again = ("lower --batch-size / --eval-batch-size, add --grad-checkpointing, or see "
+                 "`python memory.py`; " + again)
+    elif isinstance(e, SystemExit):
+        reason = str(e.code).removeprefix("error: ") if isinstance(e.code, str) else f"exit {e.code}"
+    else:  # not something a user caused: keep the traceback for the report
+        import traceback
+        traceback.print_exception(e)
+        reason, again = lume.first_line(e), "this is a bug: please report it with the traceback above; " + again
+    done = [name for name in ("results.json", "trajectory.jsonl", "log.jsonl") if (out / name).is_file()]
+    if rank0:
+        write_status(out, "failed", reason=reason, next=again, completed=done)
+        print(f"error: run failed: {reason}. Kept in {out}: {', '.join(done) or 'config.json only'} "
+              f"(status.json says failed). Next: {again}", file=sys.stderr, flush=True)
+    return SystemExit(code)
+
+
+def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None) -> None:
     """config.json: the resolved arguments and what they resolved to, before any work."""
     lume.write_json_atomic(out / "config.json", {
         **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
         "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
-        "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__})
+        "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__,
+        "memory_plan": memory_plan})
 
 
-def run_job(cfg, inputs, dist, t0, sources=None) -> Path:
-    """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes."""
+def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
+    """Score, unlearn, save, score again; under torchrun every rank runs this and rank 0 writes.
+    The run directory is made once the model has loaded (a model that cannot load leaves nothing
+    behind); where["out"] names it from then on."""
     items = inputs[0]
     rank0 = dist is None or dist.rank == 0
     device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
+    # on one CUDA GPU with no setup flag given, the memory plan picks precision, checkpointing, layers
+    plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
     precision = lume.resolve_precision(cfg.precision, device)
+    model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
+    if where is not None:
+        where["out"] = out
     if rank0 and not cfg.resume:
-        write_config(cfg, out, device, precision, dist, sources)
+        write_config(cfg, out, device, precision, dist, sources, plan)
+    if rank0:
+        write_status(out, "running")
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")
                 + (" (resumed)" if cfg.resume else ""))
-    model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
     eval_precision = lume.resolve_eval_precision(cfg.eval_precision, device)
     scored = read_scores(out) if cfg.resume else {"generations": [], "mia": [], "results": {}}
     if (cfg.method == "none" or cfg.eval_before) and "before" not in scored["results"]:
@@ -361,6 +419,8 @@ def run_job(cfg, inputs, dist, t0, sources=None) -> Path:
         scored = run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precision, dist)
         if rank0:
             write_scores(out, scored)
+    if rank0:
+        write_status(out, "complete")
     results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
     lume.print0(report.table(results))
     lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
@@ -417,12 +477,12 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
                             {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights)
 
     done_before = resume["step"] if resume else 0
-    if rank0 and resume:  # drop what a killed run wrote after its checkpoint
+    if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
         lume.write_jsonl_atomic(out / "log.jsonl", read_jsonl_until(out / "log.jsonl", done_before))
         lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
         n_steps = len(lume.plan_steps(len(split_items(cfg, items)[0]), 0, cfg.batch_size, cfg.grad_accum,
-                                      cfg.epochs, cfg.max_steps, cfg.seed))
+                                      cfg.epochs, cfg.max_steps or 0, cfg.seed))
         total["steps"] = n_steps
         unlearn(cfg, model, tok, items, device, precision, step_logger(logf, n_steps, done_before), dist,
                 resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)

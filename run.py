@@ -18,12 +18,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import checks
 import job
 import lume
 
 
 def arg(default, help: str, **extra):
-    """A Config field: its default, its --help text and any argparse extras (choices)."""
+    """A Config field: its default, its --help text and any argparse extras (choices; type when the
+    default is None, which means auto: resolved in parse_args, the resolved value in config.json)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -33,38 +35,53 @@ class Config:
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
                       choices=["ga", "gd", "kl", "npo", "none"])
-    model: str = arg("tiny", "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local "
-                             "save_pretrained directory")
-    data: str = arg("auto", "auto (builtin for --model tiny, else lume), builtin, lume, semeval (fetched, "
-                            "verified, cached: docs/data.md), or a LUME release dir / a SemEval parquet dir")
-    n_docs: int = arg(0, "documents per task per split: built-in data makes this many (0 = 8), "
-                         "real data keeps the first N (0 = all)")
-    mia_data: str = arg("auto", "auto (built-in data brings its own; real data: mia, or none with a note if it "
-                                "cannot be fetched), mia, none, or a dir with member.jsonl + nonmember.jsonl")
-    mmlu: str = arg("auto", "auto (none with built-in data; real data: mmlu, or none with a note if it cannot "
-                            "be fetched), mmlu, none, or an MMLU dir (dev/, test/ CSVs)")
-    mmlu_limit: int = arg(0, "questions per MMLU subject (0 = all)")
-    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)")
-    epochs: float = arg(0.0, "passes over the forget set (0 = 20 for tiny, 5 otherwise)")
-    max_steps: int = arg(0, "optimizer steps; > 0 overrides --epochs")
-    batch_size: int = arg(4, "forget (and retain) rows per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step (token-normalised)")
+    model: str = arg("tiny", "tiny (built locally on first use, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
+                             "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
+    data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
+                            "fetched, verified and cached on first use: docs/data.md), or a LUME release directory / "
+                            "a SemEval parquet directory (default: auto = builtin for --model tiny, lume otherwise)")
+    n_docs: int = arg(None, "documents per task and split: built-in data makes this many, real data keeps the first N "
+                            "(default: auto = 8 built-in documents; all documents of real data)", type=int)
+    mia_data: str = arg("auto", "member/nonmember documents for the MIA AUC: mia (the official sets, fetched), none, "
+                                "or a directory with member.jsonl and nonmember.jsonl (default: auto = built-in data "
+                                "brings its own; real data fetches mia, skipped with a note if it cannot be). "
+                                "aggregate-score needs both MIA data and MMLU, else it is -1")
+    mmlu: str = arg("auto", "MMLU for the utility gate: mmlu (fetched), none, or a directory with dev/ and test/ CSVs "
+                            "(default: auto = none with built-in data; real data fetches mmlu, skipped with a note "
+                            "if it cannot be). aggregate-score needs both MIA data and MMLU, else it is -1")
+    mmlu_limit: int = arg(0, "questions per MMLU subject, for a quick look (0 = all 14,042, as the official scorer)")
+    lr: float = arg(None, "peak learning rate (default: auto = 1e-4 for --model tiny, 1e-5 for the released "
+                          "targets and any other model)", type=float)
+    epochs: float = arg(None, "passes over the forget set (default: auto = 20 for --model tiny, 5 otherwise)",
+                        type=float)
+    max_steps: int = arg(None, "optimizer steps; replaces --epochs when given", type=int)
+    batch_size: int = arg(4, "forget rows per micro-batch (GD, KL and NPO add as many retain rows)")
+    grad_accum: int = arg(1, "micro-batches per optimizer step (losses token-normalised over the step: k "
+                             "micro-batches equal one batch k times as large)")
     warmup: int = arg(0, "linear warmup steps")
     schedule: str = arg("constant", "lr after warmup", choices=["constant", "linear"])
     clip: float = arg(1.0, "gradient-norm clip (0 = off)")
-    beta: float = arg(0.1, "NPO inverse temperature")
-    retain_weight: float = arg(-1.0, "weight of the retain term of GD, KL and NPO (NPO-RT; 0 = pure NPO); "
-                                     "-1 = 1 for GD/KL, 3 for NPO")
-    precision: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=list(lume.PRECISIONS))
+    beta: float = arg(None, "NPO's inverse temperature (default: 0.1, the NPO paper's)", type=float)
+    retain_weight: float = arg(None, "weight of the retain term: GD and KL, and NPO, which then is NPO with a retain "
+                                     "term ('NPO-RT' in the NPO paper; 0 = pure NPO). GA has none (default: auto = "
+                                     "1 for GD and KL, 3 for NPO)", type=float)
+    precision: str = arg("auto", "auto = fp32 on CPU; on CUDA the memory plan's pick (memory.py): bf16 autocast over "
+                                 "fp32 weights if it fits. bf16-pure: bf16 weights and AdamW states, updated with "
+                                 "stochastic rounding (lume.StochasticAdamW: no update lost at small lr)",
+                         choices=list(lume.PRECISIONS))
     eval_precision: str = arg("auto", "weights' dtype when scoring: auto = bf16 on CUDA (as the official scorer "
                                       "loads the targets), fp32 on CPU", choices=list(lume.EVAL_PRECISIONS))
-    grad_checkpointing: bool = arg(False, "recompute activations in backward (7B on one GPU)")
+    grad_checkpointing: bool = arg(None, "recompute activations in backward (7B on one GPU) (default: auto = off, "
+                                         "except where the memory plan on CUDA picks it)")
+    train_layers: int = arg(0, "train only the last K decoder layers (0 = all; lora.py)")
+    lora_rank: int = arg(0, "LoRA adapters of this rank (0 = off; lora.py)")
     device: str = arg("auto", "auto, cpu, cuda, cuda:1, ...")
     max_new_tokens: int = arg(256, "generation length (the official scorer uses 256)")
     eval_batch_size: int = arg(32, "prompts per generation batch")
     eval_before: bool = arg(True, "also score the target before unlearning")
     seed: int = arg(0, "seeds data order, sampling of retain batches and torch")
-    out: str = arg("", "run directory (default runs/task<T>-<method>-<model>-<time>); never overwritten")
+    out: str = arg("", "run directory, created new; an existing non-empty one is refused, never overwritten "
+                       "(default: runs/task<T>-<method>-<model>-<date>-<time>)")
     save: bool = arg(False, "save the model (save_pretrained, safetensors) to <out>/model: the unlearned one (the "
                             "kept step with --keep best), or with --method none the target as it is")
     eval_every: int = arg(0, "score the evaluation subset (trajectory.py) every N optimizer steps and before the "
@@ -84,56 +101,85 @@ class Config:
                                     "before a clear error")
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    """Every Config field as a --flag; its help ends with its default (auto ones spell out theirs)."""
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     for f in dataclasses.fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        text = meta["help"] if "default:" in meta["help"] or f.default in ("", None) else \
+            f"{meta['help']} (default: {f.default})"
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=meta["help"])
+            p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, choices=meta.get("choices"),
-                           help=meta["help"])
+            p.add_argument(flag, type=meta.get("type", type(f.default)), default=f.default,
+                           choices=meta.get("choices"), help=text, metavar=f.name.upper() if not meta.get(
+                               "choices") else None)
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    """The command line as a Config, auto values resolved (after checks.preflight, so a given 0 is
+    refused rather than taken for "auto"). Exits with status 2 and one `error:` line per problem."""
+    p = parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.resume:
-        return resumed_config(p, cfg.resume, argv if argv is not None else sys.argv[1:])
-    # model-dependent defaults, resolved here once and recorded in config.json. The tiny values
-    # were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting.
+        cfg = resumed_config(cfg.resume, argv)
+    problems = checks.preflight(cfg, resumed=bool(cfg.resume))
+    if problems:
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return cfg if cfg.resume else resolve_auto(cfg)
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """Model- and method-dependent defaults, resolved here once and recorded in config.json. The tiny
+    values were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting."""
     is_tiny = cfg.model == "tiny"
-    cfg.lr = cfg.lr or (1e-4 if is_tiny else 1e-5)
-    cfg.epochs = cfg.epochs or (20.0 if is_tiny else 5.0)
-    if cfg.retain_weight < 0:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
+    cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if is_tiny else 1e-5)
+    cfg.epochs = cfg.epochs if cfg.epochs is not None else (20.0 if is_tiny else 5.0)
+    cfg.beta = cfg.beta if cfg.beta is not None else 0.1
+    if cfg.retain_weight is None:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
         cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
-    for name in ("epochs", "batch_size", "grad_accum", "max_new_tokens", "eval_batch_size"):
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.beta <= 0:
-        p.error(f"--beta must be > 0, got {cfg.beta}")
-    try:
-        asked = job.attacks.parse(cfg.attacks)
-    except ValueError as e:
-        p.error(f"--attacks {cfg.attacks!r}: {e}")
-    if asked and cfg.method == "none":
-        p.error("--attacks attacks an unlearned model: give an unlearning --method (not none)")
-    if "relearn" in asked and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        p.error("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
-                "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
-    if cfg.keep == "best" and not cfg.eval_every:
-        p.error("--keep best picks among the scored steps: give --eval-every N too")
     return cfg
 
 
-def resumed_config(p, run_dir: str, argv) -> Config:
-    """The Config of the run in run_dir (its config.json), to be continued there."""
+def resumed_config(run_dir: str, argv) -> Config:
+    """The Config of the run in run_dir (its config.json, auto values resolved), to be continued there."""
+    def fail(why):
+        print(f"error: --resume {run_dir}: {why}", file=sys.stderr)
+        raise SystemExit(2)
     if len([a for a in argv if a.startswith("--")]) > 1:
-        p.error("--resume continues a run with its own config.json: give no other flag")
+        fail("a resumed run continues with its own config.json: give no other flag")
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        p.error(f"--resume {run_dir}: no config.json there (not a run directory)")
+        fail("no config.json there (not a run directory)")
     saved = json.loads(path.read_text())
+    done = Path(run_dir) / "results.json"
+    if done.is_file() and "after" in json.loads(done.read_text()):
+        fail("the run is complete (results.json has its after-unlearning scores)")
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{**{k: v for k, v in saved.items() if k in names}, "resume": run_dir, "out": run_dir})
 
 
+def main(argv=None) -> int:
+    """The command: exit status 0, 2 for anything the user can fix before the run (one `error:` line
+    each, no traceback), or job.main's status for a run that failed later (the run directory marked
+    failed in its status.json)."""
+    cfg = parse_args(argv)
+    try:
+        job.main(cfg)
+    except job.UserError as e:  # bad data found while reading it: before the run directory exists
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # a one-line error before the run directory exists (model, fetch, torchrun)
+        if isinstance(e.code, str):
+            print(e.code if e.code.startswith("error:") else f"error: {e.code}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
 if __name__ == "__main__":
-    job.main(parse_args())
+    sys.exit(main())

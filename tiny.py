@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import lume
+import progress
 
 # ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score >= 0.94
 # on 3 data seeds) in ~2.7 minutes on 2 cores. 50 epochs left Task2 PII at 0.72-0.75 on one seed.
@@ -60,9 +61,11 @@ def finetune(model, batch, _retain, totals):
     return nll, {"forget_nll": nll.item()}
 
 
-def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None) -> Path:
+def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None,
+                show_progress: bool = False) -> Path:
     """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
-    input + output sequences, as the released targets were fine-tuned); built once, then reused."""
+    input + output sequences, as the released targets were fine-tuned); built once, then reused.
+    show_progress: one updating progress line for the build instead of a log line every 50 steps."""
     from transformers import OlmoForCausalLM
     recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
     path = Path(cache_dir) / f"tiny-{fingerprint(items, {'recipe': recipe, 'config': config})}"
@@ -80,13 +83,19 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
     steps = [[(lume.make_batch([seqs[i] for i in f], [0] * len(f), f, tok.pad_token_id), None)
               for f, _ in micros] for micros in steps]
     last = {}
+    bar = progress.Progress("tiny target: building, step", len(steps)) if show_progress else None
+
     def log_every(rec):
         last.update(rec)
-        if rec["step"] % 50 == 0 or rec["step"] == len(steps) - 1:
+        if bar is not None:
+            bar.update(rec["step"] + 1, loss=rec["loss"], tokens_per_s=rec["tokens_per_s"])
+        elif rec["step"] % 50 == 0 or rec["step"] == len(steps) - 1:
             log(f"tiny target: step {rec['step']}/{len(steps)} loss {rec['loss']:.4f} "
                 f"({rec['tokens_per_s']:.0f} tok/s)")
     lume.train(model, steps, finetune, lr=recipe["lr"], warmup=recipe["warmup"], schedule="linear",
                log=log_every)
+    if bar is not None:
+        bar.close()
     lume.save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
     lume.write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
                                                        "final_loss": last.get("loss"), "seconds": time.time() - t0})

@@ -55,14 +55,20 @@ def small_data():
 
 
 @pytest.fixture(scope="session")
-def small_target(small_data, tmp_path_factory):
-    """(model, tokenizer) of a tiny OLMo trained briefly on 2 built-in documents per task/split."""
-    import lume
+def small_target_dir(small_data, tmp_path_factory):
+    """save_pretrained directory of a tiny OLMo trained briefly on 2 built-in documents per task/split
+    (what `--model DIR --data builtin --n-docs 2` runs on, in a subprocess too)."""
     import tiny
     items, _ = small_data
-    path = tiny.tiny_target(items, tmp_path_factory.mktemp("cache"), log=lambda s: None,
+    return tiny.tiny_target(items, tmp_path_factory.mktemp("cache"), log=lambda s: None,
                             recipe=SMALL_RECIPE, config=SMALL_CONFIG)
-    return lume.load_pretrained(str(path))
+
+
+@pytest.fixture(scope="session")
+def small_target(small_target_dir):
+    """(model, tokenizer) of the small target."""
+    import lume
+    return lume.load_pretrained(str(small_target_dir))
 
 
 @pytest.fixture

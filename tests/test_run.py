@@ -46,9 +46,14 @@ def test_end_to_end_writes_every_file(tmp_path, small_tiny):
         assert set(r["forget-set"]) == {"overall-regurgitation-score", "overall-knowledge-score", "Task1", "Task2", "Task3"}
         assert len(r["aggregated-terms"]) == 12 and r["aggregate-score"] == -1  # no MMLU given
     assert (out / "model" / "model.safetensors").exists()
-    # a run directory is never overwritten
+    # a run directory is never overwritten: refused before any work (run.py), and again when it is made
+    with pytest.raises(SystemExit) as e:
+        args(tmp_path, "run", "--method", "ga")
+    assert e.value.code == 2
+    cfg = args(tmp_path, "other", "--method", "ga")
+    cfg.out = str(out)
     with pytest.raises(SystemExit, match="not empty"):
-        job.main(args(tmp_path, "run", "--method", "ga"))
+        job.main(cfg)
 
 
 def test_same_seed_same_results(tmp_path, small_tiny):
@@ -62,20 +67,24 @@ def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
     import methods
     monkeypatch.setitem(methods.METHODS, "ga", lambda m, forget, retain, totals: (
         methods.ga(m, forget, retain, totals)[0] * float("inf"), {}))
-    with pytest.raises(lume.TrainingDiverged):
+    with pytest.raises(SystemExit) as e:  # lume.TrainingDiverged, reported as a failed run
         job.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
+    assert e.value.code == 1
     assert not (tmp_path / "nan" / "model").exists()
     assert not (tmp_path / "nan" / "results.json").exists()
+    status = json.load(open(tmp_path / "nan" / "status.json"))
+    assert status["status"] == "failed" and "TrainingDiverged: step 0: loss is" in status["reason"], status
 
 
 def test_method_none_scores_once_and_cli_rejects_bad_values(tmp_path, small_tiny):
-    out = job.main(args(tmp_path, "none", "--method", "none"))
+    out = job.main(run.parse_args(["--n-docs", "2", "--max-new-tokens", "16", "--cache-dir", str(tmp_path / "cache"),
+                                   "--out", str(tmp_path / "none"), "--method", "none"]))
     assert list(json.load(open(out / "results.json"))) == ["before"]
     assert not (out / "log.jsonl").exists()
     r = subprocess.run([sys.executable, "run.py", "--method", "sgd"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'sgd'" in r.stderr
     r = subprocess.run([sys.executable, "run.py", "--batch-size", "0"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "--batch-size must be > 0" in r.stderr
+    assert r.returncode == 2 and "--batch-size must be >= 1" in r.stderr
 
 
 def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
@@ -144,6 +153,7 @@ def test_auto_data_sources_follow_the_model(monkeypatch, tmp_path):
     assert [job.data_source(cfg, cfg.data, ("lume", "semeval"), cfg.model != "tiny"),
             job.data_source(cfg, cfg.mia_data, ("mia",), False)] == [("builtin", None), ("", None)]
     assert calls == []  # the embedded default never touches the network
+    monkeypatch.setattr(run.checks, "hub_problems", lambda name, repos: [])  # no hub here
     cfg = run.parse_args(["--model", "olmo-7b", "--cache-dir", str(tmp_path)])
     job.data_source(cfg, cfg.data, ("lume", "semeval"), True)
     job.data_source(cfg, cfg.mia_data, ("mia",), True)

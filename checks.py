@@ -1,0 +1,231 @@
+"""
+Preflight: every mistake a user can make in a command line, found before any work.
+
+    problems = checks.preflight(cfg)   # [] or one line per problem, each naming the flag / file / field
+
+run.py prints each problem as `error: ...` and exits with status 2, before any model is loaded and
+before the run directory is created, so a typo never costs a 7B evaluation and never leaves a
+half-written directory behind. What is checked: numeric ranges, flag combinations, that the paths
+exist and hold what they must (data, MIA and MMLU directories, a model directory's config and
+weights, the run directory), the device, and whether a hub model can be reached at all (a few
+seconds, instead of a minute of retries). The data files themselves are validated line by line
+when they are read (data.py), still before any model work.
+"""
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+import attacks
+import lume
+
+HUB_TIMEOUT = 5.0  # seconds to wait for the hub before saying it cannot be reached
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+DATA_KEYWORDS = ("auto", "builtin", "lume", "semeval")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def range_problems(cfg) -> list[str]:
+    """Numeric flags outside their range. Auto values are None here (resolved later), so a given 0
+    is refused where 0 would mean nothing, instead of silently meaning "the default"."""
+    rules = {  # name: (test, what it must be)
+        "lr": (lambda v: v > 0 and v < 1, "> 0 and < 1"), "epochs": (lambda v: v > 0, "> 0"),
+        "max_steps": (lambda v: v >= 1, ">= 1"), "n_docs": (lambda v: v >= 1, ">= 1"),
+        "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
+        "eval_batch_size": (lambda v: v >= 1, ">= 1"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
+        "warmup": (lambda v: v >= 0, ">= 0"), "clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+        "beta": (lambda v: v > 0, "> 0"), "retain_weight": (lambda v: v >= 0, ">= 0"),
+        "mmlu_limit": (lambda v: v >= 0, ">= 0 (0 = all)"), "eval_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
+        "save_every": (lambda v: v >= 0, ">= 0 (0 = never)"), "rdzv_timeout": (lambda v: v > 0, "> 0"),
+    }
+    out = []
+    for name, (ok, what) in rules.items():
+        value = getattr(cfg, name, None)
+        if value is not None and (value != value or not ok(value)):  # value != value: NaN
+            out.append(f"{flag(name)} must be {what}, got {value}")
+    if cfg.warmup and cfg.max_steps and cfg.warmup >= cfg.max_steps:
+        out.append(f"--warmup {cfg.warmup} is not shorter than --max-steps {cfg.max_steps}: the lr would never peak")
+    return out
+
+
+def combination_problems(cfg) -> list[str]:
+    """Flags that make no sense together."""
+    out = []
+    if cfg.method == "none":
+        for name in ("lr", "epochs", "max_steps", "beta", "retain_weight"):
+            if getattr(cfg, name) is not None:
+                out.append(f"{flag(name)} has no effect with --method none (nothing is trained)")
+        for name in ("eval_every", "save_every"):
+            if getattr(cfg, name):
+                out.append(f"{flag(name)} has no effect with --method none (there are no training steps)")
+        if not cfg.eval_before:
+            out.append("--no-eval-before with --method none would score nothing")
+    if cfg.method == "ga" and cfg.retain_weight is not None:
+        out.append("--retain-weight: ga has no retain term (use gd, kl or npo)")
+    if cfg.beta is not None and cfg.method not in ("npo", "none"):
+        out.append(f"--beta is NPO's inverse temperature; --method {cfg.method} does not use it")
+    if cfg.keep == "best" and not cfg.eval_every:
+        out.append("--keep best picks among the scored steps: give --eval-every N too")
+    if cfg.epochs is not None and cfg.max_steps is not None:
+        out.append("--epochs and --max-steps both given: --max-steps would silently win; give one")
+    return out
+
+
+def data_problems(cfg) -> list[str]:
+    """Local data, MIA and MMLU directories that do not exist or do not hold what they must."""
+    out = []
+    if cfg.data not in DATA_KEYWORDS and not Path(cfg.data).expanduser().exists():
+        out.append(f"--data {cfg.data}: no such file or directory (or use auto, builtin, lume, semeval)")
+    if cfg.mia_data not in ("auto", "mia", "none", ""):
+        d = Path(cfg.mia_data).expanduser()
+        if not d.is_dir():
+            out.append(f"--mia-data {cfg.mia_data}: no such directory (or use auto, mia, none)")
+        else:
+            out += [f"--mia-data {cfg.mia_data}: {name} missing (the MIA needs both member.jsonl and "
+                    "nonmember.jsonl)" for name in ("member.jsonl", "nonmember.jsonl") if not (d / name).is_file()]
+    if cfg.mmlu not in ("auto", "mmlu", "none", ""):
+        d = Path(cfg.mmlu).expanduser()
+        if not d.is_dir():
+            out.append(f"--mmlu {cfg.mmlu}: no such directory (or use auto, mmlu, none)")
+        else:
+            out += [f"--mmlu {cfg.mmlu}: no {split}/ directory of <subject>_{split}.csv files"
+                    for split in ("dev", "test") if not (d / split).is_dir()]
+    return out
+
+
+def is_local(name: str) -> bool:
+    """A model name that names a directory (never sent to the hub), as lume.load_pretrained decides."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def model_problems(cfg) -> list[str]:
+    """A local model directory must hold config.json, weights and a tokenizer; a hub id must look
+    like one and be reachable (or in the local cache)."""
+    if cfg.model == "tiny":
+        return []
+    repo, tok_repo = lume.resolve_model(cfg.model)
+    if is_local(cfg.model):
+        d = Path(cfg.model).expanduser()
+        if not d.is_dir():
+            return [f"--model {cfg.model}: no such directory"]
+        out = []
+        if not (d / "config.json").is_file():
+            out.append(f"--model {cfg.model}: no config.json (not a directory written by save_pretrained)")
+        if not any((d / f).is_file() for f in WEIGHT_FILES):
+            out.append(f"--model {cfg.model}: no weights ({', '.join(WEIGHT_FILES[::2])})")
+        if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            out.append(f"--model {cfg.model}: no tokenizer (tokenizer.json)")
+        return out
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts):
+        return [f"--model {cfg.model}: not tiny, olmo-1b, olmo-7b, an existing directory or a hub id "
+                "(owner/name)"]
+    return hub_problems(cfg.model, [repo, tok_repo])
+
+
+def in_hub_cache(repo: str) -> bool:
+    """Whether the hub's local cache already holds repo's config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    hit = try_to_load_from_cache(repo, "config.json")
+    return isinstance(hit, str) and os.path.isfile(hit)
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT) -> str | None:
+    """None when a TCP connection to the hub (HF_ENDPOINT) opens within timeout, else why not."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{host}:{port} cannot be reached within {timeout:.0f} s ({type(e).__name__}: {e})"
+
+
+def hub_problems(name: str, repos: list[str]) -> list[str]:
+    """An unreachable hub in one line, within seconds; HF_HUB_OFFLINE=1 means the local cache only.
+    Reachable but cached: transformers goes on to check for updates itself."""
+    cached = all(in_hub_cache(r) for r in dict.fromkeys(repos))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        return [] if cached else [f"--model {name}: HF_HUB_OFFLINE is set and {', '.join(dict.fromkeys(repos))} "
+                                  "is not in the local hub cache; unset it, or pass a local directory"]
+    why = hub_reachable()
+    if why is None:
+        return []
+    if cached:  # use the cache without waiting on the network again
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return []
+    return [f"--model {name}: the hub is unreachable ({why}) and the model is not in the local cache; "
+            "download it on a connected machine (docs/data.md) or pass a local save_pretrained directory"]
+
+
+def device_problems(cfg) -> list[str]:
+    if cfg.device in ("auto", "cpu"):
+        return []
+    try:
+        dev = torch.device(cfg.device)
+    except RuntimeError:
+        return [f"--device {cfg.device}: not a device (auto, cpu, cuda, cuda:N)"]
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return [f"--device {cfg.device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                    "use --device cpu (or auto)"]
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return [f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)"]
+    elif dev.type != "cpu":
+        return [f"--device {cfg.device}: only cpu and cuda are supported"]
+    return []
+
+
+def out_problems(cfg) -> list[str]:
+    """The run directory: a new one, never overwritten; the cache directory writable."""
+    out = []
+    if cfg.out and not cfg.resume:
+        d = Path(cfg.out)
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            out.append(f"--out {cfg.out}: exists and is not empty; pass a new --out (results are never "
+                       "overwritten; --resume DIR continues a run)")
+    cache = Path(cfg.cache_dir).expanduser()
+    parent = next((p for p in [cache, *cache.parents] if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        out.append(f"--cache-dir {cfg.cache_dir}: not writable (set LUME_CACHE or --cache-dir to a writable "
+                   "directory)")
+    return out
+
+
+def attack_problems(cfg) -> list[str]:
+    """--attacks: known names, an unlearned model to attack, relearn in one process only."""
+    try:
+        asked = attacks.parse(cfg.attacks)
+    except ValueError as e:
+        return [f"--attacks {cfg.attacks!r}: {e}"]
+    out = []
+    if asked and cfg.method == "none":
+        out.append("--attacks attacks an unlearned model: give an unlearning --method (not none)")
+    if "relearn" in asked and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        out.append("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
+                   "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
+    return out
+
+
+def preflight(cfg, resumed: bool = False) -> list[str]:
+    """Every problem of cfg, in the order a user would fix them; [] when the run can start. A resumed
+    run's config.json holds resolved values (no auto left), so its flag combinations are not judged."""
+    problems = range_problems(cfg) + ([] if resumed else combination_problems(cfg))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.save_every or cfg.resume):
+        problems.append("--save-every / --resume: training checkpoints are written by one process only for now; "
+                        "under torchrun use --eval-every with --keep best, or run on one process to resume")
+    problems += attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
+    problems += out_problems(cfg)
+    if not problems:  # the hub check may take seconds: only for an otherwise valid command
+        problems += model_problems(cfg)
+    return problems
