@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
+import attacks
 import lume
 
 HUB_TIMEOUT = 5.0  # seconds to wait for the hub before saying it cannot be reached
@@ -201,6 +202,21 @@ def out_problems(cfg) -> list[str]:
     return out
 
 
+def attack_problems(cfg) -> list[str]:
+    """--attacks: known names, an unlearned model to attack, relearn in one process only."""
+    try:
+        asked = attacks.parse(cfg.attacks)
+    except ValueError as e:
+        return [f"--attacks {cfg.attacks!r}: {e}"]
+    out = []
+    if asked and cfg.method == "none":
+        out.append("--attacks attacks an unlearned model: give an unlearning --method (not none)")
+    if "relearn" in asked and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        out.append("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
+                   "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
+    return out
+
+
 def preflight(cfg, resumed: bool = False) -> list[str]:
     """Every problem of cfg, in the order a user would fix them; [] when the run can start. A resumed
     run's config.json holds resolved values (no auto left), so its flag combinations are not judged."""
@@ -208,7 +224,7 @@ def preflight(cfg, resumed: bool = False) -> list[str]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.save_every or cfg.resume):
         problems.append("--save-every / --resume: training checkpoints are written by one process only for now; "
                         "under torchrun use --eval-every with --keep best, or run on one process to resume")
-    problems += data_problems(cfg) + device_problems(cfg)
+    problems += attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
     problems += out_problems(cfg)
     if not problems:  # the hub check may take seconds: only for an otherwise valid command
         problems += model_problems(cfg)

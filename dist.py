@@ -234,9 +234,9 @@ def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stag
     if mia:
         docs = [(name, d) for name in ("member", "nonmember") for d in mia[name]]
         lo, hi = dist.span(len(docs))
-        losses = dist.gather(evaluation.doc_losses(replica, tok, [d.document for _, d in docs[lo:hi]],
-                                                   autocast=autocast))
-        mia_rows = [{"stage": stage, "set": name, "id": d.id, "loss": v} for (name, d), v in zip(docs, losses)]
+        stats = dist.gather(evaluation.doc_stats(replica, tok, [d.document for _, d in docs[lo:hi]],
+                                                 autocast=autocast))  # rows of plain floats: gathered as objects
+        mia_rows = [{"stage": stage, "set": name, "id": d.id, **v} for (name, d), v in zip(docs, stats)]
     mmlu_res = None
     if mmlu:  # whole subjects per rank; the (subject, prediction, answer) records are gathered, so
         dev, test = mmlu  # average_acc counts every question once, as one process counts them

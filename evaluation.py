@@ -6,7 +6,8 @@ SemEval-2025 Task 4 results dict (metrics.aggregate), exactly as the official sc
   regurgitation  ROUGE-L recall of the greedy continuation of every `sc` item's input
   knowledge      exact match of the greedy answer to every `qa` item's question
   MIA            loss of each whole member / nonmember document, labels = inputs
-                 (`model(ids, labels=ids).loss`); AUC over minus the loss
+                 (`model(ids, labels=ids).loss`); AUC over minus the loss. From the same
+                 forward, zlib, Min-K% and Min-K%++ (attacks.py), their AUCs in "mia_attacks"
   MMLU           Open-Instruct's 5-shot prompt (shots dropped to fit), the highest next-token
                  logit among " A", " B", " C", " D"
 
@@ -20,6 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+import attacks
 import generation
 import lume
 import metrics
@@ -29,9 +31,12 @@ import metrics
 
 
 @torch.inference_mode()
-def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[float]:
-    """Mean token NLL of each whole document (labels = inputs), as `model(ids, labels=ids).loss`
-    of the official scorer, computed in length-sorted right-padded batches."""
+def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
+              extra: bool = True) -> list[dict]:
+    """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
+    labels=ids).loss` of the official scorer, and from the same forward the extra MIA statistics
+    of attacks.doc_scores (zlib, Min-K%, Min-K%++), unless extra=False; length-sorted right-padded
+    batches."""
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     enc = [tok(d).input_ids for d in docs]
@@ -47,9 +52,22 @@ def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, 
         # of token_logps is ~3x slower on CPU for log_softmax over the vocabulary
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
         loss = nll.view(labels.shape).sum(-1) / b.target_mask[:, 1:].sum(-1)
-        for i, v in zip(idx, loss.tolist()):
-            out[i] = v
+        if not extra:  # the official loss alone (bench.py times it against model(ids, labels=ids))
+            for i, v in zip(idx, loss.tolist()):
+                out[i] = {"loss": v}
+            continue
+        valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
+        mu, sigma = attacks.next_token_moments(logits[valid])  # (N,) each
+        counts = valid.sum(-1).tolist()
+        logp = (-nll.view(labels.shape)[valid]).split(counts)
+        for i, v, lp, m, s in zip(idx, loss.tolist(), logp, mu.split(counts), sigma.split(counts)):
+            out[i] = {"loss": v, **attacks.doc_scores(docs[i], v, lp.cpu(), m.cpu(), s.cpu())}
     return out
+
+
+def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[float]:
+    """Mean token NLL of each whole document (doc_stats' "loss", without the extra statistics)."""
+    return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast, extra=False)]
 
 
 MMLU_MAX_TOKENS = 2048  # Open-Instruct's cap on the prompt, whatever the model's context
@@ -122,7 +140,10 @@ def official_results(gen_rows, mia_rows, mmlu_res) -> dict:
     if mia_rows:
         auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
                               [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
-    return metrics.aggregate(gen_rows, mia_auc=auc, mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
+    results = metrics.aggregate(gen_rows, mia_auc=auc, mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
+    if mia_rows:  # beyond the official keys: the AUC of every MIA (attacks.py), "loss" == mia_loss_acc
+        results["mia_attacks"] = attacks.mia_aucs(mia_rows)
+    return results
 
 
 def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
@@ -136,8 +157,8 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
     gen_rows = generation_rows(items, outs, stage)
     mia_rows = []
     for name in ("member", "nonmember") if mia else ():
-        losses = doc_losses(model, tok, [d.document for d in mia[name]], autocast=autocast)
-        mia_rows += [{"stage": stage, "set": name, "id": d.id, "loss": v} for d, v in zip(mia[name], losses)]
+        stats = doc_stats(model, tok, [d.document for d in mia[name]], autocast=autocast)
+        mia_rows += [{"stage": stage, "set": name, "id": d.id, **v} for d, v in zip(mia[name], stats)]
     mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, autocast=autocast) if mmlu else None
     return gen_rows, mia_rows, mmlu_res, official_results(gen_rows, mia_rows, mmlu_res)
 

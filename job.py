@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import attacks
 import checkpoint
 import data
 import dist as distributed
@@ -419,13 +420,32 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
         if rank0:
             write_scores(out, scored)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete
+    if cfg.attacks:  # after --save and the after stage: neither sees an attacked weight
+        scored = run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precision, dist)
+        if rank0:
+            write_scores(out, scored)
     if rank0:
         write_status(out, "complete")
-    results = {k: v for k, v in scored["results"].items() if k != "kept"}
+    results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
     lume.print0(report.table(results))
     lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
+    if cfg.attacks:
+        lume.print0(attacks.summary(scored["results"]["robustness"]))
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
     return out
+
+
+def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precision, dist) -> dict:
+    """scored with results.json's "robustness" (attacks.run: --attacks on the unlearned model, each
+    scored like a stage, weights restored after each) and the attacks' rows, stage = attack name."""
+    forget = split_items(cfg, inputs[0])[0]
+    robustness, gens, mias = attacks.run(
+        attacks.parse(cfg.attacks), model, tok, forget, scored,
+        lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist),
+        tasks=sorted({it.task for it in forget}), seed=cfg.seed,
+        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), device=device, precision=precision)
+    return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
+            "results": {**scored["results"], "robustness": robustness}}
 
 
 def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist):

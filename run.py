@@ -99,6 +99,8 @@ class Config:
                           "config.json (give no other flag)")
     cache_dir: str = arg(os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
                          "where the tiny target and the fetched data are cached (env LUME_CACHE)")
+    attacks: str = arg("", "after the after-evaluation, attack the unlearned model and score it again "
+                           "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, or all; '' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
 

@@ -36,7 +36,8 @@ def test_end_to_end_writes_every_file(tmp_path, small_tiny):
     assert len(gens) == 2 * 40 and {g["stage"] for g in gens} == {"before", "after"}
     assert {g["task"] for g in gens} == {"Task1", "Task2", "Task3"}  # every task scored, not only task 1
     mia = read_jsonl(out / "mia.jsonl")
-    assert {"stage", "set", "id", "loss"} == set(mia[0]) and len(mia) == 2 * 4
+    assert {"stage", "set", "id", "loss", "zlib", "min_k_20", "min_k_40", "min_k_pp_20", "min_k_pp_40"} == set(mia[0])
+    assert len(mia) == 2 * 4
     res = json.load(open(out / "results.json"))
     for stage in ("before", "after"):
         r = res[stage]
