@@ -32,7 +32,7 @@ class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
-                      choices=["ga", "gd", "kl", "npo", "none"])
+                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
     model: str = arg("tiny", "tiny (built locally), olmo-1b, olmo-7b, a hub id or a local "
                              "save_pretrained directory")
     data: str = arg("auto", "auto (builtin for --model tiny, else lume), builtin, lume, semeval (fetched, "
@@ -52,9 +52,17 @@ class Config:
     warmup: int = arg(0, "linear warmup steps")
     schedule: str = arg("constant", "lr after warmup", choices=["constant", "linear"])
     clip: float = arg(1.0, "gradient-norm clip (0 = off)")
-    beta: float = arg(0.1, "NPO inverse temperature")
-    retain_weight: float = arg(-1.0, "weight of the retain term of GD, KL and NPO (NPO-RT; 0 = pure NPO); "
-                                     "-1 = 1 for GD/KL, 3 for NPO")
+    beta: float = arg(-1.0, "NPO / SimNPO inverse temperature; -1 = 0.1 for NPO, for SimNPO 2.5 (paper, TOFU; "
+                            "its beta multiplies a per-token mean, NPO's a sequence sum) or the tiny value")
+    gamma: float = arg(0.0, "SimNPO reward margin (paper, TOFU: 0)")
+    retain_weight: float = arg(-1.0, "weight of the retain term of GD, KL, NPO (NPO-RT; 0 = pure NPO), SimNPO and "
+                                     "RMU (its alpha); -1 = 1 for GD/KL, 3 for NPO, METHOD_DEFAULTS for SimNPO/RMU")
+    rmu_layer: int = arg(-1, "RMU: decoder layer l (0-based) whose output is steered; MLPs of l-2..l train "
+                             "(-1 = METHOD_DEFAULTS)")
+    rmu_coeff: float = arg(-1.0, "RMU: steering coefficient c (forget activations pushed to c*u; -1 = METHOD_DEFAULTS)")
+    chunk_size: int = arg(0, "sequential unlearning: forget items per chunk, chunks unlearned one after the "
+                             "other, each for --epochs (0 = one chunk, the whole forget set)")
+    retain_ratio: int = arg(1, "retain rows per forget row in every micro-batch")
     precision: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU", choices=list(lume.PRECISIONS))
     eval_precision: str = arg("auto", "weights' dtype when scoring: auto = bf16 on CUDA (as the official scorer "
                                       "loads the targets), fp32 on CPU", choices=list(lume.EVAL_PRECISIONS))
@@ -82,6 +90,14 @@ class Config:
                                     "before a clear error")
 
 
+# (tiny target, any other model) defaults of method options left at -1. Other models: the papers'
+# values, SimNPO's from Fan et al.'s TOFU forget05 recipe (beta 2.5, gamma 0, forget term weighted
+# 0.1375 against retain 1, i.e. retain_weight 1/0.1375), RMU's from WMDP's Zephyr-7B run (l 7,
+# c 6.5, alpha 1200). Tiny: chosen on the built-in data (docs/methods.md).
+METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
+                   "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (20.0, 6.5), "retain_weight": (100.0, 1200.0)}}
+
+
 def parse_args(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -100,13 +116,26 @@ def parse_args(argv=None) -> Config:
     is_tiny = cfg.model == "tiny"
     cfg.lr = cfg.lr or (1e-4 if is_tiny else 1e-5)
     cfg.epochs = cfg.epochs or (20.0 if is_tiny else 5.0)
+    for name, values in METHOD_DEFAULTS.get(cfg.method, {}).items():
+        if getattr(cfg, name) == -1:  # the sentinel only: any other negative value is refused below
+            setattr(cfg, name, type(getattr(cfg, name))(values[0 if is_tiny else 1]))
     if cfg.retain_weight < 0:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
         cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
+    if cfg.beta == -1:
+        cfg.beta = 0.1
     for name in ("epochs", "batch_size", "grad_accum", "max_new_tokens", "eval_batch_size"):
         if getattr(cfg, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if cfg.beta <= 0:
         p.error(f"--beta must be > 0, got {cfg.beta}")
+    if cfg.chunk_size < 0:
+        p.error(f"--chunk-size must be >= 0 (0 = the whole forget set), got {cfg.chunk_size}")
+    if cfg.retain_ratio < 1:
+        p.error(f"--retain-ratio must be >= 1 retain row per forget row, got {cfg.retain_ratio}")
+    if cfg.method == "rmu" and (cfg.rmu_layer < 0 or cfg.rmu_coeff <= 0):
+        p.error(f"--rmu-layer must be >= 0 and --rmu-coeff > 0, got {cfg.rmu_layer} and {cfg.rmu_coeff}")
+    if cfg.method == "rmu" and cfg.save_every:
+        p.error("--save-every: RMU's training checkpoints (with its frozen-activation cache) are not supported yet")
     if cfg.keep == "best" and not cfg.eval_every:
         p.error("--keep best picks among the scored steps: give --eval-every N too")
     return cfg
