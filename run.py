@@ -44,7 +44,7 @@ class Config:
     mmlu: str = arg("auto", "auto (none with built-in data; real data: mmlu, or none with a note if it cannot "
                             "be fetched), mmlu, none, or an MMLU dir (dev/, test/ CSVs)")
     mmlu_limit: int = arg(0, "questions per MMLU subject (0 = all)")
-    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise)")
+    lr: float = arg(0.0, "peak learning rate (0 = 1e-4 for tiny, 1e-5 otherwise; RMU: METHOD_DEFAULTS)")
     epochs: float = arg(0.0, "passes over the forget set (0 = 20 for tiny, 5 otherwise)")
     max_steps: int = arg(0, "optimizer steps; > 0 overrides --epochs")
     batch_size: int = arg(4, "forget (and retain) rows per micro-batch")
@@ -93,9 +93,10 @@ class Config:
 # (tiny target, any other model) defaults of method options left at -1. Other models: the papers'
 # values, SimNPO's from Fan et al.'s TOFU forget05 recipe (beta 2.5, gamma 0, forget term weighted
 # 0.1375 against retain 1, i.e. retain_weight 1/0.1375), RMU's from WMDP's Zephyr-7B run (l 7,
-# c 6.5, alpha 1200). Tiny: chosen on the built-in data (docs/methods.md).
+# c 6.5, alpha 1200, lr 5e-5). Tiny: chosen on the built-in data (docs/methods.md).
 METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
-                   "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (20.0, 6.5), "retain_weight": (100.0, 1200.0)}}
+                   "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (100.0, 6.5), "retain_weight": (10.0, 1200.0),
+                           "lr": (3e-3, 5e-5)}}
 
 
 def parse_args(argv=None) -> Config:
@@ -114,11 +115,11 @@ def parse_args(argv=None) -> Config:
     # model-dependent defaults, resolved here once and recorded in config.json. The tiny values
     # were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting.
     is_tiny = cfg.model == "tiny"
+    for name, values in METHOD_DEFAULTS.get(cfg.method, {}).items():
+        if getattr(cfg, name) == (0 if name == "lr" else -1):  # the sentinel only: others are checked below
+            setattr(cfg, name, type(getattr(cfg, name))(values[0 if is_tiny else 1]))
     cfg.lr = cfg.lr or (1e-4 if is_tiny else 1e-5)
     cfg.epochs = cfg.epochs or (20.0 if is_tiny else 5.0)
-    for name, values in METHOD_DEFAULTS.get(cfg.method, {}).items():
-        if getattr(cfg, name) == -1:  # the sentinel only: any other negative value is refused below
-            setattr(cfg, name, type(getattr(cfg, name))(values[0 if is_tiny else 1]))
     if cfg.retain_weight < 0:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
         cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
     if cfg.beta == -1:

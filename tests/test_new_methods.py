@@ -254,7 +254,9 @@ def test_method_defaults_and_bad_flags_at_argument_time(capsys):
     s = run.parse_args(["--method", "simnpo", "--model", "olmo-7b", "--beta", "4.5"])
     assert (s.beta, s.retain_weight) == (4.5, 7.27)
     r = run.parse_args(["--method", "rmu", "--model", "olmo-7b"])
-    assert (r.rmu_layer, r.rmu_coeff, r.retain_weight) == (7, 6.5, 1200.0)
+    assert (r.rmu_layer, r.rmu_coeff, r.retain_weight, r.lr) == (7, 6.5, 1200.0, 5e-5)
+    assert run.parse_args(["--method", "rmu", "--model", "olmo-7b", "--lr", "1e-4"]).lr == 1e-4
+    assert run.parse_args(["--method", "npo", "--model", "olmo-7b"]).lr == 1e-5
     for argv, flag in ((["--chunk-size", "-2"], "--chunk-size"), (["--retain-ratio", "0"], "--retain-ratio"),
                        (["--method", "simnpo", "--beta", "-3"], "--beta"),
                        (["--method", "rmu", "--rmu-coeff", "-2"], "--rmu-coeff"),
