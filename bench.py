@@ -12,9 +12,10 @@ absolute times are printed but are not the figures.
   1. generation  generation.generate (length-sorted left-padded batches, KV cache) vs the official scorer's
                  loop: each item alone through model.generate(input_ids, max_new_tokens, do_sample=False)
   2. MIA         evaluation.doc_losses (length-sorted batches) vs model(ids, labels=ids).loss per document
-  3. training    one optimizer step of GA, GD, KL, NPO through lume.train: tokens/s and achieved FLOP/s
-                 (6N per token forward+backward, 2N per token of an extra reference forward) as a
-                 fraction of the matmul peak of the model's own Linear shapes measured in this run
+  3. training    one optimizer step of GA, GD, KL, NPO, SimNPO, RMU through lume.train: step time and its ratio
+                 to GA's, tokens/s and achieved FLOP/s (6N per token forward+backward, 2N per token of an
+                 extra reference forward) as a fraction of the matmul peak of the model's own Linear shapes
+                 measured in this run (not for RMU, which runs layers 0..l only and trains 3 MLPs)
   4. NPO         cached reference log-probs (methods.npo, ref_logps) vs a reference model held and
                  run under no_grad on every forget batch: step time and resident parameter bytes
   5. ROUGE-L     metrics.rouge_l_recall vs rouge_score 0.1.2 on every sc item of the LUME release
@@ -298,21 +299,41 @@ def method_fns(fb, rb, fenc, model, device):
     ref_logps = lume.reference_logps(model, [fb.to(device)], len(fenc), contextlib.nullcontext())
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     rtok = int(rb.attn.sum())
+    rmu_kw = rmu_setup(model, rb, device)
     return {"ga": (lambda m, f, r, n: methods.ga(m, f, r, n), None, 0),
             "gd": (lambda m, f, r, n: methods.gd(m, f, r, n, retain_weight=1.0), rb, 0),
             "kl": (lambda m, f, r, n: methods.kl(m, f, r, n, retain_weight=1.0, ref=ref), rb, rtok),
-            "npo": (lambda m, f, r, n: methods.npo(m, f, r, n, beta=0.1, retain_weight=3.0, ref_logps=ref_logps), rb, 0)}
+            "npo": (lambda m, f, r, n: methods.npo(m, f, r, n, beta=0.1, retain_weight=3.0, ref_logps=ref_logps), rb, 0),
+            "simnpo": (lambda m, f, r, n: methods.simnpo(m, f, r, n, beta=2.5, gamma=0.0, retain_weight=1.0), rb, 0),
+            "rmu": (lambda m, f, r, n: methods.rmu(m, f, r, n, **rmu_kw), rb, 0)}
+
+
+def rmu_setup(model, rb, device) -> dict:
+    """RMU's options on this model as job.rmu_options sets them (l = 7 for 7B, half the layers for
+    small models), its frozen cache of the retain batch computed here, once."""
+    layer = min(7, model.config.num_hidden_layers // 2)
+    frozen = methods.rmu_reference(model, [rb.to(device)], int(rb.idx.max()) + 1, layer, contextlib.nullcontext(),
+                                   stop=True)
+    return dict(layer=layer, coeff=6.5, retain_weight=100.0, frozen=frozen, stop=True,
+                control=methods.rmu_control(model.config.hidden_size, 0).to(device))
 
 
 def bench_training(model, fb, rb, fenc, args, device, peak: dict) -> dict:
     N = model_shape(model)["matmul_params"]
     out = {"peak": peak, "forget_batch": list(fb.ids.shape), "retain_batch": list(rb.ids.shape)}
     for name, (fn, r, extra) in method_fns(fb, rb, fenc, model, device).items():
-        dt, _ = time_steps({name: (copy.deepcopy(model), fn)}, fb, r, 1, args.repeats + 1, device)[name]
+        m = copy.deepcopy(model)
+        if name == "rmu":  # only the MLPs of layers l-2..l train, the forward stops after layer l
+            methods.rmu_trainable(m, min(7, model.config.num_hidden_layers // 2))
+        dt, _ = time_steps({name: (m, fn)}, fb, r, 1, args.repeats + 1, device)[name]
         ntok = int(fb.attn.sum()) + (int(r.attn.sum()) if r is not None else 0)
-        flops = 6 * N * ntok + 2 * N * extra
+        flops = 6 * N * ntok + 2 * N * extra  # not RMU's: it runs part of the model (no peak fraction)
         out[name] = {"step_s": dt, "tokens": ntok, "tokens_per_s": ntok / dt, "flop_per_s": flops / dt,
-                     "peak_fraction": flops / dt / peak["flop_per_s"], "extra_forward_tokens": extra}
+                     "peak_fraction": None if name == "rmu" else flops / dt / peak["flop_per_s"],
+                     "extra_forward_tokens": extra}
+    for name in list(out):
+        if isinstance(out[name], dict) and "step_s" in out[name]:  # cost per step relative to GA's
+            out[name]["step_vs_ga"] = out[name]["step_s"] / out["ga"]["step_s"]
     return out
 
 # -----------------------------------------------------------------------------
@@ -404,12 +425,14 @@ def table(res: dict) -> str:
          f"{m['theirs_docs_per_s']:.1f} docs/s ({fmt_s(m['theirs_s'])})", f"{m['speedup']:.2f}x", ">= 3x",
          ok("mia_speedup"), f"max diff {m['max_abs_diff']:.1e}"),
     ]
-    for meth in ("ga", "gd", "kl", "npo"):
+    for meth in ("ga", "gd", "kl", "npo", "simnpo", "rmu"):
         x = t[meth]
+        frac = "n/a" if x["peak_fraction"] is None else f"{x['peak_fraction']:.0%} of peak"
         rows.append((f"3 train step {meth.upper()}",
-                     f"{x['tokens_per_s']:.0f} tok/s, {x['flop_per_s'] / 1e9:.1f} GFLOP/s",
-                     f"peak {t['peak']['flop_per_s'] / 1e9:.1f} GFLOP/s", f"{x['peak_fraction']:.0%} of peak",
-                     ">= 50%" if meth == "ga" else "", ok("ga_peak_fraction") if meth == "ga" else "", ""))
+                     f"{fmt_s(x['step_s'])}, {x['tokens_per_s']:.0f} tok/s, {x['flop_per_s'] / 1e9:.1f} GFLOP/s",
+                     f"peak {t['peak']['flop_per_s'] / 1e9:.1f} GFLOP/s", frac,
+                     ">= 50%" if meth == "ga" else "", ok("ga_peak_fraction") if meth == "ga" else "",
+                     f"step {x['step_vs_ga']:.2f}x GA's"))
     for key, label in (("npo", "4 NPO step"), ("npo_rt", "4 NPO-RT step")):
         x = n[key]
         rows.append((label, fmt_s(x["ours_step_s"]), fmt_s(x["peers_step_s"]), f"{x['speedup']:.2f}x",

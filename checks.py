@@ -43,6 +43,9 @@ def range_problems(cfg) -> list[str]:
         "beta": (lambda v: v > 0, "> 0"), "retain_weight": (lambda v: v >= 0, ">= 0"),
         "mmlu_limit": (lambda v: v >= 0, ">= 0 (0 = all)"), "eval_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
         "save_every": (lambda v: v >= 0, ">= 0 (0 = never)"), "rdzv_timeout": (lambda v: v > 0, "> 0"),
+        "gamma": (lambda v: abs(v) < float("inf"), "finite"), "rmu_layer": (lambda v: v >= 0, ">= 0"),
+        "rmu_coeff": (lambda v: v > 0, "> 0"), "chunk_size": (lambda v: v >= 0, ">= 0 (0 = the whole forget set)"),
+        "retain_ratio": (lambda v: v >= 1, ">= 1 retain row per forget row"),
     }
     out = []
     for name, (ok, what) in rules.items():
@@ -58,7 +61,7 @@ def combination_problems(cfg) -> list[str]:
     """Flags that make no sense together."""
     out = []
     if cfg.method == "none":
-        for name in ("lr", "epochs", "max_steps", "beta", "retain_weight"):
+        for name in ("lr", "epochs", "max_steps", "beta", "gamma", "retain_weight", "rmu_layer", "rmu_coeff"):
             if getattr(cfg, name) is not None:
                 out.append(f"{flag(name)} has no effect with --method none (nothing is trained)")
         for name in ("eval_every", "save_every"):
@@ -68,8 +71,16 @@ def combination_problems(cfg) -> list[str]:
             out.append("--no-eval-before with --method none would score nothing")
     if cfg.method == "ga" and cfg.retain_weight is not None:
         out.append("--retain-weight: ga has no retain term (use gd, kl or npo)")
-    if cfg.beta is not None and cfg.method not in ("npo", "none"):
-        out.append(f"--beta is NPO's inverse temperature; --method {cfg.method} does not use it")
+    if cfg.beta is not None and cfg.method not in ("npo", "simnpo", "none"):
+        out.append(f"--beta is NPO's and SimNPO's inverse temperature; --method {cfg.method} does not use it")
+    if cfg.gamma is not None and cfg.method not in ("simnpo", "none"):
+        out.append(f"--gamma is SimNPO's reward margin; --method {cfg.method} does not use it")
+    for name in ("rmu_layer", "rmu_coeff"):
+        if getattr(cfg, name) is not None and cfg.method not in ("rmu", "none"):
+            out.append(f"{flag(name)} is RMU's; --method {cfg.method} does not use it")
+    if cfg.method == "rmu" and (cfg.save_every or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
+        out.append("--method rmu: its frozen-activation cache is not in training checkpoints (--save-every), and it "
+                   "chooses its own trainable weights (the MLPs of layers l-2..l: no --lora-rank / --train-layers)")
     if cfg.keep == "best" and not cfg.eval_every:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:

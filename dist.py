@@ -173,9 +173,11 @@ def shard_steps(plan, make_f, make_r, dist: Dist):
     steps = []
     for micros in plan:
         mine = []
-        for f, r in micros:  # len(r) == len(f) or r == []: both slices are empty together
-            rows, real = dist.rows(f)
-            fb, rb = make_f(rows), (make_r(dist.rows(r)[0]) if r else None)
+        for f, r in micros:  # r: k = len(r) // len(f) retain rows per forget row (--retain-ratio), or []
+            rows, real = dist.rows(f)  # a forget row's k retain rows go with it: empty slices together
+            k = len(r) // len(f)
+            mine_r = [j for g in dist.rows([r[i * k:(i + 1) * k] for i in range(len(f))])[0] for j in g]
+            fb, rb = make_f(rows), (make_r(mine_r) if r else None)
             mine.append((fb, rb) if real else (as_padding(fb), as_padding(rb)))
         steps.append(mine)
     return steps

@@ -176,6 +176,25 @@ def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> tor
     return lume.reference_logps(model, batches, n_forget, autocast)
 
 
+def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None) -> dict:
+    """RMU's options: only the MLPs of layers l-2..l left trainable, the control vector u (seeded)
+    and the frozen model's layer-l activations on every retain item the plan uses, computed once
+    from the model as it is now (the target), in length-sorted batches. Under torchrun every rank
+    computes the whole cache (the same forwards everywhere: FSDP forwards are collectives)."""
+    try:
+        methods.rmu_trainable(model, cfg.rmu_layer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    used = sorted({j for micros in plan for _, r in micros for j in r})
+    groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
+    batches = [batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups]
+    frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
+    if dist is not None:
+        model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
+    return {"layer": cfg.rmu_layer, "coeff": cfg.rmu_coeff, "control": methods.rmu_control(
+        model.config.hidden_size, cfg.seed), "frozen": frozen, "stop": dist is None}
+
+
 def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=None, after_step=None):
     """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
     under torchrun on this rank's rows of every micro-batch (dist.shard_steps). resume: a training
@@ -183,11 +202,12 @@ def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=No
     and checkpoints between steps."""
     forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
-    use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method == "npo" and cfg.retain_weight == 0)
+    use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method in ("npo", "simnpo") and cfg.retain_weight == 0)
     forget_encoded = encode_items(tok, forget)
     retain_encoded = encode_items(tok, retain) if use_retain else []
     plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
-                           cfg.epochs, cfg.max_steps or 0, cfg.seed)
+                           cfg.epochs, cfg.max_steps or 0, cfg.seed, chunk_size=cfg.chunk_size,
+                           retain_ratio=cfg.retain_ratio)
     pad = tok.pad_token_id
 
     def forget_batch(idx):
@@ -205,6 +225,10 @@ def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=No
         ref_logps = resume["state"]["ref_logps"] if resume else npo_reference(model, plan, steps, len(forget),
                                                                                autocast, dist)
         options.update(beta=cfg.beta, ref_logps=ref_logps)
+    if cfg.method == "simnpo":
+        options.update(beta=cfg.beta, gamma=cfg.gamma)
+    if cfg.method == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
+        options.update(rmu_options(cfg, model, plan, retain_encoded, pad, autocast, dist))
     if cfg.method == "kl" and lora.has_adapters(model):  # the same model with adapters off: no second copy
         options["ref"] = lora.Reference(model)
     elif cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
@@ -487,7 +511,7 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
         lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
         n_steps = len(lume.plan_steps(len(split_items(cfg, items)[0]), 0, cfg.batch_size, cfg.grad_accum,
-                                      cfg.epochs, cfg.max_steps or 0, cfg.seed))
+                                      cfg.epochs, cfg.max_steps or 0, cfg.seed, chunk_size=cfg.chunk_size))
         total["steps"] = n_steps
         unlearn(cfg, model, tok, items, device, precision, step_logger(logf, n_steps, done_before), dist,
                 resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)

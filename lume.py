@@ -295,37 +295,47 @@ def lr_at(step: int, total: int, lr: float, warmup: int, schedule: str) -> float
 
 
 def plan_steps(n_forget: int, n_retain: int, batch_size: int, grad_accum: int, epochs: float,
-               max_steps: int, seed: int, lengths=None) -> list[list[tuple[list[int], list[int]]]]:
+               max_steps: int, seed: int, lengths=None, chunk_size: int = 0,
+               retain_ratio: int = 1) -> list[list[tuple[list[int], list[int]]]]:
     """Optimizer steps as lists of micro-batches (forget indices, retain indices).
 
-    The forget set defines an epoch. Its micro-batches of batch_size rows are formed once (seeded
-    shuffle) and visited in a new seeded order each epoch, grad_accum of them per step; the last
-    partial step of an epoch is kept (its loss is normalised by its own totals). A row thus always
-    meets the same batch partners and padding, which is what lets NPO's reference log-probs be
-    computed once, in exactly the shapes training uses (run.npo_reference). Each forget micro-batch
-    is paired with a retain micro-batch of the same size drawn at random (empty when n_retain is 0).
-    With `lengths` (building the tiny target), the forget set is reshuffled every epoch instead, and
-    each window of 16 micro-batches is sorted by length before it is cut, so rows of a micro-batch
-    have similar lengths (less padding) while the windows stay random.
+    The forget set is shuffled once (seeded) and cut into chunks of chunk_size items (0: one chunk,
+    the whole set), unlearned one after the other (sequential unlearning, AILS-NTUA's recipe).
+    Within a chunk, its micro-batches of batch_size rows are formed once and visited in a new
+    seeded order each epoch, grad_accum of them per step, for `epochs` epochs (max_steps > 0:
+    that many steps per chunk instead); the last partial step of an epoch is kept (its loss is
+    normalised by its own totals). A row thus always meets the same batch partners and padding,
+    which is what lets NPO's reference log-probs be computed once, in exactly the shapes training
+    uses (job.npo_reference). Each forget micro-batch of b rows is paired with retain_ratio * b
+    retain rows drawn at random, grouped by forget row (empty when n_retain is 0).
+    With `lengths` (building the tiny target; one chunk), the forget set is reshuffled every epoch
+    instead, and each window of 16 micro-batches is sorted by length before it is cut, so rows of
+    a micro-batch have similar lengths (less padding) while the windows stay random.
     """
     rng = random.Random(seed)
-    steps_per_epoch = math.ceil(n_forget / (batch_size * grad_accum))
-    total = max_steps if max_steps > 0 else math.ceil(epochs * steps_per_epoch)
-    fixed = None
+    chunks = [None]  # None: micro-batches formed afresh each epoch (lengths)
     if lengths is None:
         order = list(range(n_forget))
         rng.shuffle(order)
-        fixed = [order[k:k + batch_size] for k in range(0, n_forget, batch_size)]
-    steps, queue = [], []
-    while len(steps) < total:
-        if not queue:
-            queue = epoch_micro_batches(rng, n_forget, batch_size, fixed, lengths)
-        micros = []
-        for f in queue[:grad_accum]:
-            r = [rng.randrange(n_retain) for _ in f] if n_retain else []
-            micros.append((f, r))
-        queue = queue[grad_accum:]
-        steps.append(micros)
+        size = chunk_size or max(n_forget, 1)
+        chunks = [[c[k:k + batch_size] for k in range(0, len(c), batch_size)]
+                  for c in (order[j:j + size] for j in range(0, n_forget, size))]
+    else:
+        assert chunk_size == 0, "sequential chunks keep micro-batches fixed: not with lengths"
+    steps = []
+    for fixed in chunks:
+        n = n_forget if fixed is None else sum(map(len, fixed))
+        total = max_steps if max_steps > 0 else math.ceil(epochs * math.ceil(n / (batch_size * grad_accum)))
+        queue, start = [], len(steps)
+        while len(steps) - start < total:
+            if not queue:
+                queue = epoch_micro_batches(rng, n_forget, batch_size, fixed, lengths)
+            micros = []
+            for f in queue[:grad_accum]:
+                r = [rng.randrange(n_retain) for _ in range(retain_ratio * len(f))] if n_retain else []
+                micros.append((f, r))
+            queue = queue[grad_accum:]
+            steps.append(micros)
     return steps
 
 

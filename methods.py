@@ -1,5 +1,5 @@
 """
-Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO.
+Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO, SimNPO, RMU.
 
 Each function is one micro-batch's contribution to one optimizer step's loss:
     loss_fn(model, forget, retain, totals) -> (loss tensor, {term name: float})
@@ -14,12 +14,15 @@ silent default.
 Reduction, for every method: only answer tokens count (prompt and padding are masked out; the
 answer ends with EOS). Token-level terms (NLL, KL) are token-normalised: the sum over the step's
 answer tokens divided by their number. NPO is sequence-level: log pi(y|x) is the SUM of the answer
-tokens' log-probabilities, and the loss is a mean over the step's sequences.
+tokens' log-probabilities, and the loss is a mean over the step's sequences. SimNPO is sequence-level
+too, on the MEAN of a sequence's answer-token log-probabilities. RMU is token-level on hidden states:
+the hidden state at the position that predicts each answer token (as the NLL uses it), a mean over
+the hidden dimension per token, then token-normalised as above.
 """
 import torch
 import torch.nn.functional as F
 
-from lume import nll_sum, seq_logps
+from lume import nll_sum, seq_logps, token_logps
 
 
 def ga(model, forget, retain, totals):
@@ -87,5 +90,140 @@ def npo(model, forget, retain, totals, *, beta: float, retain_weight: float, ref
     return loss_f, terms
 
 
-METHODS = {"ga": ga, "gd": gd, "kl": kl, "npo": npo}
-NEEDS_RETAIN = {"ga": False, "gd": True, "kl": True, "npo": True}
+def simnpo(model, forget, retain, totals, *, beta: float, gamma: float, retain_weight: float):
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalised:
+
+        L_SimNPO = -(2/beta) * mean_i log sigmoid(-(beta/|y_i|) * log pi_theta(y_i|x_i) - gamma)
+
+    plus retain_weight * NLL(retain) (as NPO-RT; 0 gives pure SimNPO). |y_i| is row i's number of
+    answer tokens (EOS included), so (1/|y_i|) log pi is the mean answer-token log-probability a_i;
+    the loss is a mean over the step's sequences. dL/da_i = 2 sigmoid(beta a_i + gamma) / n: a
+    weighted GA on token means whose weight falls as a_i drops (a forgotten row stops pulling).
+    """
+    n_tok = forget.target_mask[:, 1:].sum(-1)  # (B,) |y_i|; 0 on dist's padding rows
+    a = token_logps(model, forget).sum(-1) / n_tok.clamp(min=1)  # (B,) mean answer log-prob
+    per_seq = F.logsigmoid(-beta * a - gamma) * (n_tok > 0)  # a padding row counts nowhere
+    loss_f = -(2.0 / beta) * per_seq.sum() / totals["forget_seqs"]
+    terms = {"simnpo": loss_f.item(), "mean_logp": (a * (n_tok > 0)).sum().item() / totals["forget_seqs"]}
+    if retain_weight and retain is not None:
+        ret = nll_sum(model, retain) / totals["retain_tokens"]
+        terms["retain_nll"] = ret.item()
+        return loss_f + retain_weight * ret, terms
+    return loss_f, terms
+
+
+# -----------------------------------------------------------------------------
+# RMU: representation misdirection for unlearning (Li et al. 2024, WMDP, arXiv 2403.03218)
+
+
+class _Stop(Exception):
+    """Raised by the layer hook to end a forward once decoder layer l has run."""
+
+
+def decoder_layers(model):
+    """The decoder's list of layers (HF: model.model.layers, found through get_decoder)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    assert layers is not None, f"{type(model).__name__}: no decoder .layers list: RMU cannot find layer l"
+    return layers
+
+
+def layer_output(model, b, layer: int, stop: bool) -> torch.Tensor:
+    """(B, T, H) output of decoder layer `layer` (0-based; HF hidden_states[layer + 1]) from a forward
+    hook. stop: end the forward there (the layers above and the LM head never run; a single process
+    only, since under FSDP2 the root's post-forward must run); else the forward runs to the end."""
+    out = {}
+
+    def hook(_mod, _args, output):
+        if "h" not in out:  # first call only: gradient checkpointing may run the layer again
+            out["h"] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise _Stop
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=b.ids, attention_mask=b.attn)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return out["h"]
+
+
+def masked_mse_sum(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over masked positions of mean_d (h - target)^2: h (B, T, H), target broadcastable, mask (B, T)."""
+    return (((h.float() - target.float()) ** 2).mean(-1) * mask).sum()
+
+
+def rmu_positions(b) -> torch.Tensor:
+    """(B, T-1) mask of the positions whose hidden state predicts an answer token (h[:, :-1])."""
+    return b.target_mask[:, 1:]
+
+
+def frozen_rows(frozen: list, b, like: torch.Tensor) -> torch.Tensor:
+    """The cached frozen activations of b's rows laid out like h[:, :-1] (B, T-1, H): row i's
+    cache frozen[b.idx[i]] (its answer positions, in order) goes where rmu_positions is 1."""
+    out = torch.zeros_like(like)
+    mask = rmu_positions(b).bool()
+    for i, j in enumerate(b.idx.tolist()):
+        if mask[i].any():
+            out[i, mask[i]] = frozen[j].to(out)
+    return out
+
+
+@torch.no_grad()  # not inference_mode: FSDP must not create its unsharded parameters as inference tensors
+def rmu_reference(model, batches, n: int, layer: int, autocast, stop: bool) -> list:
+    """Layer l's activations of the frozen model (the target, before unlearning) at every answer
+    position of every retain item in `batches`, once, before training: a list of n entries,
+    (answer tokens, H) CPU tensors (None for items never used). No second model is held."""
+    out = [None] * n
+    device = next(model.parameters()).device
+    for b in batches:
+        b = b.to(device)
+        with autocast:
+            h = layer_output(model, b, layer, stop)[:, :-1].detach()
+        mask = rmu_positions(b).bool()
+        for i, j in enumerate(b.idx.tolist()):
+            if mask[i].any():
+                out[j] = h[i, mask[i]].cpu()
+    return out
+
+
+def rmu_control(hidden: int, seed: int) -> torch.Tensor:
+    """u: a fixed random unit vector (H,), uniform [0, 1) entries normalised, as the WMDP code draws it."""
+    u = torch.rand(hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u / u.norm()).float()
+
+
+def rmu_trainable(model, layer: int) -> list[str]:
+    """Freeze every weight except the MLPs of decoder layers l-2..l (the WMDP paper's choice: the
+    steered layer and the two below; its code trains only down_proj of each); returns the trained
+    parameter names. Under FSDP2 the unsharded parameters follow the sharded ones' requires_grad."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"--rmu-layer {layer}: this model has decoder layers 0..{len(layers) - 1}")
+    model.requires_grad_(False)
+    for k in range(max(0, layer - 2), layer + 1):
+        layers[k].mlp.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def rmu(model, forget, retain, totals, *, layer: int, coeff: float, retain_weight: float,
+        control: torch.Tensor, frozen: list, stop: bool):
+    """RMU (Li et al. 2024, WMDP, arXiv 2403.03218), h = output of decoder layer l:
+
+        L = mean_t mean_d (h_theta(x_t) - c u)_d^2          over forget answer positions t
+          + alpha * mean_t mean_d (h_theta(x_t) - h_frozen(x_t))_d^2   over retain answer positions
+
+    alpha = retain_weight (--retain-weight), c = coeff, u = control (unit vector). The paper writes
+    squared L2 norms (a sum over d); the WMDP code, whose c and alpha we quote, means over d (mse_loss).
+    h_frozen comes from the cache (rmu_reference), row by row through the batch's item indices.
+    """
+    need_retain("rmu", retain)
+    hf = layer_output(model, forget, layer, stop)[:, :-1]  # (B, T-1, H)
+    f = masked_mse_sum(hf, coeff * control.to(hf.device), rmu_positions(forget)) / totals["forget_tokens"]
+    hr = layer_output(model, retain, layer, stop)[:, :-1]
+    r = masked_mse_sum(hr, frozen_rows(frozen, retain, hr.float()), rmu_positions(retain)) / totals["retain_tokens"]
+    return f + retain_weight * r, {"forget_mse": f.item(), "retain_mse": r.item()}
+
+
+METHODS = {"ga": ga, "gd": gd, "kl": kl, "npo": npo, "simnpo": simnpo, "rmu": rmu}
+NEEDS_RETAIN = {"ga": False, "gd": True, "kl": True, "npo": True, "simnpo": True, "rmu": True}

@@ -34,7 +34,7 @@ class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
-                      choices=["ga", "gd", "kl", "npo", "none"])
+                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
     model: str = arg("tiny", "tiny (built locally on first use, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
@@ -51,7 +51,8 @@ class Config:
                             "if it cannot be). aggregate-score needs both MIA data and MMLU, else it is -1")
     mmlu_limit: int = arg(0, "questions per MMLU subject, for a quick look (0 = all 14,042, as the official scorer)")
     lr: float = arg(None, "peak learning rate (default: auto = 1e-4 for --model tiny, 1e-5 for the released "
-                          "targets and any other model; with --lora-rank 3e-4 for tiny, 1e-4 otherwise)", type=float)
+                          "targets and any other model; with --lora-rank 3e-4 for tiny, 1e-4 otherwise; RMU: "
+                          "3e-3 for tiny, 5e-5 otherwise)", type=float)
     epochs: float = arg(None, "passes over the forget set (default: auto = 20 for --model tiny, 5 otherwise)",
                         type=float)
     max_steps: int = arg(None, "optimizer steps; replaces --epochs when given", type=int)
@@ -61,10 +62,21 @@ class Config:
     warmup: int = arg(0, "linear warmup steps")
     schedule: str = arg("constant", "lr after warmup", choices=["constant", "linear"])
     clip: float = arg(1.0, "gradient-norm clip (0 = off)")
-    beta: float = arg(None, "NPO's inverse temperature (default: 0.1, the NPO paper's)", type=float)
-    retain_weight: float = arg(None, "weight of the retain term: GD and KL, and NPO, which then is NPO with a retain "
-                                     "term ('NPO-RT' in the NPO paper; 0 = pure NPO). GA has none (default: auto = "
-                                     "1 for GD and KL, 3 for NPO)", type=float)
+    beta: float = arg(None, "inverse temperature of NPO and SimNPO (default: auto = 0.1 for NPO, the NPO paper's; "
+                            "2.5 for SimNPO, the SimNPO paper's TOFU value: its beta multiplies a per-token mean, "
+                            "NPO's a sequence sum)", type=float)
+    gamma: float = arg(None, "SimNPO's reward margin (default: auto = 0, the SimNPO paper's TOFU value)", type=float)
+    retain_weight: float = arg(None, "weight of the retain term: GD, KL, NPO (then NPO with a retain term, 'NPO-RT' in "
+                                     "the NPO paper; 0 = pure NPO), SimNPO, and RMU's alpha. GA has none (default: "
+                                     "auto = 1 for GD and KL, 3 for NPO; SimNPO 1 for tiny, 7.27 otherwise; RMU 10 for "
+                                     "tiny, 1200 otherwise)", type=float)
+    rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; the MLPs of l-2..l train "
+                               "(default: auto = 2 for tiny, 7 otherwise, WMDP's)", type=int)
+    rmu_coeff: float = arg(None, "RMU: steering coefficient c, forget activations pushed to c*u (default: auto = 100 "
+                                 "for tiny, 6.5 otherwise, WMDP's)", type=float)
+    chunk_size: int = arg(0, "sequential unlearning: forget items per chunk, chunks unlearned one after the other, "
+                             "each for --epochs (0 = one chunk, the whole forget set)")
+    retain_ratio: int = arg(1, "retain rows per forget row in every micro-batch")
     precision: str = arg("auto", "auto = fp32 on CPU; on CUDA the memory plan's pick (memory.py): bf16 autocast over "
                                  "fp32 weights if it fits. bf16-pure: bf16 weights and AdamW states, updated with "
                                  "stochastic rounding (lume.StochasticAdamW: no update lost at small lr)",
@@ -103,6 +115,15 @@ class Config:
                            "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, or all; '' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
+
+
+# (tiny target, any other model) values of the method options left at auto. Other models: the papers'
+# values, SimNPO's from Fan et al.'s TOFU forget05 recipe (beta 2.5, gamma 0, forget term weighted
+# 0.1375 against retain 1, i.e. retain_weight 1/0.1375), RMU's from WMDP's Zephyr-7B run (l 7,
+# c 6.5, alpha 1200, lr 5e-5). Tiny: chosen on the built-in data (docs/methods.md).
+METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
+                   "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (100.0, 6.5), "retain_weight": (10.0, 1200.0),
+                           "lr": (3e-3, 5e-5)}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,6 +182,9 @@ def resolve_auto(cfg: Config) -> Config:
     """Model- and method-dependent defaults, resolved here once and recorded in config.json. The tiny
     values were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting."""
     is_tiny = cfg.model == "tiny"
+    for name, values in METHOD_DEFAULTS.get(cfg.method, {}).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, values[0 if is_tiny else 1])
     if cfg.lora_rank and cfg.lr is None:  # B starts at 0 and a rank-r update moves few directions: a larger
         cfg.lr = 3e-4 if is_tiny else 1e-4  # step (tiny NPO r=8: 1e-4 forgot nothing, 2e-4 half; docs/lora.md)
     cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if is_tiny else 1e-5)
@@ -168,6 +192,7 @@ def resolve_auto(cfg: Config) -> Config:
         cfg.lora_alpha = 2.0 * cfg.lora_rank
     cfg.epochs = cfg.epochs if cfg.epochs is not None else (20.0 if is_tiny else 5.0)
     cfg.beta = cfg.beta if cfg.beta is not None else 0.1
+    cfg.gamma = cfg.gamma if cfg.gamma is not None else 0.0
     if cfg.retain_weight is None:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
         cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
     return cfg

@@ -28,10 +28,15 @@ def test_bench_small_setting_writes_every_figure(tmp_path, small_tiny, capsys):
     assert saved["npo_memory_ratio"] > 1.9  # two parameter copies vs one (+ a few cached floats)
     for m in ("ga", "gd", "kl", "npo"):
         assert saved["training"][m]["tokens_per_s"] > 0 and 0 < saved["training"][m]["peak_fraction"]
+    for m in ("ga", "gd", "kl", "npo", "simnpo", "rmu"):
+        assert saved["training"][m]["step_vs_ga"] == pytest.approx(
+            saved["training"][m]["step_s"] / saved["training"]["ga"]["step_s"])
+    assert saved["training"]["rmu"]["peak_fraction"] is None
     assert saved["data"] == "builtin" and saved["rouge_speedup"] > 0
     assert saved["identity_checks"]["rouge"] and saved["rouge"]["pairs"] == 12
     table = capsys.readouterr().out
-    for row in ("1 generation", "2 MIA losses", "3 train step GA", "4 NPO step", "5 ROUGE-L"):
+    for row in ("1 generation", "2 MIA losses", "3 train step GA", "3 train step SIMNPO", "3 train step RMU",
+                "4 NPO step", "5 ROUGE-L"):
         assert row in table
     assert saved["shape"]["hidden"] == SMALL_CONFIG["hidden_size"] and "2L x d64" in table
 

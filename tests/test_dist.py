@@ -51,8 +51,11 @@ LOSS_RTOL = 1e-5    # measured <= 3e-7 relative: fp32, only the reduction order 
 WEIGHT_ATOL = 2e-4  # measured 4e-5 after 3 AdamW steps that move weights by up to 3e-3
 
 
-@pytest.mark.parametrize("method,extra", [("npo", ["--eval-every", "2", "--keep", "best"]),
-                                          ("kl", ["--no-eval-before"])])
+@pytest.mark.parametrize("method,extra", [
+    ("npo", ["--eval-every", "2", "--keep", "best"]), ("kl", ["--no-eval-before"]), ("simnpo", ["--no-eval-before"]),
+    # RMU steers layer 1 of the small target's 2; 2 retain rows per forget row travel with it to its rank
+    ("rmu", ["--no-eval-before", "--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10",
+             "--retain-ratio", "2"])])
 def test_two_ranks_equal_one_process(small_target, small_data, tmp_path, method, extra, request):
     from transformers import AutoModelForCausalLM
     target = small_target[0].name_or_path  # the session's small target, built once, as --model PATH
