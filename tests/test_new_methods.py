@@ -247,7 +247,8 @@ def test_two_ranks_split_retain_rows_with_their_forget_rows():
 
 # --- flags
 
-def test_method_defaults_and_bad_flags_at_argument_time(capsys):
+def test_method_defaults_and_bad_flags_at_argument_time(capsys, monkeypatch):
+    monkeypatch.setattr(run.checks, "hub_problems", lambda name, repos: [])  # no hub here: olmo-7b's defaults only
     assert run.parse_args(["--method", "npo"]).beta == 0.1
     s = run.parse_args(["--method", "simnpo"])
     assert (s.beta, s.gamma) == (2.5, 0.0) and s.retain_weight == run.METHOD_DEFAULTS["simnpo"]["retain_weight"][0]
