@@ -166,7 +166,7 @@ def test_cli_bad_values_exit_2_without_traceback():
 def test_ctrl_c_during_training_keeps_the_scores_and_marks_the_run_failed(tmp_path, small_target_dir):
     out = tmp_path / "run"
     argv = [sys.executable, "run.py", "--model", str(small_target_dir), "--data", "builtin", "--n-docs", "2",
-            "--max-new-tokens", "16", "--method", "ga", "--max-steps", "100000", "--out", str(out)]
+            "--max-new-tokens", "16", "--method", "ga", "--max-steps", "400", "--out", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
