@@ -27,6 +27,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 DATA_KEYWORDS = ("auto", "builtin", "lume", "semeval")
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun with more than one process (WORLD_SIZE, which torchrun sets)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -88,25 +93,28 @@ def combination_problems(cfg) -> list[str]:
     return out
 
 
+def folder_problems(flag_name: str, value: str, keywords: tuple, needs: dict[str, str]) -> list[str]:
+    """A directory given where a keyword could stand: it must exist and hold each entry of `needs`
+    ({'file' or 'folder/': what to say when it is missing})."""
+    if value in keywords:
+        return []
+    d = Path(value).expanduser()
+    if not d.is_dir():
+        return [f"{flag_name} {value}: no such directory (or use {', '.join(k for k in keywords if k)})"]
+    return [f"{flag_name} {value}: {why}" for entry, why in needs.items()
+            if not ((d / entry).is_dir() if entry.endswith("/") else (d / entry).is_file())]
+
+
 def data_problems(cfg) -> list[str]:
     """Local data, MIA and MMLU directories that do not exist or do not hold what they must."""
     out = []
     if cfg.data not in DATA_KEYWORDS and not Path(cfg.data).expanduser().exists():
         out.append(f"--data {cfg.data}: no such file or directory (or use auto, builtin, lume, semeval)")
-    if cfg.mia_data not in ("auto", "mia", "none", ""):
-        d = Path(cfg.mia_data).expanduser()
-        if not d.is_dir():
-            out.append(f"--mia-data {cfg.mia_data}: no such directory (or use auto, mia, none)")
-        else:
-            out += [f"--mia-data {cfg.mia_data}: {name} missing (the MIA needs both member.jsonl and "
-                    "nonmember.jsonl)" for name in ("member.jsonl", "nonmember.jsonl") if not (d / name).is_file()]
-    if cfg.mmlu not in ("auto", "mmlu", "none", ""):
-        d = Path(cfg.mmlu).expanduser()
-        if not d.is_dir():
-            out.append(f"--mmlu {cfg.mmlu}: no such directory (or use auto, mmlu, none)")
-        else:
-            out += [f"--mmlu {cfg.mmlu}: no {split}/ directory of <subject>_{split}.csv files"
-                    for split in ("dev", "test") if not (d / split).is_dir()]
+    out += folder_problems("--mia-data", cfg.mia_data, ("auto", "mia", "none", ""), {
+        name: f"{name} missing (the MIA needs both member.jsonl and nonmember.jsonl)"
+        for name in ("member.jsonl", "nonmember.jsonl")})
+    out += folder_problems("--mmlu", cfg.mmlu, ("auto", "mmlu", "none", ""), {
+        f"{split}/": f"no {split}/ directory of <subject>_{split}.csv files" for split in ("dev", "test")})
     return out
 
 
@@ -213,6 +221,26 @@ def out_problems(cfg) -> list[str]:
     return out
 
 
+def trainable_problems(cfg) -> list[str]:
+    """--lora-* and --train-layers (lora.py): ranges, one of the two, one process. --train-layers' upper
+    bound (the model's layer count) and --lora-targets' names are checked once the model is loaded."""
+    out = [f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
+           for name in ("lora_rank", "lora_alpha", "train_layers") if getattr(cfg, name) < 0]
+    if not 0 <= cfg.lora_dropout < 1:
+        out.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_rank and cfg.train_layers:
+        out.append("--lora-rank and --train-layers choose what trains in two different ways: give one of them")
+    if cfg.lora_rank and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+        out.append("--lora-targets names no layer: give e.g. q_proj,v_proj")
+    if (cfg.lora_rank or cfg.train_layers) and under_torchrun():
+        out.append("--lora-rank and --train-layers run in one process only (not under torchrun/FSDP2 yet); "
+                   "start the run with python run.py")
+    if cfg.train_layers and cfg.precision == "bf16-pure":
+        out.append("--train-layers trains fp32 layers among bf16 ones, which needs autocast: use --precision bf16 "
+                   "(the CUDA default) or fp32, not bf16-pure")
+    return out
+
+
 def attack_problems(cfg) -> list[str]:
     """--attacks: known names, an unlearned model to attack, relearn in one process only."""
     try:
@@ -222,7 +250,7 @@ def attack_problems(cfg) -> list[str]:
     out = []
     if asked and cfg.method == "none":
         out.append("--attacks attacks an unlearned model: give an unlearning --method (not none)")
-    if "relearn" in asked and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if "relearn" in asked and under_torchrun():
         out.append("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
                    "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
     return out
@@ -232,10 +260,10 @@ def preflight(cfg, resumed: bool = False) -> list[str]:
     """Every problem of cfg, in the order a user would fix them; [] when the run can start. A resumed
     run's config.json holds resolved values (no auto left), so its flag combinations are not judged."""
     problems = range_problems(cfg) + ([] if resumed else combination_problems(cfg))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (cfg.save_every or cfg.resume):
+    if under_torchrun() and (cfg.save_every or cfg.resume):
         problems.append("--save-every / --resume: training checkpoints are written by one process only for now; "
                         "under torchrun use --eval-every with --keep best, or run on one process to resume")
-    problems += attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
+    problems += trainable_problems(cfg) + attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
     problems += out_problems(cfg)
     if not problems:  # the hub check may take seconds: only for an otherwise valid command
         problems += model_problems(cfg)

@@ -195,11 +195,11 @@ def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None)
         model.config.hidden_size, cfg.seed), "frozen": frozen, "stop": dist is None}
 
 
-def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=None, after_step=None):
+def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None):
     """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
-    under torchrun on this rank's rows of every micro-batch (dist.shard_steps). resume: a training
-    checkpoint (checkpoint.load) to continue from; after_step(done, opt, scaler, ref_logps): scoring
-    and checkpoints between steps."""
+    under torchrun on this rank's rows of every micro-batch (dist.shard_steps). make_log(total
+    steps) -> lume.train's log. resume: a training checkpoint (checkpoint.load) to continue from;
+    after_step(done, total, opt, scaler, ref_logps): scoring and checkpoints between steps."""
     forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
     use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method in ("npo", "simnpo") and cfg.retain_weight == 0)
@@ -256,9 +256,9 @@ def unlearn(cfg, model, tok, items, device, precision, log, dist=None, resume=No
         checkpoint.set_rng_state(resume["state"]["rng"])
 
     def between(done, opt, scaler):
-        after_step(done, opt, scaler, options.get("ref_logps"))
+        after_step(done, len(steps), opt, scaler, options.get("ref_logps"))
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                      clip=cfg.clip, precision=precision, device=device, log=log, dist=dist,
+                      clip=cfg.clip, precision=precision, device=device, log=make_log(len(steps)), dist=dist,
                       start=resume["step"] if resume else 0, restore=restore if resume else None,
                       after_step=between if after_step else None)
 
@@ -496,12 +496,11 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
 
     if cfg.eval_every and not track["rows"]:
         score_subset(0)
-    total = {"steps": None}
 
-    def after_step(done, opt, scaler, ref_logps):
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total["steps"]):
+    def after_step(done, total, opt, scaler, ref_logps):
+        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             score_subset(done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total["steps"]) and rank0:
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total) and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
                             {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights)
 
@@ -510,11 +509,8 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
         lume.write_jsonl_atomic(out / "log.jsonl", read_jsonl_until(out / "log.jsonl", done_before))
         lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
-        n_steps = len(lume.plan_steps(len(split_items(cfg, items)[0]), 0, cfg.batch_size, cfg.grad_accum,
-                                      cfg.epochs, cfg.max_steps or 0, cfg.seed, chunk_size=cfg.chunk_size))
-        total["steps"] = n_steps
-        unlearn(cfg, model, tok, items, device, precision, step_logger(logf, n_steps, done_before), dist,
-                resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)
+        unlearn(cfg, model, tok, items, device, precision, lambda total: step_logger(logf, total, done_before),
+                dist, resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)
     if cfg.eval_every and rank0:
         note = trajectory.plot(track["rows"], out / "trajectory.png")
         lume.print0(note or f"trajectory: {out / 'trajectory.png'}")

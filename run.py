@@ -150,32 +150,12 @@ def parse_args(argv=None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.resume:
         cfg = resumed_config(cfg.resume, argv)
-    problems = checks.preflight(cfg, resumed=bool(cfg.resume)) + trainable_problems(cfg)
+    problems = checks.preflight(cfg, resumed=bool(cfg.resume))
     if problems:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     return cfg if cfg.resume else resolve_auto(cfg)
-
-
-def trainable_problems(cfg) -> list[str]:
-    """--lora-* and --train-layers (lora.py): ranges, one of the two, one process. --train-layers' upper
-    bound (the model's layer count) and --lora-targets' names are checked once the model is loaded."""
-    out = [f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
-           for name in ("lora_rank", "lora_alpha", "train_layers") if getattr(cfg, name) < 0]
-    if not 0 <= cfg.lora_dropout < 1:
-        out.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.lora_rank and cfg.train_layers:
-        out.append("--lora-rank and --train-layers choose what trains in two different ways: give one of them")
-    if cfg.lora_rank and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
-        out.append("--lora-targets names no layer: give e.g. q_proj,v_proj")
-    if (cfg.lora_rank or cfg.train_layers) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        out.append("--lora-rank and --train-layers run in one process only (not under torchrun/FSDP2 yet); "
-                   "start the run with python run.py")
-    if cfg.train_layers and cfg.precision == "bf16-pure":
-        out.append("--train-layers trains fp32 layers among bf16 ones, which needs autocast: use --precision bf16 "
-                   "(the CUDA default) or fp32, not bf16-pure")
-    return out
 
 
 def resolve_auto(cfg: Config) -> Config:

@@ -17,6 +17,7 @@ mean would not do here: unlearning one task leaves the other tasks' forget terms
 every step. Ties go to the earliest step.
 """
 import random
+import statistics
 
 import metrics
 
@@ -71,17 +72,12 @@ def select_best(rows: list[dict], tasks: list[int]) -> tuple[dict, str]:
         return rows[0], f"no scored step kept MMLU >= {metrics.MMLU_THRESHOLD}: the target before unlearning"
     floor = RETAIN_KEPT * retain_mean(rows[0])
     kept = [r for r in rows if retain_mean(r) >= floor]
-    best = max(kept, key=lambda r: (metrics_hmean(task_terms(r, tasks)), -r["step"]))
+    # statistics.harmonic_mean, as metrics.aggregate takes the official one: 0 when any term is 0
+    hmean = {r["step"]: statistics.harmonic_mean(task_terms(r, tasks)) for r in kept}
+    best = max(kept, key=lambda r: (hmean[r["step"]], -r["step"]))
     return best, (f"best harmonic mean of the unlearned tasks' forget terms and the retain terms "
-                  f"({metrics_hmean(task_terms(best, tasks)):.4f}) among the {len(kept)} of {len(rows)} scored "
+                  f"({hmean[best['step']]:.4f}) among the {len(kept)} of {len(rows)} scored "
                   f"steps that keep >= {RETAIN_KEPT:.0%} of the retain scores")
-
-
-def metrics_hmean(terms: list[float]) -> float:
-    """Harmonic mean as statistics.harmonic_mean computes it (0 when any term is 0)."""
-    if any(t <= 0 for t in terms):
-        return 0.0
-    return len(terms) / sum(1 / t for t in terms)
 
 
 def plot(rows: list[dict], path) -> str | None:

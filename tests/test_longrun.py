@@ -118,9 +118,9 @@ def test_keep_best_keeps_the_step_it_names(tmp_path, small_target_dir):
     assert res["kept"] == {"step": best["step"], "why": why}
     assert best["step"] != rows[-1]["step"], "GA at lr 3e-3 should over-unlearn: the test needs an earlier best"
     assert {k: v for k, v in best.items() if k != "step"} == res["after"]
-    saved, _ = lume.load_pretrained(str(out / "model"))
-    after = job.score(run.parse_args(BASE), saved, _, (job.load_inputs(run.parse_args(
-        ["--model", str(small_target_dir), *BASE]))[0], None, None), "saved", "fp32")[2]
+    saved, tok = lume.load_pretrained(str(out / "model"))
+    cfg = run.parse_args(["--model", str(small_target_dir), *BASE])
+    after = job.score(cfg, saved, tok, (job.load_inputs(cfg)[0], None, None), "saved", "fp32")[2]
     assert after["forget-set"] == res["after"]["forget-set"]  # --save wrote the kept step's weights
 
 
