@@ -16,24 +16,35 @@ import torch
 
 import lume
 
-def preallocated_cache(capacity: int):
-    """A KV cache whose keys and values live in buffers allocated once for `capacity` positions.
+# -----------------------------------------------------------------------------
+# the KV cache: buffers allocated once per batch, rows dropped when they finish
 
-    DynamicCache appends each token with torch.cat, re-copying (and re-allocating) the whole
-    cache every step, so decoding long left-padded batches was memory-bound on CPU (bench model,
-    2 cores, the 64 longest bench prompts x 128 new tokens: 19-28 s with DynamicCache, 12-13 s
-    with this). StaticCache avoids the copy but attends over all `capacity` slots from the first
-    step. Here each step writes one slot and attention sees views of the filled part: exactly
-    the keys and values DynamicCache holds.
+
+def kv_cache(capacity: int, static: bool = False):
+    """A KV cache whose keys and values live in buffers of `capacity` positions, allocated at the
+    prefill (B, kv_heads, capacity, head_dim per layer) and never re-allocated by a step.
+
+    DynamicCache appends each token with torch.cat, re-copying (and re-allocating) the whole cache
+    every step. Here each step writes its slot in place. Two ways to hand the keys to attention:
+      views   (eager, the CPU default) views of the filled part: exactly DynamicCache's keys, and
+              attention never reads the empty slots (StaticCache attends over all of them);
+      static  (fixed shapes, for CUDA graphs) every slot, the 4D mask hiding the unwritten ones;
+              the step writes at `cache.slot`, a device tensor the step itself advances.
+    cache.keep(rows) drops finished rows (one copy of the buffers, only when a row finishes).
     """
     from transformers.cache_utils import Cache, DynamicLayer
 
     class BufferLayer(DynamicLayer):
         def update(self, k, v, *args, **kwargs):
             if not self.is_initialized:
-                B, H, _, D = k.shape  # (B, heads, T, head_dim)
-                self.kbuf, self.vbuf = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
+                B, H, _, D = k.shape  # (B, kv_heads, T, head_dim)
+                self.kbuf, self.vbuf = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
                 self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
+            if static:  # index_copy_ at a device tensor: no host value, so a CUDA graph can replay it
+                self.kbuf.index_copy_(2, cache.slot, k)
+                self.vbuf.index_copy_(2, cache.slot, v)
+                self.keys, self.values = self.kbuf, self.vbuf
+                return self.keys, self.values
             n, T = self.n, k.shape[-2]
             assert n + T <= capacity, f"KV cache of {capacity} positions is full"
             self.kbuf[:, :, n:n + T], self.vbuf[:, :, n:n + T] = k, v
@@ -41,13 +52,45 @@ def preallocated_cache(capacity: int):
             self.keys, self.values = self.kbuf[:, :, :n + T], self.vbuf[:, :, :n + T]
             return self.keys, self.values
 
-    return Cache(layer_class_to_replicate=BufferLayer)
+        def keep(self, rows):
+            self.kbuf, self.vbuf = self.kbuf[rows], self.vbuf[rows]
+            n = capacity if static else self.n
+            self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
+
+        def seed(self, k, v, B: int):
+            """Start from the keys and values (1, H, P, D) of a shared prefix, for B rows."""
+            self.kbuf, self.vbuf = k.new_zeros(B, k.shape[1], capacity, k.shape[-1]), v.new_zeros(
+                B, v.shape[1], capacity, v.shape[-1])
+            P = k.shape[-2]
+            self.kbuf[:, :, :P], self.vbuf[:, :, :P] = k, v  # broadcast over the rows
+            self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, P, True
+            self.keys, self.values = self.kbuf[:, :, :P], self.vbuf[:, :, :P]
+
+    class KV(Cache):
+        def keep(self, rows):
+            for layer in self.layers:
+                layer.keep(rows)
+
+    cache = KV(layer_class_to_replicate=BufferLayer)
+    cache.slot = None
+    return cache
+
+
+def seeded_cache(prefix, B: int, capacity: int):
+    """A views cache of `capacity` positions for B rows that starts with `prefix` (a filled cache of
+    one row): every row sees the same prefix keys and values (MMLU's shared 5-shot prefix)."""
+    cache = kv_cache(capacity)
+    for src in prefix.layers:
+        layer = cache.layer_class_to_replicate()
+        layer.seed(src.keys, src.values, B)
+        cache.layers.append(layer)
+    return cache
 
 
 def cache_keyword(model) -> str:
     """The keyword under which the installed transformers' forward takes a KV cache: `cache` since
     5.2x (`past_key_values` is deprecated there, to be removed in 5.40), `past_key_values` before.
-    A cache passed under a name the forward ignores would leave it empty (see greedy's check)."""
+    A cache passed under a name the forward ignores would leave it empty (see prefill's check)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -60,41 +103,208 @@ def stop_ids(model, tok) -> list[int]:
     return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
 
 
+def prefill(model, ids, attn, cache, mask=None):
+    """The prompts' forward that fills the cache; (B,) next tokens. Positions count real tokens only
+    ((cumsum - 1) on the mask), so a left-padded row sees what the same prompt alone sees."""
+    T = ids.shape[1]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    key = cache_keyword(model)
+    out = model(input_ids=ids, attention_mask=attn if mask is None else mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1, **{key: cache})
+    filled = cache.layers[0].n if cache.layers and cache.slot is None else T if cache.layers else 0
+    if filled != T:  # the forward ignored the cache: every decode step would see only its newest
+        raise RuntimeError(  # token and every generation would be garbage, silently
+            f"the KV cache holds {filled} positions after a prefill of {T}: this transformers "
+            f"version's forward did not take it as `{key}=`. Install a transformers version in "
+            "requirements.txt's range.")
+    return out.logits[:, -1].argmax(-1), pos[:, -1]
+
+
+class Rows:
+    """Which prompt each row of the running batch decodes, and the tokens each prompt got.
+    new: (B + 1, N) filled with stop[0], row B a sink for rows that finished but still run
+    (static shapes); a row that produced a stop id is filled with stop[0] after it, as before."""
+
+    def __init__(self, B: int, N: int, stop: list[int], device):
+        self.B, self.t = B, 0
+        self.new = torch.full((B + 1, N), stop[0], dtype=torch.long, device=device)
+        self.rows = torch.arange(B, device=device)
+        self.stop = torch.tensor(stop, device=device)
+
+    def record(self, nxt) -> torch.Tensor:
+        """Write step t's tokens; (live rows mask) after this step."""
+        self.new[self.rows, self.t] = nxt
+        self.t += 1
+        self.rows = torch.where(torch.isin(nxt, self.stop), self.B, self.rows)
+        return self.rows != self.B
+
+    def result(self) -> torch.Tensor:
+        return self.new[:self.B, :self.t]
+
+
 @torch.inference_mode()
-def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, stop: list[int]) -> torch.Tensor:
+def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, stop: list[int],
+           static: bool | None = None) -> torch.Tensor:
     """(B, T) left-padded prompts -> (B, N) new tokens, N <= max_new_tokens; a row that produced a
     stop id is filled with stop[0] after it.
 
-    Positions count real tokens only ((cumsum - 1) on the mask), so a left-padded row sees
-    the same positions as the same prompt alone, and pads are masked out of attention.
+    Eager (the CPU default): a row that finishes leaves the batch (its cache rows are dropped), so
+    a batch costs its rows' real lengths, not B x its longest. The attention mask is one buffer of
+    the final length, the cache is written in place: a step allocates nothing of its own.
+    static (the CUDA default): fixed shapes, captured in a CUDA graph (greedy_static).
     """
+    if static is None:  # the 4D bool mask of the static step is SDPA's (eager attention adds float masks)
+        static = (ids.device.type == "cuda" and GRAPHS["off"] is None
+                  and getattr(model.config, "_attn_implementation", "sdpa") == "sdpa")
+    if static:
+        return greedy_static(model, ids, attn, max_new_tokens, stop)
     B, T = ids.shape
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = preallocated_cache(T + max_new_tokens)
-    key = cache_keyword(model)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                **{key: cache})
-    if cache.get_seq_length() != T:  # the forward ignored the cache: every decode step would see only
-        raise RuntimeError(  # its newest token and every generation would be garbage, silently
-            f"the KV cache holds {cache.get_seq_length()} positions after a prefill of {T}: this transformers "
-            f"version's forward did not take it as `{key}=`. Install a transformers version in "
-            "requirements.txt's range.")
-    stop_t = torch.tensor(stop, device=ids.device)
-    nxt = out.logits[:, -1].argmax(-1)  # (B,)
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    new = []
+    cache = kv_cache(T + max_new_tokens)
+    mask = attn.new_zeros(B, T + max_new_tokens)  # (B, T + N): filled one column per step
+    mask[:, :T] = attn
+    nxt, last = prefill(model, ids, attn, cache)
+    rows, key = Rows(B, max_new_tokens, stop, ids.device), cache_keyword(model)
     for t in range(max_new_tokens):
-        nxt = torch.where(done, torch.full_like(nxt, stop[0]), nxt)
-        new.append(nxt)
-        done |= torch.isin(nxt, stop_t)
-        if t == max_new_tokens - 1 or bool(done.all()):
+        live = rows.record(nxt)
+        if t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, attn.new_ones(B, 1)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
-                    **{key: cache})
+        n_live = int(live.sum())
+        if n_live == 0:
+            break
+        if n_live < live.numel():  # finished rows leave the batch: the cache, mask and positions follow
+            keep = live.nonzero().squeeze(1)
+            cache.keep(keep)
+            rows.rows, nxt, last, mask = rows.rows[keep], nxt[keep], last[keep], mask[keep]
+        mask[:, T + t] = 1
+        last = last + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :T + t + 1], position_ids=last[:, None],
+                    use_cache=True, **{key: cache})
         nxt = out.logits[:, -1].argmax(-1)
-    return torch.stack(new, dim=1) if new else ids.new_zeros(B, 0)
+    return rows.result()
+
+# -----------------------------------------------------------------------------
+# fixed shapes: the decode step captured once per shape in a CUDA graph
+
+GRAPHS = {"off": None, "steps": {}}  # why graphs are off (printed once); the captured steps by shape
+
+
+class StaticStep:
+    """One decode step on fixed buffers: S rows, a cache of C positions. run() reads ids/pos/slot,
+    writes nxt and advances them, so replaying it (a CUDA graph) is the whole step: no host work,
+    no allocation. The 4D bool mask (S, 1, 1, C) says which slots each row attends to."""
+
+    def __init__(self, model, S: int, C: int, device):
+        self.model, self.S, self.C, self.key = model, S, C, cache_keyword(model)
+        self.cache = kv_cache(C, static=True)
+        self.ids = torch.zeros(S, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(S, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the decode step's cache position
+        self.cache.slot = self.slot
+        self.mask = torch.zeros(S, 1, 1, C, dtype=torch.bool, device=device)
+        self.nxt = torch.zeros(S, dtype=torch.long, device=device)
+        self.graph, self.warm = None, False
+
+    def run(self):
+        self.mask.index_fill_(3, self.cache.slot, True)
+        logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                            **{self.key: self.cache}).logits  # (S, 1, V)
+        self.nxt.copy_(logits[:, -1].argmax(-1))
+        self.ids.copy_(self.nxt[:, None])
+        self.pos.add_(1)
+        self.cache.slot.add_(1)
+
+    def step(self):
+        """Eager on the first call of a shape (the warm-up), then captured once and replayed."""
+        if self.graph is None and self.warm and self.ids.device.type == "cuda" and GRAPHS["off"] is None:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # records the kernels, runs none of them
+                    self.run()
+                self.graph = graph
+            except Exception as e:  # noqa: BLE001  an op that cannot be captured: eager from here on
+                GRAPHS["off"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(f"generation: CUDA graph capture failed, decoding eagerly ({GRAPHS['off']})", flush=True)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.run()
+            self.warm = True
+
+
+def static_step(model, S: int, C: int, device) -> StaticStep:
+    """The step of shape (S, C), built once and kept (its graph with it); steps of another capacity
+    are dropped, since batches come sorted by length and their buffers hold the cache."""
+    steps = GRAPHS["steps"]
+    if (S, C) not in steps:
+        for k in [k for k in steps if k[1] != C]:
+            del steps[k]
+        steps[S, C] = StaticStep(model, S, C, device)
+    return steps[S, C]
+
+
+def prefill_mask(attn, C: int) -> torch.Tensor:
+    """(B, T) padding mask -> (B, 1, T, C) bool: causal over real tokens, nothing beyond T; a pad
+    query attends to itself only (a row with no key would give NaN keys for later steps)."""
+    B, T = attn.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=attn.device).tril()
+    m = causal & attn.bool()[:, None, :] | torch.eye(T, dtype=torch.bool, device=attn.device)
+    return torch.cat([m, m.new_zeros(B, T, C - T)], dim=-1)[:, None]
+
+
+def bucket(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@torch.inference_mode()
+def greedy_static(model, ids, attn, max_new_tokens: int, stop: list[int], round_to: int = 64) -> torch.Tensor:
+    """greedy() on fixed shapes: the cache holds C = T + N positions rounded up to `round_to` (so
+    batches of close lengths share a captured step), and when half the rows have finished the live
+    ones move to a step of the next power of two rows (finished rows left in it write to a sink)."""
+    B, T = ids.shape
+    C = -(-(T + max_new_tokens) // round_to) * round_to
+    st = static_step(model, B, C, ids.device)
+    st.cache.slot = torch.arange(T, device=ids.device)  # the prefill writes T slots; the captured step
+    nxt, last = prefill(model, ids, attn, st.cache, mask=prefill_mask(attn, C))
+    st.cache.slot = st.slot  # keeps the address of st.slot, so the step writes one slot, in place
+    st.slot.fill_(T)
+    st.mask.zero_()
+    st.mask[:, 0, 0, :T] = attn.bool()
+    st.ids.copy_(nxt[:, None])
+    st.pos.copy_(last[:, None] + 1)
+    rows = Rows(B, max_new_tokens, stop, ids.device)
+    for t in range(max_new_tokens):
+        live = rows.record(nxt)
+        n_live = int(live.sum())
+        if t == max_new_tokens - 1 or n_live == 0:
+            break
+        if n_live <= st.S // 2:  # move the live rows to a smaller step
+            keep = live.nonzero().squeeze(1)
+            keep = torch.cat([keep, keep[:1].expand(bucket(n_live) - n_live)])  # pad with a copy of a live row
+            small = static_step(model, bucket(n_live), C, ids.device)
+            copy_rows(st, small, keep)
+            rows.rows = torch.cat([rows.rows[keep[:n_live]], rows.rows.new_full((len(keep) - n_live,), B)])
+            st = small
+        st.step()
+        nxt = st.nxt
+    return rows.result()
+
+
+def copy_rows(src: StaticStep, dst: StaticStep, keep) -> None:
+    """dst's buffers <- src's rows `keep` (dst has len(keep) rows); dst's cache is allocated on first use."""
+    if not dst.cache.layers:
+        for s in src.cache.layers:
+            layer = dst.cache.layer_class_to_replicate()
+            layer.kbuf, layer.vbuf = s.kbuf[keep], s.vbuf[keep]  # new tensors: dst's own buffers from now on
+            layer.keys, layer.values, layer.n, layer.is_initialized = layer.kbuf, layer.vbuf, 0, True
+            layer.dtype, layer.device = s.dtype, s.device
+            dst.cache.layers.append(layer)
+    else:
+        for s, d in zip(src.cache.layers, dst.cache.layers):
+            d.kbuf.copy_(s.kbuf[keep])
+            d.vbuf.copy_(s.vbuf[keep])
+    for name in ("ids", "pos", "mask", "nxt"):
+        getattr(dst, name).copy_(getattr(src, name)[keep])
+    dst.slot.copy_(src.slot)
 
 
 def clean_up_tokenization(text: str) -> str:
