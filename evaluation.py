@@ -25,41 +25,79 @@ import attacks
 import generation
 import lume
 import metrics
+import progress as progress_lines
 
 # -----------------------------------------------------------------------------
 # MIA document losses and MMLU
 
 
+def body_and_head(model):
+    """(the decoder without the LM head, the head) when the logits are head(hidden) and nothing
+    more (OLMo, Llama: no soft-capping or logit scale), else None (the whole model's logits)."""
+    c = model.config
+    if any(getattr(c, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        body, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return (body, head) if body is not None and head is not None else None
+
+
+MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
+
+
 @torch.inference_mode()
 def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
-              extra: bool = True) -> list[dict]:
+              extra: bool = True, chunk: int = MIA_CHUNK, progress=None) -> list[dict]:
     """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
     labels=ids).loss` of the official scorer, and from the same forward the extra MIA statistics
     of attacks.doc_scores (zlib, Min-K%, Min-K%++), unless extra=False; length-sorted right-padded
-    batches."""
+    batches.
+
+    Bounded memory: the decoder runs once per batch, and the LM head, the NLL and the next-token
+    moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)
+    logits (16,384 x 50,304 fp32 = 3.3 GB, and as much again for their log-softmax); chunk 0 = one
+    chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
+    """
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     enc = [tok(d).input_ids for d in docs]
     pad = lume.pad_of(tok)
-    out = [None] * len(docs)
+    split = body_and_head(model)
+    out, done = [None] * len(docs), 0
     for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
         b = lume.make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
         # next-token labels, -100 (ignored) on padding and after each row's last token
         labels = b.ids.roll(-1, dims=1).masked_fill(b.target_mask.roll(-1, dims=1) == 0, -100)
+        valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
         with autocast:
-            logits = model(input_ids=b.ids, attention_mask=b.attn).logits  # (B, T, V)
-        # cross_entropy over a contiguous (B*T, V) view, as HF's loss does: the (B, V, T) layout
-        # of token_logps is ~3x slower on CPU for log_softmax over the vocabulary
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
-        loss = nll.view(labels.shape).sum(-1) / b.target_mask[:, 1:].sum(-1)
+            if split:
+                h = split[0](input_ids=b.ids, attention_mask=b.attn).last_hidden_state[valid]  # (N, H)
+            else:
+                h = model(input_ids=b.ids, attention_mask=b.attn).logits[valid]  # (N, V)
+        nll, mu, sigma = [], [], []
+        for part, y in zip(h.split(chunk or len(h)), labels[valid].split(chunk or len(h))):
+            with autocast:
+                logits = split[1](part) if split else part  # (n, V)
+            # cross_entropy over a contiguous (n, V) block, as HF's loss does
+            nll.append(F.cross_entropy(logits.float(), y, reduction="none"))
+            if extra:
+                m, s = attacks.next_token_moments(logits)
+                mu.append(m), sigma.append(s)
+        full = torch.zeros(labels.shape, device=device)  # (B, T) NLL, 0 where not predicted: summed per
+        full[valid] = torch.cat(nll)  # row in the same order as before the chunks
+        loss = full.sum(-1) / b.target_mask[:, 1:].sum(-1)
+        done += len(idx)
+        if progress:
+            progress(done, len(docs))
         if not extra:  # the official loss alone (bench.py times it against model(ids, labels=ids))
             for i, v in zip(idx, loss.tolist()):
                 out[i] = {"loss": v}
             continue
-        valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
-        mu, sigma = attacks.next_token_moments(logits[valid])  # (N,) each
         counts = valid.sum(-1).tolist()
-        logp = (-nll.view(labels.shape)[valid]).split(counts)
+        logp = (-full[valid]).split(counts)
+        mu, sigma = torch.cat(mu), torch.cat(sigma)
         for i, v, lp, m, s in zip(idx, loss.tolist(), logp, mu.split(counts), sigma.split(counts)):
             out[i] = {"loss": v, **attacks.doc_scores(docs[i], v, lp.cpu(), m.cpu(), s.cpu())}
     return out
@@ -103,23 +141,82 @@ def mmlu_choice_logits(model, tok, encoded, batch_size: int = 8, autocast=None) 
     return out
 
 
-def mmlu_records(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None) -> list[tuple]:
+def mmlu_prefix_ids(tok, subject, shots, q) -> list[int]:
+    """Token ids that every full-shot prompt of `subject` starts with: the header and the shots,
+    tokenized alone, less their last token (BPE may merge it with the question's first characters;
+    mmlu_choice_logits checks each question's ids start with these)."""
+    k = min(5, len(shots))
+    full = metrics.mmlu_prompt(subject, shots, q, k)
+    return tok(full[:len(full) - len(metrics.mmlu_format(q, False))]).input_ids[:-1]
+
+
+@torch.inference_mode()
+def mmlu_shared_logits(model, tok, encoded, prefix, batch_size: int = 32, autocast=None):
+    """({question index: (4,) logits}) for the questions whose ids start with `prefix`: the
+    prefix's keys and values are computed once, then each batch of suffixes (the question, its
+    choices and 'Answer:', about 20% of a 5-shot prompt) attends to them. A suffix row is
+    left-padded after the prefix: [prefix | pads | suffix], its positions P, P+1, ... count real
+    tokens only, so it computes what the whole prompt computes alone."""
+    P = len(prefix)
+    mine = [i for i, e in enumerate(encoded) if P > 0 and len(e) > P and e[:P] == prefix]
+    if not mine:
+        return {}
+    device = next(model.parameters()).device
+    autocast = autocast or contextlib.nullcontext()
+    choice_ids = torch.tensor(metrics.mmlu_choice_ids(tok), device=device)
+    key = generation.cache_keyword(model)
+    shared = generation.kv_cache(P)
+    with autocast:
+        model(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(P, device=device)[None],
+              use_cache=True, logits_to_keep=1, **{key: shared})
+    out = {}
+    suffixes = [encoded[i][P:] for i in mine]
+    for idx in lume.length_batches([len(s) for s in suffixes], batch_size, 1 << 30):
+        ids, attn = lume.left_pad([suffixes[j] for j in idx], lume.pad_of(tok))
+        ids, attn = ids.to(device), attn.to(device)
+        B, L = ids.shape
+        pos = P + (attn.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([attn.new_ones(B, P), attn], dim=1)  # (B, P + L)
+        cache = generation.seeded_cache(shared, B, P + L)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{key: cache}).logits
+        for j, row in zip(idx, logits[:, -1, choice_ids].float().cpu()):
+            out[mine[j]] = row
+    return out
+
+
+def mmlu_records(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None, progress=None,
+                 share_prefix: bool = True) -> list[tuple]:
     """(subject, predicted letter, answer letter) per question: 5-shot prompts (Open-Instruct
     protocol, from metrics.py) capped at 2,048 tokens, or the model's context when that is shorter;
-    the prediction is the letter whose token gets the highest next-token logit after 'Answer:'."""
+    the prediction is the letter whose token gets the highest next-token logit after 'Answer:'.
+    The shots' keys and values are computed once per subject (mmlu_shared_logits); a question whose
+    cap dropped shots (its prompt does not start with the subject's) takes the whole-prompt path."""
     max_len = min(MMLU_MAX_TOKENS, getattr(model.config, "max_position_embeddings", MMLU_MAX_TOKENS))
-    records = []
+    records, done, total = [], 0, sum(len(test[s][:limit] if limit else test[s]) for s in test)
     for subject in sorted(test):
         qs = test[subject][:limit] if limit else test[subject]
-        encoded = [mmlu_encode(tok, subject, dev.get(subject, []), q, max_len) for q in qs]
-        pick = mmlu_choice_logits(model, tok, encoded, batch_size, autocast).argmax(-1).tolist()
-        records += [(subject, "ABCD"[p], q.answer) for q, p in zip(qs, pick)]
+        shots = dev.get(subject, [])
+        encoded = [mmlu_encode(tok, subject, shots, q, max_len) for q in qs]
+        shared = mmlu_shared_logits(model, tok, encoded, mmlu_prefix_ids(tok, subject, shots, qs[0]),
+                                    4 * batch_size, autocast) if share_prefix and shots and qs else {}
+        rest = [i for i in range(len(qs)) if i not in shared]
+        logits = torch.zeros(len(qs), 4)
+        if rest:
+            logits[rest] = mmlu_choice_logits(model, tok, [encoded[i] for i in rest], batch_size, autocast)
+        for i, row in shared.items():
+            logits[i] = row
+        records += [(subject, "ABCD"[p], q.answer) for q, p in zip(qs, logits.argmax(-1).tolist())]
+        done += len(qs)
+        if progress:
+            progress(done, total)
     return records
 
 
-def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None) -> dict:
+def mmlu_eval(model, tok, dev, test, limit: int = 0, batch_size: int = 8, autocast=None, progress=None) -> dict:
     """MMLU accuracy: average_acc over all questions, and per subject (metrics.mmlu_accuracy)."""
-    return metrics.mmlu_accuracy(mmlu_records(model, tok, dev, test, limit, batch_size, autocast))
+    return metrics.mmlu_accuracy(mmlu_records(model, tok, dev, test, limit, batch_size, autocast, progress))
 
 
 # -----------------------------------------------------------------------------
@@ -146,9 +243,19 @@ def official_results(gen_rows, mia_rows, mmlu_res) -> dict:
     return results
 
 
+def stage_bar(label: str, total: int, on: bool):
+    """(progress callback, close) of one scoring stage: progress.Progress's line (one updating line on
+    a terminal, a plain line every 10 s in a log), or nothing when the caller asked for no progress."""
+    if not on or not total:
+        return None, lambda: None
+    bar = progress_lines.Progress(label, total)
+    return (lambda done, _total: bar.update(done)), bar.close
+
+
 def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", max_new_tokens: int = 256,
              batch_size: int = 32, mmlu_limit: int = 0, autocast=None, progress=None):
     """Score `items` (every task present), MIA documents and MMLU as the official scorer does.
+    progress(done, total) follows the generations; with it, MIA and MMLU print their own lines.
 
     Returns (generation rows, MIA rows, MMLU dict or None, results dict with the official keys).
     """
@@ -157,9 +264,14 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
     gen_rows = generation_rows(items, outs, stage)
     mia_rows = []
     for name in ("member", "nonmember") if mia else ():
-        stats = doc_stats(model, tok, [d.document for d in mia[name]], autocast=autocast)
+        tick, close = stage_bar(f"scoring {stage}: MIA {name} documents", len(mia[name]), progress is not None)
+        stats = doc_stats(model, tok, [d.document for d in mia[name]], autocast=autocast, progress=tick)
+        close()
         mia_rows += [{"stage": stage, "set": name, "id": d.id, **v} for d, v in zip(mia[name], stats)]
-    mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, autocast=autocast) if mmlu else None
+    mmlu_res = None
+    if mmlu:
+        n = sum(len(qs[:mmlu_limit] if mmlu_limit else qs) for qs in mmlu[1].values())
+        tick, close = stage_bar(f"scoring {stage}: MMLU questions", n, progress is not None)
+        mmlu_res = mmlu_eval(model, tok, *mmlu, limit=mmlu_limit, autocast=autocast, progress=tick)
+        close()
     return gen_rows, mia_rows, mmlu_res, official_results(gen_rows, mia_rows, mmlu_res)
-
-
