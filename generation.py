@@ -232,14 +232,14 @@ class StaticStep:
 
 
 def static_step(model, S: int, C: int, device) -> StaticStep:
-    """The step of shape (S, C), built once and kept (its graph with it); steps of another capacity
-    are dropped, since batches come sorted by length and their buffers hold the cache."""
-    steps = GRAPHS["steps"]
-    if (S, C) not in steps:
-        for k in [k for k in steps if k[1] != C]:
+    """The step of shape (S, C) for this model, built once and kept (its graph with it); steps of
+    another capacity or model are dropped: batches come sorted by length, and their buffers hold the cache."""
+    steps, key = GRAPHS["steps"], (id(model), S, C)
+    if key not in steps:
+        for k in [k for k in steps if k[0] != id(model) or k[2] != C]:
             del steps[k]
-        steps[S, C] = StaticStep(model, S, C, device)
-    return steps[S, C]
+        steps[key] = StaticStep(model, S, C, device)
+    return steps[key]
 
 
 def prefill_mask(attn, C: int) -> torch.Tensor:

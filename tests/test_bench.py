@@ -48,3 +48,28 @@ def test_bench_identity_check_catches_a_wrong_fast_path(tmp_path, small_tiny, mo
     with pytest.raises(AssertionError, match="generation: batched output differs"):
         bench.main(["--model", "tiny", "--data", "builtin", "--items", "8", "--repeats", "1", "--max-new-tokens", "4",
                     "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "b.json")])
+
+
+def test_gpu_report_runs_on_a_tiny_shape_on_cpu(tmp_path, capsys):
+    """`--gpu-report --device cpu --shapes tiny`: the GPU report's code end to end (CI keeps it from rotting)."""
+    out = tmp_path / "gpu.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu-report", "--device", "cpu", "--shapes", "tiny", "--gpu-new-tokens", "4", "--out", str(out)])
+    assert e.value.code == 0
+    r = json.load(open(out))["shapes"]["tiny"]
+    assert set(r["memory"]) == {"full-fp32-master", "full-bf16-sr", "last-8", "lora-16"}
+    assert all(r["train"][m]["tokens_per_s"] > 0 for m in ("ga", "gd", "kl", "npo"))
+    assert r["adamw"]["ratio"] > 0 and r["decode"]["batch_128"]["vs_official"] > 0
+    assert r["identity_fp32"]["rows_differing"] == 0 and r["projection"]["full_eval_s"] > 0
+    assert "| tiny | decode batch 32 |" in capsys.readouterr().out
+
+
+def test_gpu_report_without_cuda_says_what_it_needs(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--gpu-report"])
+    assert e.value.code == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "needs a CUDA GPU" in out[0] and "--device cpu" in out[0]

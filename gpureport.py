@@ -1,0 +1,419 @@
+"""
+The GPU evidence in one command: random-weight OLMo-1B and OLMo-7B shapes (memory.OLMO_CONFIGS, the
+released OLMo-*-0724-hf config fields) built on one CUDA GPU, no hub access, in under 8 minutes.
+
+    python bench.py --gpu-report                                  # one CUDA GPU -> bench-gpu.json
+    python bench.py --gpu-report --device cpu --shapes tiny       # the same code on a tiny shape (CI)
+
+Sections, each measured in this run and printed as a table, all written to bench-gpu.json:
+  peak      bf16 (fp32 on CPU) matmul FLOP/s on 4096-sized products, device copy bytes/s
+  memory    memory.py's plan against torch.cuda.max_memory_allocated, every setup of memory.SETUPS
+            (npo, batch 4 x 512): a setup whose plan does not fit is skipped with the plan's words
+  train     one optimizer step per method in the setup the plan picks: tokens/s and the fraction
+            of the matmul peak (6N FLOP per token, + 2N per token of a reference forward for kl)
+  adamw     lume.StochasticAdamW's step on bf16 weights against torch's fused AdamW on fp32 weights
+  decode    generation.greedy (static cache, the step in a CUDA graph) at batch 1, 32 and 128, EOS
+            suppressed so every row runs `new_tokens`, against the official loop (model.generate one
+            prompt at a time); each step's time against its matmuls' time at the peak and against
+            reading the weights once at the copy bandwidth
+  identity  batched against one-at-a-time decoding on identical prompts: rows that differ, bf16
+            (counted, not hidden) and fp32 (expected 0)
+  projection the full LUME evaluation of the 7B (two scoring stages, MIA, MMLU) from these rates
+A time guard skips what would not finish within the budget, saying so.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import evaluation
+import generation
+import lume
+import memory
+import methods
+
+SHAPES = {"olmo-1b": memory.OLMO_CONFIGS["olmo-1b"], "olmo-7b": memory.OLMO_CONFIGS["olmo-7b"],
+          "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                       vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024, pad_token_id=1,
+                       eos_token_id=None, bos_token_id=None)}
+TRAIN_ROWS = {"tiny": (2, 32)}  # (batch, seq_len) of the memory and training rows; the OLMo shapes: 4 x 512
+# what one full LUME evaluation scores, counted with the OLMo tokenizer on the release (docs/performance.md)
+FULL_EVAL = dict(items=5466, prompt_tokens=286371, new_tokens=610745, mia_docs=300, mia_tokens=67333,
+                 mmlu_questions=14042, mmlu_suffix_tokens=2099787, mmlu_prefix_tokens=29628)  # whole prompts: 9,633,979
+GiB = 2**30
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int = 3) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peaks(device, dtype, n: int) -> dict:
+    """Matmul FLOP/s of (n x n) @ (n x n) in dtype, and copy bytes/s (read + write) of n*n*16 bytes."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: [torch.matmul(a, b) for _ in range(10)], device) / 10
+    x = torch.randn(n * n * 4, device=device)
+    y = torch.empty_like(x)
+    c = timed(lambda: [y.copy_(x) for _ in range(10)], device) / 10
+    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "matmul_flop_per_s": 2 * n ** 3 / s,
+            "copy_bytes_per_s": 2 * x.numel() * 4 / c}
+
+
+def matmul_params(model) -> int:
+    emb = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters()) - emb.numel()  # the input embedding is a lookup
+
+# -----------------------------------------------------------------------------
+# memory plan against measured, and training steps
+
+
+def random_batches(vocab: int, batch: int, seq_len: int, steps: int, retain: bool, device):
+    rows = lambda: lume.Batch(torch.randint(0, vocab, (batch, seq_len)), torch.ones(batch, seq_len, dtype=torch.long),  # noqa: E731
+                              torch.ones(batch, seq_len), torch.arange(batch))
+    return [[(rows(), rows() if retain else None)] for _ in range(steps)]
+
+
+def train_setup(config, method: str, setup_name: str, batch: int, seq_len: int, device, steps: int = 3) -> dict:
+    """steps optimizer steps of method in one of memory.SETUPS on random weights: the plan against
+    the measured peak, and the median step time after the first."""
+    setup = next(s for n, _, s in memory.SETUPS if n == setup_name)
+    plan = memory.plan_setup(config, method, batch, seq_len, setup)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = memory.build_random(config, setup, device)
+    weights = torch.cuda.memory_allocated(device) if cuda else sum(p.numel() * p.element_size() for p in model.parameters())
+    options = {"ga": {}, "gd": dict(retain_weight=1.0), "kl": dict(retain_weight=1.0),
+               "npo": dict(beta=0.1, retain_weight=1.0, ref_logps=torch.zeros(batch, device=device))}[method]
+    if method == "kl":
+        import copy
+        options["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
+    loss, stamps = methods.METHODS[method], []
+
+    def after(done, opt, scaler):
+        sync(device)
+        stamps.append(time.perf_counter())
+    lume.train(model, random_batches(config["vocab_size"], batch, seq_len, steps, methods.NEEDS_RETAIN[method], device),
+               lambda m, f, r, totals: loss(m, f, r, totals, **options), lr=1e-5, precision=setup["precision"],
+               device=device, after_step=after)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    tokens = batch * seq_len * (2 if methods.NEEDS_RETAIN[method] else 1)
+    flops = 6 * matmul_params(model) * tokens + (2 * matmul_params(model) * batch * seq_len if method == "kl" else 0)
+    if setup["train_layers"] or setup["lora_rank"]:  # a frozen base: no weight gradients below (backward ~1/2 as much)
+        flops = None
+    del model, options
+    return {"setup": setup_name, "planned_bytes": plan["total"], "measured_peak_bytes": peak,
+            "planned_weights": plan["weights"], "measured_weights": weights,
+            "plan_error": (peak - plan["total"]) / plan["total"] if cuda else None,
+            "step_s": step_s, "tokens_per_s": tokens / step_s, "flops": flops}
+
+
+def memory_section(name, config, device, free: int, say, budget) -> dict:
+    """Every setup of memory.SETUPS for npo, batch 4 x 512: planned against measured."""
+    out, (batch, seq) = {}, TRAIN_ROWS.get(name, (4, 512))
+    for setup_name, words, setup in memory.SETUPS:
+        plan = memory.plan_setup(config, "npo", batch, seq, setup)
+        room = free - memory.reserve(free)
+        if plan["total"] > room:
+            out[setup_name] = {"skipped": f"plan {plan['total'] / GiB:.1f} GiB > {room / GiB:.1f} GiB free after the "
+                                          f"reserve ({words})"}
+        elif budget():
+            out[setup_name] = {"skipped": "time budget"}
+        else:
+            out[setup_name] = train_setup(config, "npo", setup_name, batch, seq, device, steps=2)
+        say(f"gpu-report: {name} memory {setup_name}: {fmt_row(out[setup_name])}")
+    return out
+
+
+def train_section(name, config, device, free: int, peak: float, say, budget) -> dict:
+    """One optimizer step per method in the setup the plan picks (as job.py picks it)."""
+    out, (batch, seq) = {}, TRAIN_ROWS.get(name, (4, 512))
+    for method in ("ga", "gd", "kl", "npo"):
+        try:
+            pick, _, _ = memory.pick_setup(config, method, batch, seq, free)
+        except memory.NoSetupFits as e:
+            out[method] = {"skipped": str(e)}
+            continue
+        if budget():
+            out[method] = {"skipped": "time budget"}
+            continue
+        r = train_setup(config, method, pick, batch, seq, device)
+        r["peak_fraction"] = r["flops"] / r["step_s"] / peak if r["flops"] else None
+        out[method] = r
+        say(f"gpu-report: {name} train {method}: {fmt_row(r)}")
+    return out
+
+
+def fmt_row(r: dict) -> str:
+    if "skipped" in r:
+        return "skipped: " + r["skipped"]
+    frac = f", {r['peak_fraction']:.0%} of peak" if r.get("peak_fraction") else ""
+    err = f" ({r['plan_error']:+.0%})" if r.get("plan_error") is not None else ""
+    return (f"{r['setup']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured {r['measured_peak_bytes'] / GiB:.2f}"
+            f"{err}; step {r['step_s'] * 1e3:.0f} ms, {r['tokens_per_s']:.0f} tok/s{frac}")
+
+
+def adamw_section(config, device) -> dict:
+    """The optimizer step alone on the shape's parameters: StochasticAdamW over bf16 weights and
+    states against torch's fused AdamW over fp32 ones (the two full-parameter setups)."""
+    from transformers import AutoModelForCausalLM, OlmoConfig
+    out = {}
+    for label, dtype, make in (("stochastic_adamw_bf16", torch.bfloat16, lambda p: lume.StochasticAdamW(p, lr=1e-5)),
+                               ("torch_fused_adamw_fp32", torch.float32,
+                                lambda p: torch.optim.AdamW(p, lr=1e-5, fused=True))):
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(OlmoConfig(**config), dtype=dtype)
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = make(params)
+        out[label] = {"step_s": timed(opt.step, device)}
+        del model, params, opt
+    out["ratio"] = out["stochastic_adamw_bf16"]["step_s"] / out["torch_fused_adamw_fp32"]["step_s"]
+    return out
+
+# -----------------------------------------------------------------------------
+# decoding
+
+
+def eval_model(config, device, dtype):
+    from transformers import AutoModelForCausalLM, GenerationConfig, OlmoConfig
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(OlmoConfig(**config), dtype=dtype).eval()
+    model.generation_config = GenerationConfig(eos_token_id=None, pad_token_id=1)  # EOS suppressed
+    return model
+
+
+def prompts(vocab: int, n: int, length: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (n, length), generator=g)
+
+
+def official_one(model, ids, new_tokens: int):
+    """The official scorer's loop for one prompt: model.generate, greedy, EOS never stops it."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)[0, ids.shape[1]:]
+
+
+def decode_section(model, device, batches, new_tokens: int, prompt_len: int, peak: dict, say, budget) -> dict:
+    vocab, N = model.config.vocab_size, matmul_params(model)
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    no_stop = [-1]  # an id no step produces: every row runs new_tokens
+    one = prompts(vocab, 1, prompt_len).to(device)
+    off_s = timed(lambda: official_one(model, one, new_tokens), device, repeats=1)
+    out = {"official_tokens_per_s": new_tokens / off_s, "new_tokens": new_tokens, "prompt_len": prompt_len,
+           "weight_bytes": wbytes, "graphs_off": None}
+    for B in batches:
+        if budget():
+            out[f"batch_{B}"] = {"skipped": "time budget"}
+            continue
+        ids = prompts(vocab, B, prompt_len).to(device)
+        attn = torch.ones_like(ids)
+        s = timed(lambda: generation.greedy(model, ids, attn, new_tokens, no_stop), device, repeats=1)
+        step = s / new_tokens  # the prefill is one step's worth of weight reads: folded in
+        matmul_s = 2 * N * B / peak["matmul_flop_per_s"]
+        out[f"batch_{B}"] = {"tokens_per_s": B * new_tokens / s, "step_s": step,
+                             "vs_official": B * new_tokens / s / out["official_tokens_per_s"],
+                             "decode_peak_fraction": matmul_s / step,
+                             "weight_read_fraction": wbytes / peak["copy_bytes_per_s"] / step}
+        say(f"gpu-report: decode batch {B}: {B * new_tokens / s:.0f} tok/s, step {step * 1e3:.2f} ms, "
+            f"{out[f'batch_{B}']['vs_official']:.1f}x the official loop")
+    out["graphs_off"] = generation.GRAPHS["off"]
+    return out
+
+
+def identity_section(model, device, n: int, new_tokens: int) -> dict:
+    """Rows whose greedy tokens differ between one batch of n mixed-length prompts and each alone."""
+    vocab = model.config.vocab_size
+    enc = [prompts(vocab, 1, 8 + 5 * i, seed=i)[0].tolist() for i in range(n)]
+    ids, attn = lume.left_pad(enc, 1)
+    batched = generation.greedy(model, ids.to(device), attn.to(device), new_tokens, [-1]).cpu()
+    alone = [generation.greedy(model, torch.tensor([e], device=device), torch.ones(1, len(e), dtype=torch.long,
+                               device=device), new_tokens, [-1]).cpu()[0] for e in enc]
+    diff = [i for i in range(n) if not torch.equal(batched[i], alone[i])]
+    first = [int((batched[i] != alone[i]).nonzero()[0]) for i in diff]
+    return {"prompts": n, "new_tokens": new_tokens, "rows_differing": len(diff), "first_difference_at": first}
+
+
+def projection(decode: dict, prefill_tokens_per_s: float) -> dict:
+    """Seconds of one full LUME evaluation: two stages of generation (prefill + decode at batch 32),
+    MIA and MMLU (forward tokens at the prefill rate), each stage as measured here."""
+    d = decode.get("batch_32", {})
+    if "tokens_per_s" not in d:
+        return {"skipped": "no batch-32 decode rate"}
+    f = FULL_EVAL
+    gen = f["new_tokens"] / d["tokens_per_s"] + f["prompt_tokens"] / prefill_tokens_per_s
+    mia = f["mia_tokens"] / prefill_tokens_per_s
+    mmlu = (f["mmlu_suffix_tokens"] + f["mmlu_prefix_tokens"]) / prefill_tokens_per_s
+    return {"generation_s_per_stage": gen, "mia_s_per_stage": mia, "mmlu_s_per_stage": mmlu,
+            "full_eval_s": 2 * (gen + mia + mmlu), "counts": f}
+
+
+def prefill_rate(model, device, rows: int = 8, length: int = 512) -> float:
+    ids = prompts(model.config.vocab_size, rows, length).to(device)
+    with torch.inference_mode():
+        s = timed(lambda: model(input_ids=ids, logits_to_keep=1), device)
+    return rows * length / s
+
+# -----------------------------------------------------------------------------
+# bench.py's memory and projection figures (CPU or GPU)
+
+
+def peak_rss_growth(fn):
+    """(fn(), bytes the process's resident set grew by at most while fn ran), sampled every 2 ms
+    from /proc/self/statm on Linux; torch.cuda.max_memory_allocated on CUDA is the caller's."""
+    import threading
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
+    base, top, stop = rss(), [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            top[0] = max(top[0], rss() - base)
+            time.sleep(0.002)
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        t.join()
+    return out, top[0]
+
+
+def mia_memory(model, tok, docs, device) -> dict:
+    """Peak memory of evaluation.doc_stats (every MIA statistic) in chunks, and in one chunk per batch."""
+    out = {}
+    for key, chunk in (("peak_bytes", evaluation.MIA_CHUNK), ("unchunked_peak_bytes", 0)):
+        fn = lambda c=chunk: evaluation.doc_stats(model, tok, docs, chunk=c)  # noqa: E731
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fn()
+            out[key] = torch.cuda.max_memory_allocated(device) - base
+        elif os.path.exists("/proc/self/statm"):
+            out[key] = peak_rss_growth(fn)[1]
+        else:
+            out[key] = 0
+    return out
+
+
+def project(res: dict) -> dict:
+    """Seconds of one full LUME evaluation of this model at the rates measured here: two stages of
+    generation (gpureport.FULL_EVAL's token counts at the batch-32 decode rate), MIA at the batched
+    docs' tokens/s, MMLU at the measured prompts/s."""
+    f, g, m, q = FULL_EVAL, res["generation"], res["mia"], res.get("mmlu", {})
+    if "prompts_per_s" not in q:
+        return {"skipped": "no MMLU rate"}
+    gen = f["items"] / g["ours_items_per_s"] * (f["new_tokens"] / f["items"]) / g["max_new_tokens"]
+    mia = f["mia_tokens"] / (m["tokens"] / m["ours_s"])
+    mmlu = f["mmlu_questions"] / q["prompts_per_s"]
+    return {"generation_s_per_stage": gen, "mia_s_per_stage": mia, "mmlu_s_per_stage": mmlu,
+            "full_eval_s": 2 * (gen + mia + mmlu)}
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench-gpu.json", new_tokens: int = 256,
+        batches=(1, 32, 128), limit_s: float = 420.0) -> int:
+    """The whole report; 2 (one line) without CUDA unless --device cpu."""
+    if device == "auto" and not torch.cuda.is_available():
+        print("error: --gpu-report needs a CUDA GPU (none is visible to torch); --device cpu --shapes tiny runs "
+              "the same code on a tiny shape")
+        return 2
+    dev = lume.pick_device(device)
+    names = [s for s in shapes.split(",") if s]
+    bad = [s for s in names if s not in SHAPES]
+    if bad:
+        print(f"error: --shapes: unknown {bad[0]!r} (known: {', '.join(SHAPES)})")
+        return 2
+    t0 = time.time()
+    budget = lambda: time.time() - t0 > limit_s  # noqa: E731  (what starts after this is skipped)
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    cuda = dev.type == "cuda"
+    free = torch.cuda.mem_get_info(dev)[0] if cuda else 80 * GiB
+    low = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls on CPU are emulated: fp32 there
+    res = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+           "transformers": __import__("transformers").__version__, "free_bytes": free, "shapes": {}}
+    res["peak"] = peaks(dev, low, 4096 if cuda else 256)
+    say(f"gpu-report: {res['device']}, torch {res['torch']}; matmul {res['peak']['matmul_flop_per_s'] / 1e12:.3g} "
+        f"TFLOP/s ({res['peak']['dtype']}), copy {res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s")
+    peak = res["peak"]["matmul_flop_per_s"]
+    for name in names:
+        config = SHAPES[name]
+        r = res["shapes"][name] = {"config": config}
+        r["memory"] = memory_section(name, config, dev, free, say, budget)
+        r["train"] = train_section(name, config, dev, free, peak, say, budget)
+        r["adamw"] = {"skipped": "time budget"} if budget() else adamw_section(config, dev)
+        model = eval_model(config, dev, low)
+        r["decode"] = decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget)
+        r["prefill_tokens_per_s"] = prefill_rate(model, dev, rows=8, length=512 if cuda else 64)
+        r["identity_low"] = identity_section(model, dev, 8, 32 if cuda else 8)
+        r["projection"] = projection(r["decode"], r["prefill_tokens_per_s"])
+        del model
+        if not budget() and name != "olmo-7b":  # fp32 identity: expected 0 rows (7B in fp32 takes 28 GB: skipped)
+            model = eval_model(config, dev, torch.float32)
+            r["identity_fp32"] = identity_section(model, dev, 8, 32 if cuda else 8)
+            del model
+        if cuda:
+            torch.cuda.empty_cache()
+    res["elapsed_s"] = time.time() - t0
+    lume.write_json_atomic(out, res)
+    print(table(res))
+    print(f"\n{res['elapsed_s']:.0f}s; written to {out}")
+    return 0
+
+
+def table(res: dict) -> str:
+    lines = [f"GPU report: {res['device']}, torch {res['torch']}, transformers {res['transformers']}; matmul peak "
+             f"{res['peak']['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s {res['peak']['dtype']}, copy "
+             f"{res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s", "", "| shape | row | figure |", "|---|---|---|"]
+    for name, r in res["shapes"].items():
+        for k, v in r["memory"].items():
+            lines.append(f"| {name} | memory npo {k} | {fmt_row(v)} |")
+        for k, v in r["train"].items():
+            lines.append(f"| {name} | train step {k} | {fmt_row(v)} |")
+        a = r["adamw"]
+        if "ratio" in a:
+            lines.append(f"| {name} | StochasticAdamW bf16 vs fused AdamW fp32 | {a['stochastic_adamw_bf16']['step_s'] * 1e3:.1f}"
+                         f" ms vs {a['torch_fused_adamw_fp32']['step_s'] * 1e3:.1f} ms ({a['ratio']:.2f}x) |")
+        d = r["decode"]
+        lines.append(f"| {name} | decode, official loop | {d['official_tokens_per_s']:.0f} tok/s (batch 1, one at a time) |")
+        for k, v in d.items():
+            if k.startswith("batch_"):
+                lines.append(f"| {name} | decode {k.replace('_', ' ')} | " + ("skipped: " + v["skipped"] if "skipped" in v else
+                             f"{v['tokens_per_s']:.0f} tok/s, {v['vs_official']:.1f}x official, step {v['step_s'] * 1e3:.2f} ms; "
+                             f"matmuls at peak {v['decode_peak_fraction']:.0%} of it, weight read {v['weight_read_fraction']:.0%}") + " |")
+        if d.get("graphs_off"):
+            lines.append(f"| {name} | CUDA graphs | off: {d['graphs_off']} |")
+        for k in ("identity_low", "identity_fp32"):
+            if k in r:
+                i = r[k]
+                lines.append(f"| {name} | batched vs alone ({'bf16' if k == 'identity_low' else 'fp32'}) | "
+                             f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens) |")
+        p = r["projection"]
+        if "full_eval_s" in p:
+            lines.append(f"| {name} | projected full LUME evaluation | {p['full_eval_s'] / 60:.1f} min (generation "
+                         f"{p['generation_s_per_stage']:.0f} s, MIA {p['mia_s_per_stage']:.0f} s, MMLU "
+                         f"{p['mmlu_s_per_stage']:.0f} s per stage) |")
+    return "\n".join(lines)
