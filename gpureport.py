@@ -370,6 +370,7 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
         r["prefill_tokens_per_s"] = prefill_rate(model, dev, rows=8, length=512 if cuda else 64)
         r["identity_low"] = identity_section(model, dev, 8, 32 if cuda else 8)
         r["projection"] = projection(r["decode"], r["prefill_tokens_per_s"])
+        generation.GRAPHS["steps"].clear()  # the captured steps hold this model and their caches
         del model
         if not budget() and name != "olmo-7b":  # fp32 identity: expected 0 rows (7B in fp32 takes 28 GB: skipped)
             model = eval_model(config, dev, torch.float32)
