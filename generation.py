@@ -188,6 +188,10 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, st
 GRAPHS = {"off": None, "steps": {}}  # why graphs are off (printed once); the captured steps by shape
 
 
+def capturable(device) -> bool:
+    return device.type == "cuda"
+
+
 class StaticStep:
     """One decode step on fixed buffers: S rows, a cache of C positions. run() reads ids/pos/slot,
     writes nxt and advances them, so replaying it (a CUDA graph) is the whole step: no host work,
@@ -215,7 +219,7 @@ class StaticStep:
 
     def step(self):
         """Eager on the first call of a shape (the warm-up), then captured once and replayed."""
-        if self.graph is None and self.warm and self.ids.device.type == "cuda" and GRAPHS["off"] is None:
+        if self.graph is None and self.warm and capturable(self.ids.device) and GRAPHS["off"] is None:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # records the kernels, runs none of them

@@ -23,7 +23,6 @@ A time guard skips what would not finish within the budget, saying so.
 """
 import os
 import statistics
-import sys
 import time
 
 import torch

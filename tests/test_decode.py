@@ -80,3 +80,21 @@ def test_static_steps_move_to_smaller_shapes_as_rows_finish(small_target, small_
     check_identity(model, tok, prompts, 24, generation.stop_ids(model, tok))
     assert built[0] == 12 and len(built) >= 2 and all(s & (s - 1) == 0 for s in built[1:])
     assert built[1:] == sorted(built[1:], reverse=True)
+
+
+def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target, small_data, monkeypatch, capsys):
+    model, tok = small_target
+    items, _ = small_data
+
+    class Refused:
+        def __init__(self):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(generation, "capturable", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Refused)
+    monkeypatch.setitem(generation.GRAPHS, "off", None)
+    generation.GRAPHS["steps"].clear()
+    check_identity(model, tok, [it.input for it in items][:12], 24, generation.stop_ids(model, tok))
+    lines = [s for s in capsys.readouterr().out.splitlines() if "CUDA graph" in s]
+    assert lines == ["generation: CUDA graph capture failed, decoding eagerly (RuntimeError: operation not "
+                     "permitted when stream is capturing)"]
+    assert generation.greedy.__defaults__ == (None,) and generation.GRAPHS["off"]  # later batches: eager
