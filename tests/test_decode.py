@@ -97,4 +97,4 @@ def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target,
     lines = [s for s in capsys.readouterr().out.splitlines() if "CUDA graph" in s]
     assert lines == ["generation: CUDA graph capture failed, decoding eagerly (RuntimeError: operation not "
                      "permitted when stream is capturing)"]
-    assert generation.greedy.__defaults__ == (None,) and generation.GRAPHS["off"]  # later batches: eager
+    assert generation.GRAPHS["off"].startswith("RuntimeError")  # later batches decode eagerly, no new attempt
