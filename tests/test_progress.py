@@ -50,7 +50,7 @@ def finished(text: str, label: str) -> bool:
 
 @pytest.mark.parametrize("method, label", [("npo", "NPO reference: batch"), ("rmu", "RMU cache: batch")])
 def test_the_reference_stages_print_progress(tmp_path, small_tiny, capsys, method, label):
-    run_small(tmp_path, method, "--method", method, "--max-steps", "1")
+    run_small(tmp_path, method, "--method", method, "--max-steps", "1", *(["--rmu-layer", "1"] * (method == "rmu")))
     assert finished(capsys.readouterr().out, label)
 
 
