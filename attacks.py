@@ -256,27 +256,28 @@ def attacker_params(model, train_layers: int) -> dict:
 
 @contextlib.contextmanager
 def attacker(model, setup: dict):
-    """The deployed model (`deployed`) with the attacker's parameters trainable and every other one
-    frozen, those in fp32 (bf16 for a bf16-pure setup); yields the number of trainable parameters.
-    On exit requires_grad and dtypes are as before (the values: `restored`)."""
+    """The deployed model (inside `deployed`: adapters merged and off) with the attacker's parameters
+    trainable and every other one frozen, those in fp32 (bf16 for a bf16-pure setup); yields the
+    number of trainable parameters. On exit requires_grad and dtypes are as before (the values:
+    `restored`)."""
+    assert not any(m.adapters_on for m in lora.lora_modules(model).values()), "attacker() needs deployed()"
     params = dict(model.named_parameters())
     before = {n: (p.requires_grad, p.dtype) for n, p in params.items()}
     dtype = torch.bfloat16 if setup["precision"] == "bf16-pure" else torch.float32
-    with deployed(model):
-        train = attacker_params(model, setup["train_layers"])
-        try:
-            for n, p in params.items():
-                p.requires_grad_(n in train)
-                if n in train and p.dtype != dtype:
-                    p.data = p.data.to(dtype)
-            if setup["grad_checkpointing"]:  # no numerical effect; only active in train mode
-                lume.enable_checkpointing(model)
-            yield sum(p.numel() for p in train.values())
-        finally:
-            for n, p in params.items():
-                p.requires_grad_(before[n][0])
-                if p.dtype != before[n][1]:
-                    p.data = p.data.to(before[n][1])
+    train = attacker_params(model, setup["train_layers"])
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in train)
+            if n in train and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        if setup["grad_checkpointing"]:  # no numerical effect; only active in train mode
+            lume.enable_checkpointing(model)
+        yield sum(p.numel() for p in train.values())
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(before[n][0])
+            if p.dtype != before[n][1]:
+                p.data = p.data.to(before[n][1])
 
 
 # -----------------------------------------------------------------------------
@@ -443,13 +444,12 @@ def knowledge_on(gen_rows, ids, stage: str):
 
 
 def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, setup: dict, device, record=None) -> dict:
-    """Run one attack that changes the weights, in place (the caller restores them); its extra
-    results.json fields. data: "forget" items, "mia" sets."""
+    """Run one attack that changes the weights on the deployed model in place (the caller holds
+    `restored` and `deployed`, and scores it before leaving them); its extra results.json fields.
+    data: "forget" items, "mia" sets."""
     if name in ("quant8", "quant4"):
         bits = int(name[-1])
-        with deployed(model):
-            layers = quantise_(model, bits)
-        return {"layers": layers, "bits": bits, "group": GROUP[bits] or "output channel"}
+        return {"layers": quantise_(model, bits), "bits": bits, "group": GROUP[bits] or "output channel"}
     with attacker(model, setup) as n_train:
         if name == "relearn":
             T, V = split_halves([it for it in data["forget"] if it.kind == "qa"], seed)
@@ -479,7 +479,7 @@ def run(names, model, tok, data: dict, scored: dict, score, generate, *, tasks, 
             robustness[name], g = fewshot(prompts, generate, scored["results"], tasks)
             gens += g
             continue
-        with restored(model):
+        with restored(model), deployed(model):  # scored as deployed: adapters merged and off
             extra = weights_attack(name, model, tok, data, seed=seed, recipe=recipe, setup=setup, device=device,
                                    record=record)
             g, m, res = score(name)

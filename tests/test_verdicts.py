@@ -64,6 +64,32 @@ def test_lora_quantisation_equals_quantising_the_merged_model(bits):
     assert same_as(model, before) and all(m.adapters_on for m in lora.lora_modules(model).values())
 
 
+@pytest.mark.parametrize("name", ["quant8", "quant4", "relearn"])
+def test_every_weight_attack_of_a_lora_run_is_scored_on_the_deployed_model(name):
+    model, ids = with_lora(2), torch.randint(2, 258, (2, 12))
+    merged = lora.merge(copy.deepcopy(model))
+    items = [it for it in data.builtin(n_docs=2, seed=0)[0] if it.split == "forget" and it.task == 1]
+    recipe = {"lr": 1e-2, "steps": 2, "batch_size": 2}
+    if name.startswith("quant"):
+        attacks.quantise_(merged, int(name[-1]))
+    else:  # the same full fine-tune on the plain merged model, every weight trainable
+        merged.requires_grad_(True)
+        attacks.relearn_(merged, ByteTok(), attacks.split_halves([it for it in items if it.kind == "qa"], 0)[0],
+                         recipe, seed=0, device=CPU, precision="fp32")
+    before, seen = snapshot(model), {}
+    res = {"forget-set": {"Task1": {"regurgitation-score": 0.5, "knowledge-score": 0.5}}}
+
+    def score(stage):
+        assert not any(m.adapters_on for m in lora.lora_modules(model).values())
+        seen["logits"] = model(input_ids=ids).logits
+        return [], [], res
+    attacks.run([name], model, ByteTok(), {"forget": items, "retain": [], "mia": None},
+                {"results": {"before": res, "after": res}, "generations": []}, score, None, tasks=[1], seed=0,
+                recipe=recipe, setup=FULL, device=CPU)
+    torch.testing.assert_close(seen["logits"], merged(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert same_as(model, before)
+
+
 def test_deployed_weights_of_last_k_and_rmu_are_the_weights_as_they_are():
     for prepare in (lambda m: lora.train_last_layers(m, 1), lambda m: methods.rmu_trainable(m, 1, "down")):
         model = random_model(3)
@@ -89,7 +115,7 @@ def test_the_attacker_trains_every_weight_of_the_deployed_model(setup):
         lora.train_last_layers(model, 1)
     before = snapshot(model)
     items = [it for it in data.builtin(n_docs=2, seed=0)[0] if it.kind == "qa"][:4]
-    with attacks.restored(model), attacks.attacker(model, FULL) as n_train:
+    with attacks.restored(model), attacks.deployed(model), attacks.attacker(model, FULL) as n_train:
         assert n_train == n_full
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         assert sum(p.numel() for p in trained.values()) == n_full
@@ -109,7 +135,7 @@ def test_the_attackers_setup_on_a_gpu_budget_is_the_memory_plans_pick_never_lora
     assert small == {"setup": "last-8", "precision": "bf16", "train_layers": 8, "grad_checkpointing": True}
     assert FULL == {"setup": "full", "precision": "fp32", "train_layers": 0, "grad_checkpointing": False}
     model = random_model(5)
-    with attacks.attacker(model, {**small, "train_layers": 1, "grad_checkpointing": False}) as n:
+    with attacks.deployed(model), attacks.attacker(model, {**small, "train_layers": 1, "grad_checkpointing": False}) as n:
         assert n == sum(p.numel() for p in lora.decoder_layers(model)[-1].parameters())
 
 
