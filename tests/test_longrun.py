@@ -141,8 +141,9 @@ def test_select_best_by_the_gate_and_by_retain_kept():
     no_mmlu = [{k: v for k, v in r.items() if k not in ("mmlu_average", "aggregate-score")} for r in rows]
     best, why = trajectory.select_best(no_mmlu, [1])
     assert best["step"] == 4 and "90%" in why  # step 6 keeps 20% of retain: excluded
-    failing = [rows[0]] + [trajectory.row(2, result_with(0.0, 0.1, 0.2))]
-    assert trajectory.select_best(failing, [1])[0]["step"] == 0
+    failing = [rows[0]] + [trajectory.row(2, result_with(0.0, 0.1, 0.2))]  # issue 21: never the target
+    best, why = trajectory.select_best(failing, [1])  # when a later step forgets; the gate is named
+    assert best["step"] == 2 and "no step that forgets kept MMLU >= 0.371 (closest: step 2" in why
 
 
 def test_save_with_method_none_exports_the_target(tmp_path, small_target_dir):
