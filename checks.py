@@ -83,9 +83,11 @@ def combination_problems(cfg) -> list[str]:
     for name in ("rmu_layer", "rmu_coeff"):
         if getattr(cfg, name) is not None and cfg.method not in ("rmu", "none"):
             out.append(f"{flag(name)} is RMU's; --method {cfg.method} does not use it")
+    if getattr(cfg, "rmu_params", "auto") != "auto" and cfg.method != "rmu":
+        out.append(f"--rmu-params is RMU's; --method {cfg.method} does not use it")
     if cfg.method == "rmu" and (cfg.save_every or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
         out.append("--method rmu: its frozen-activation cache is not in training checkpoints (--save-every), and it "
-                   "chooses its own trainable weights (the MLPs of layers l-2..l: no --lora-rank / --train-layers)")
+                   "chooses its own trainable weights (--rmu-params of layers l-2..l: no --lora-rank / --train-layers)")
     if cfg.keep == "best" and not cfg.eval_every:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:
@@ -242,7 +244,9 @@ def trainable_problems(cfg) -> list[str]:
 
 
 def attack_problems(cfg) -> list[str]:
-    """--attacks: known names, an unlearned model to attack, relearn in one process only."""
+    """--attacks: known names, none twice, an unlearned model to attack, the data each needs as far
+    as the flags tell (the items themselves: attacks.input_problems, once read), and those that
+    fine-tune or generate outside the sharded loops in one process only."""
     try:
         asked = attacks.parse(cfg.attacks)
     except ValueError as e:
@@ -250,9 +254,13 @@ def attack_problems(cfg) -> list[str]:
     out = []
     if asked and cfg.method == "none":
         out.append("--attacks attacks an unlearned model: give an unlearning --method (not none)")
-    if "relearn" in asked and under_torchrun():
-        out.append("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
-                   "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
+    if "unrelated" in asked and cfg.mia_data in ("none", ""):
+        out.append(f"--attacks unrelated fine-tunes on the MIA non-member documents, and --mia-data {cfg.mia_data!r} "
+                   "gives none: give --mia-data, or drop unrelated")
+    single = [a for a in asked if a in ("relearn", "unrelated", "fewshot")]
+    if single and under_torchrun():
+        out.append(f"--attacks {','.join(single)} is not supported under torchrun (it fine-tunes or generates outside "
+                   "the sharded loops); run it in one process, or use --attacks quant8,quant4, which work on the shards")
     return out
 
 

@@ -23,6 +23,7 @@ import data
 import dist as distributed
 import evaluation
 import fetch
+import generation
 import lora
 import lume
 import memory
@@ -170,24 +171,25 @@ def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> tor
     """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
     computed on the training micro-batches themselves (lume.plan_steps keeps their rows fixed), so
     NPO's log-ratio is exactly 0 at step 0; under torchrun each rank runs its rows."""
-    batches = first_forget_batches(plan, steps)
+    batches = progress.Each(first_forget_batches(plan, steps), "NPO reference: batch")  # minutes on a 7B
     if dist is not None:
         return distributed.reference_logps_sharded(model, batches, n_forget, dist, autocast)
     return lume.reference_logps(model, batches, n_forget, autocast)
 
 
 def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None) -> dict:
-    """RMU's options: only the MLPs of layers l-2..l left trainable, the control vector u (seeded)
+    """RMU's options: only --rmu-params of layers l-2..l left trainable, the control vector u (seeded)
     and the frozen model's layer-l activations on every retain item the plan uses, computed once
     from the model as it is now (the target), in length-sorted batches. Under torchrun every rank
     computes the whole cache (the same forwards everywhere: FSDP forwards are collectives)."""
     try:
-        methods.rmu_trainable(model, cfg.rmu_layer)
+        methods.rmu_trainable(model, cfg.rmu_layer, cfg.rmu_params)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     used = sorted({j for micros in plan for _, r in micros for j in r})
     groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
-    batches = [batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups]
+    batches = progress.Each([batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups],
+                            "RMU cache: batch")  # minutes on a 7B
     frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
     if dist is not None:
         model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
@@ -348,6 +350,10 @@ def main(cfg) -> Path:
         items, mia, mmlu, sources = load_inputs(cfg)
     except data.DataError as e:
         raise UserError(str(e)) from None
+    problems = attacks.input_problems(attacks.parse(cfg.attacks), items, mia,  # data the attacks need
+                                      sorted({it.task for it in split_items(cfg, items)[0]}))
+    if problems:
+        raise UserError("\nerror: ".join(problems))  # run.py prints it after `error: `
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     where = {}  # the run directory, once it exists
@@ -467,14 +473,30 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
 
 
 def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precision, dist) -> dict:
-    """scored with results.json's "robustness" (attacks.run: --attacks on the unlearned model, each
-    scored like a stage, weights restored after each) and the attacks' rows, stage = attack name."""
-    forget = split_items(cfg, inputs[0])[0]
+    """scored with results.json's "robustness" (attacks.run: --attacks on the unlearned model as
+    deployed, each scored like a stage, weights restored after each; one attacker setup for every
+    method, on CUDA the memory plan's pick) and the attacks' rows, stage = attack name."""
+    items, mia, _ = inputs
+    forget, retain = split_items(cfg, items)
+    budget = {}
+    if device.type == "cuda" and dist is None:  # the attacker's own plan: the GPU minus nothing else held
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        budget = dict(config=memory.model_config(cfg.model), batch=cfg.batch_size,
+                      seq_len=memory.plan_seq_len(cfg.model, forget), gpu_bytes=torch.cuda.mem_get_info(device)[0] + held)
+    setup = attacks.attacker_setup(precision, **budget)
+
+    def generate(rows_items, stage):
+        with lume.weights_as(model, lume.DTYPES[eval_precision]) as weights:
+            outs = generation.generate(weights, tok, [it.input for it in rows_items], cfg.max_new_tokens,
+                                       cfg.eval_batch_size)
+        return evaluation.generation_rows(rows_items, outs, stage)
     robustness, gens, mias = attacks.run(
-        attacks.parse(cfg.attacks), model, tok, forget, scored,
-        lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist),
+        attacks.parse(cfg.attacks), model, tok, {"forget": forget, "retain": [it for it in items if it.split == "retain"
+                                                                               and it.task in {f.task for f in forget}],
+                                                 "mia": mia}, scored,
+        lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist), generate,
         tasks=sorted({it.task for it in forget}), seed=cfg.seed,
-        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), device=device, precision=precision)
+        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device)
     return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
             "results": {**scored["results"], "robustness": robustness}}
 

@@ -99,6 +99,9 @@ def simnpo(model, forget, retain, totals, *, beta: float, gamma: float, retain_w
     answer tokens (EOS included), so (1/|y_i|) log pi is the mean answer-token log-probability a_i;
     the loss is a mean over the step's sequences. dL/da_i = 2 sigmoid(beta a_i + gamma) / n: a
     weighted GA on token means whose weight falls as a_i drops (a forgotten row stops pulling).
+    gamma is the paper's. The official code (OPTML-Group/Unlearn-Simple; open-unlearning) writes
+    -(2/beta) log sigmoid(beta * (NLL_mean_i - gamma')), NLL_mean_i = -a_i, so gamma = beta * gamma':
+    its MUSE-News recipe beta 0.75, gamma' 3.0 is beta 0.75, gamma 2.25 here.
     """
     n_tok = forget.target_mask[:, 1:].sum(-1)  # (B,) |y_i|; 0 on dist's padding rows
     a = token_logps(model, forget).sum(-1) / n_tok.clamp(min=1)  # (B,) mean answer log-prob
@@ -193,16 +196,22 @@ def rmu_control(hidden: int, seed: int) -> torch.Tensor:
     return (u / u.norm()).float()
 
 
-def rmu_trainable(model, layer: int) -> list[str]:
-    """Freeze every weight except the MLPs of decoder layers l-2..l (the WMDP paper's choice: the
-    steered layer and the two below; its code trains only down_proj of each); returns the trained
-    parameter names. Under FSDP2 the unsharded parameters follow the sharded ones' requires_grad."""
+RMU_PARAMS = ("down", "mlp")  # --rmu-params: WMDP's code (down_proj), or the whole MLP (the tiny default)
+
+
+def rmu_trainable(model, layer: int, params: str = "mlp") -> list[str]:
+    """Freeze every weight except, in decoder layers l-2..l (the steered layer and the two below),
+    mlp.down_proj (params "down": WMDP's code, param_ids [6], for which its c, alpha and lr were
+    tuned) or the whole MLP (params "mlp": gate, up and down, three times as many parameters);
+    returns the trained parameter names. Under FSDP2 the unsharded parameters follow the sharded
+    ones' requires_grad."""
+    assert params in RMU_PARAMS, f"--rmu-params must be one of {RMU_PARAMS}, got {params!r}"
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise ValueError(f"--rmu-layer {layer}: this model has decoder layers 0..{len(layers) - 1}")
     model.requires_grad_(False)
     for k in range(max(0, layer - 2), layer + 1):
-        layers[k].mlp.requires_grad_(True)
+        (layers[k].mlp.down_proj if params == "down" else layers[k].mlp).requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 

@@ -35,7 +35,7 @@ class Config:
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
                       choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
-    model: str = arg("tiny", "tiny (built locally on first use, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
+    model: str = arg("tiny", "tiny (the committed target/ on the default built-in data, else built once, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
                             "fetched, verified and cached on first use: docs/data.md), or a LUME release directory / "
@@ -65,13 +65,20 @@ class Config:
     beta: float = arg(None, "inverse temperature of NPO and SimNPO (default: auto = 0.1 for NPO, the NPO paper's; "
                             "2.5 for SimNPO, the SimNPO paper's TOFU value: its beta multiplies a per-token mean, "
                             "NPO's a sequence sum)", type=float)
-    gamma: float = arg(None, "SimNPO's reward margin (default: auto = 0, the SimNPO paper's TOFU value)", type=float)
+    gamma: float = arg(None, "SimNPO's reward margin gamma, in the paper's convention: log sigmoid(-(beta/|y|) log pi - "
+                             "gamma). The official code's (and open-unlearning's) gamma is this one / beta: its MUSE-News "
+                             "recipe beta 0.75, gamma 3.0 is --beta 0.75 --gamma 2.25 here (default: auto = 0, the "
+                             "SimNPO paper's TOFU value; docs/methods.md)", type=float)
     retain_weight: float = arg(None, "weight of the retain term: GD, KL, NPO (then NPO with a retain term, 'NPO-RT' in "
                                      "the NPO paper; 0 = pure NPO), SimNPO, and RMU's alpha. GA has none (default: "
                                      "auto = 1 for GD and KL, 3 for NPO; SimNPO 1 for tiny, 7.27 otherwise; RMU 10 for "
                                      "tiny, 1200 otherwise)", type=float)
-    rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; the MLPs of l-2..l train "
+    rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; layers l-2..l train "
                                "(default: auto = 2 for tiny, 7 otherwise, WMDP's)", type=int)
+    rmu_params: str = arg("auto", "RMU: what trains in layers l-2..l: down (mlp.down_proj only, WMDP's param_ids [6], "
+                                  "for which its c, alpha and lr were tuned) or mlp (gate, up and down) (default: auto "
+                                  "= down, except mlp for --model tiny, whose defaults were chosen on it)",
+                          choices=["auto", "down", "mlp"])
     rmu_coeff: float = arg(None, "RMU: steering coefficient c, forget activations pushed to c*u (default: auto = 100 "
                                  "for tiny, 6.5 otherwise, WMDP's)", type=float)
     chunk_size: int = arg(0, "sequential unlearning: forget items per chunk, chunks unlearned one after the other, "
@@ -112,7 +119,8 @@ class Config:
     cache_dir: str = arg(os.environ.get("LUME_CACHE", str(Path.home() / ".cache" / "lume")),
                          "where the tiny target and the fetched data are cached (env LUME_CACHE)")
     attacks: str = arg("", "after the after-evaluation, attack the unlearned model and score it again "
-                           "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, or all; '' = none")
+                           "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, unrelated, fewshot, or all; "
+                           "'' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
 
@@ -171,6 +179,8 @@ def resolve_auto(cfg: Config) -> Config:
     if cfg.lora_rank and not cfg.lora_alpha:
         cfg.lora_alpha = 2.0 * cfg.lora_rank
     cfg.epochs = cfg.epochs if cfg.epochs is not None else (20.0 if is_tiny else 5.0)
+    if cfg.method == "rmu" and cfg.rmu_params == "auto":  # WMDP's set, but the tiny target keeps its tuned one
+        cfg.rmu_params = "mlp" if is_tiny else "down"
     cfg.beta = cfg.beta if cfg.beta is not None else 0.1
     cfg.gamma = cfg.gamma if cfg.gamma is not None else 0.0
     if cfg.retain_weight is None:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more

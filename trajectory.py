@@ -9,12 +9,15 @@ and appends a row with the official keys to trajectory.jsonl; at the end it draw
 first), SUBSET_SC sentence-completion items per task and split (a seeded sample, the same at every
 step), every MIA document, and MMLU at SUBSET_MMLU questions per subject when MMLU is given.
 
---keep best keeps the step that select_best picks: with MMLU, the best official aggregate-score
-among the steps that pass the SemEval gate (MMLU >= 0.371, the award rule); otherwise, among the
-steps whose retain scores keep at least RETAIN_KEPT of their value at step 0, the best harmonic mean
-of the unlearned tasks' forget terms (1 - score) and all retain terms. The full official harmonic
-mean would not do here: unlearning one task leaves the other tasks' forget terms at 0, so it is 0 at
-every step. Ties go to the earliest step.
+--keep best keeps the step that select_best picks, by one rule with or without MMLU: among the
+steps that forget something (an unlearned task's forget score below step 0's), the best harmonic
+mean of the unlearned tasks' forget terms (1 - score) and all retain terms (ties: the higher mean
+of those terms, then the earliest step). A filter comes first: with MMLU, the SemEval gate (MMLU >=
+0.371, the award rule); without, keeping at least RETAIN_KEPT of step 0's retain scores. When no
+step passes the filter, the rule ranks all of them and `why` says so, naming the step closest to it.
+Step 0 (the target) is kept only when no later step forgets anything. The official aggregate would
+not do: unlearning one task leaves the other tasks' forget terms at 0, so its harmonic mean is 0
+at every step, and the target itself would win on MMLU (issue 21).
 """
 import random
 import statistics
@@ -60,24 +63,39 @@ def retain_mean(result: dict) -> float:
     return sum(vals) / len(vals)
 
 
+def forgets(r: dict, first: dict, tasks: list[int]) -> bool:
+    """Whether row r has some unlearned task's forget score below its value in row `first`."""
+    return any(r["forget-set"][f"Task{t}"][k] < first["forget-set"][f"Task{t}"][k]
+               for t in tasks for k in ("regurgitation-score", "knowledge-score"))
+
+
 def select_best(rows: list[dict], tasks: list[int]) -> tuple[dict, str]:
     """(the row to keep, why) among trajectory rows; rows[0] is step 0 (before unlearning)."""
-    with_mmlu = [r for r in rows if "mmlu_average" in r]
-    if with_mmlu and all("mia_loss_acc" in r for r in with_mmlu):
-        passed = [r for r in with_mmlu if r["mmlu_average"] >= metrics.MMLU_THRESHOLD]
-        if passed:
-            best = max(passed, key=lambda r: (r["aggregate-score"], -r["step"]))
-            return best, (f"best aggregate-score ({best['aggregate-score']:.4f}) among the {len(passed)} of "
-                          f"{len(rows)} scored steps with MMLU >= {metrics.MMLU_THRESHOLD}")
-        return rows[0], f"no scored step kept MMLU >= {metrics.MMLU_THRESHOLD}: the target before unlearning"
-    floor = RETAIN_KEPT * retain_mean(rows[0])
-    kept = [r for r in rows if retain_mean(r) >= floor]
-    # statistics.harmonic_mean, as metrics.aggregate takes the official one: 0 when any term is 0
-    hmean = {r["step"]: statistics.harmonic_mean(task_terms(r, tasks)) for r in kept}
-    best = max(kept, key=lambda r: (hmean[r["step"]], -r["step"]))
+    later = [r for r in rows[1:] if forgets(r, rows[0], tasks)]
+    if not later:
+        return rows[0], "no scored step forgot anything: the target before unlearning"
+    if all("mmlu_average" in r for r in rows):
+        passed = [r for r in later if r["mmlu_average"] >= metrics.MMLU_THRESHOLD]
+        closest = max(later, key=lambda r: (r["mmlu_average"], -r["step"]))
+        gate = (f"MMLU >= {metrics.MMLU_THRESHOLD}" if passed else
+                f"no step that forgets kept MMLU >= {metrics.MMLU_THRESHOLD} (closest: step {closest['step']}, "
+                f"MMLU {closest['mmlu_average']:.4f}), so all of them")
+    else:
+        floor = RETAIN_KEPT * retain_mean(rows[0])
+        passed = [r for r in later if retain_mean(r) >= floor]
+        closest = max(later, key=lambda r: (retain_mean(r), -r["step"]))
+        gate = (f"that keep >= {RETAIN_KEPT:.0%} of the retain scores" if passed else
+                f"no step that forgets kept >= {RETAIN_KEPT:.0%} of the retain scores (closest: step "
+                f"{closest['step']}, {retain_mean(closest) / retain_mean(rows[0]):.0%}), so all of them")
+    pool = passed or later
+    # statistics.harmonic_mean, as metrics.aggregate takes the official one: 0 when any term is 0,
+    # so the terms' plain mean breaks its ties (a step that forgot more of a half-forgotten task)
+    rank = {r["step"]: (statistics.harmonic_mean(task_terms(r, tasks)), statistics.fmean(task_terms(r, tasks)))
+            for r in pool}
+    best = max(pool, key=lambda r: (*rank[r["step"]], -r["step"]))
     return best, (f"best harmonic mean of the unlearned tasks' forget terms and the retain terms "
-                  f"({hmean[best['step']]:.4f}) among the {len(kept)} of {len(rows)} scored "
-                  f"steps that keep >= {RETAIN_KEPT:.0%} of the retain scores")
+                  f"({rank[best['step']][0]:.4f}) among the {len(pool)} of {len(rows)} scored steps that "
+                  f"forget something, {gate}")
 
 
 def plot(rows: list[dict], path) -> str | None:

@@ -1,9 +1,12 @@
-"""Markdown tables of docs/attacks.md from the runs' results.json (python table.py DIR...)."""
+"""Markdown tables of docs/attacks.md from the runs' results.json (python docs/attacks_table.py DIR...):
+per run and stage the unlearned tasks' forget scores and recoveries, the one-line summary per run
+(the README's), and the MIA AUCs."""
 import json
 import sys
 from pathlib import Path
 
 MIAS = ("loss", "zlib", "min_k_20", "min_k_40", "min_k_pp_20", "min_k_pp_40")
+STAGES = ("before", "after", "quant8", "quant4", "relearn", "unrelated", "fewshot")
 f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
 g = lambda x: "-" if x is None else f"{x:+.2f}"  # noqa: E731
 
@@ -16,30 +19,66 @@ def forget(res, tasks):
     return fs["overall-regurgitation-score"], fs["overall-knowledge-score"]
 
 
-def mean_rec(rec, key):
-    vals = [r[key] for r in rec.values() if r[key] is not None]
+def mean(vals):
+    vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-runs = [(Path(d), json.load(open(Path(d) / "results.json")), json.load(open(Path(d) / "config.json"))) for d in sys.argv[1:]]
-print("| run | stage | forget regurgitation | forget knowledge | recovery regurgitation | recovery knowledge | V knowledge (exact match) |")
-print("|---|---|---|---|---|---|---|")
-for d, res, cfg in runs:
-    name = f"{cfg['method'].upper()} task {cfg['task']}"
-    tasks = list(res["robustness"]["quant8"]["recovery"])
+def name_of(cfg) -> str:
+    extra = (f" LoRA {cfg['lora_rank']}" if cfg.get("lora_rank") else f" last-{cfg['train_layers']}"
+             if cfg.get("train_layers") else f" ({cfg['rmu_params']})" if cfg["method"] == "rmu" and
+             cfg.get("rmu_params", "auto") != "auto" else "")
+    return f"{cfg['method'].upper()}{extra} task {cfg['task']}"
+
+
+def stage_row(res, stage, tasks):
+    """(regurgitation, knowledge, recovery regurgitation, recovery knowledge, attacker params) of a stage."""
+    rob = res.get("robustness", {})
+    if stage in ("before", "after"):
+        return (*forget(res[stage], tasks), None, None, None)
+    e = rob[stage]
+    rec = e["recovery"]
+    params = e.get("attacker", {}).get("trainable_params")
+    if stage == "fewshot":  # the knowledge with the shots; regurgitation is not asked
+        return (None, mean(k["with_shots"] for k in e["knowledge"].values()), None,
+                mean(r["knowledge"] for r in rec.values()), None)
+    return (*forget(e, tasks), mean(r["regurgitation"] for r in rec.values()),
+            mean(r["knowledge"] for r in rec.values()), params)
+
+
+runs = [(json.load(open(Path(d) / "results.json")), json.load(open(Path(d) / "config.json"))) for d in sys.argv[1:]]
+print("| run | stage | forget regurgitation | forget knowledge | recovery regurgitation | recovery knowledge "
+      "| V knowledge (exact match) | attacker trains |")
+print("|---|---|---|---|---|---|---|---|")
+for res, cfg in runs:
+    tasks = [f"Task{cfg['task']}"] if cfg["task"] != "all" else ["Task1", "Task2", "Task3"]
     v = res["robustness"].get("relearn", {}).get("V_knowledge", {})
-    for stage in ("before", "after", "quant8", "quant4", "relearn"):
-        r = res[stage] if stage in ("before", "after") else res["robustness"][stage]
-        reg, know = forget(r, tasks)
-        rec = r.get("recovery")
+    for stage in STAGES:
+        if stage not in res and stage not in res["robustness"]:
+            continue
+        reg, know, rreg, rknow, params = stage_row(res, stage, tasks)
         vk = {"before": v.get("before"), "after": v.get("after"), "relearn": v.get("relearned")}.get(stage)
-        print(f"| {name} | {stage} | {f(reg)} | {f(know)} | {g(mean_rec(rec, 'regurgitation')) if rec else ''} | "
-              f"{g(mean_rec(rec, 'knowledge')) if rec else ''} | {f(vk) if stage in ('before', 'after', 'relearn') else ''} |")
+        shown = stage if stage != "fewshot" else f"fewshot ({res['robustness']['fewshot']['k']} shots)"
+        print(f"| {name_of(cfg)} | {shown} | {f(reg)} | {f(know)} | {g(rreg) if stage in res['robustness'] else ''} "
+              f"| {g(rknow) if stage in res['robustness'] else ''} | {f(vk) if stage in ('before', 'after', 'relearn') else ''} "
+              f"| {'' if params is None else f'{params:,}'} |")
+print()
+print("| run | forget knowledge after | quant4 recovery (regurg. / knowl.) | relearn: V after -> relearned "
+      "| unrelated recovery (regurg. / knowl.) | fewshot: knowledge without -> with shots |")
+print("|---|---|---|---|---|---|")
+for res, cfg in runs:
+    tasks = [f"Task{cfg['task']}"] if cfg["task"] != "all" else ["Task1", "Task2", "Task3"]
+    rob = res["robustness"]
+    q = stage_row(res, "quant4", tasks)
+    u = stage_row(res, "unrelated", tasks)
+    v = rob["relearn"]["V_knowledge"]
+    fk = stage_row(res, "fewshot", tasks)[1]
+    print(f"| {name_of(cfg)} | {f(forget(res['after'], tasks)[1])} | {g(q[2])} / {g(q[3])} | "
+          f"{f(v['after'])} -> {f(v['relearned'])} | {g(u[2])} / {g(u[3])} | {f(forget(res['after'], tasks)[1])} -> {f(fk)} |")
 print()
 print("| run | stage | " + " | ".join(MIAS) + " |")
 print("|---|---|" + "---|" * len(MIAS))
-for d, res, cfg in runs:
-    name = f"{cfg['method'].upper()} task {cfg['task']}"
-    for stage in ("before", "after", "quant8", "quant4", "relearn"):
+for res, cfg in runs:
+    for stage in STAGES[:-1]:
         r = res[stage] if stage in ("before", "after") else res["robustness"][stage]
-        print(f"| {name} | {stage} | " + " | ".join(f(r["mia_attacks"][m]) for m in MIAS) + " |")
+        print(f"| {name_of(cfg)} | {stage} | " + " | ".join(f(r["mia_attacks"][m]) for m in MIAS) + " |")

@@ -1,7 +1,7 @@
 """attacks.py: each MIA score against its formula computed directly, one document at a time,
 from the full softmax; the batched pass; RTN quantisation's error bound and idempotence; weights
 restored bit for bit after every attack; relearning never trains on V; the recovery figure;
---attacks end to end."""
+--attacks end to end (the deployed model, the attacker, unrelated and fewshot: test_verdicts.py)."""
 import json
 import math
 import zlib
@@ -222,8 +222,9 @@ def test_attacks_end_to_end(tmp_path, small_tiny):  # the one slow test: run.py 
                                    "--attacks", "all", "--save", "--out", str(tmp_path / "r"),
                                    "--cache-dir", str(tmp_path / "cache")]))
     res = json.load(open(out / "results.json"))
-    assert set(res) == {"before", "after", "robustness"} and list(res["robustness"]) == ["quant8", "quant4", "relearn"]
-    for stage in (res["before"], res["after"], *res["robustness"].values()):
+    assert set(res) == {"before", "after", "robustness"} and list(res["robustness"]) == list(attacks.NAMES)
+    scored = [res["robustness"][a] for a in ("quant8", "quant4", "relearn", "unrelated")]
+    for stage in (res["before"], res["after"], *scored):
         assert stage["mia_attacks"]["loss"] == stage["mia_loss_acc"]
         assert "forget-set" in stage and "retain-set" in stage
     for name, entry in res["robustness"].items():
@@ -231,7 +232,14 @@ def test_attacks_end_to_end(tmp_path, small_tiny):  # the one slow test: run.py 
     v = res["robustness"]["relearn"]["V_knowledge"]
     assert set(v) == {"before", "after", "relearned", "recovery"} and v["before"] is not None
     gens = [json.loads(line) for line in open(out / "generations.jsonl")]
-    assert {g["stage"] for g in gens} == {"before", "after", "quant8", "quant4", "relearn"}
+    assert {g["stage"] for g in gens} == {"before", "after", *attacks.NAMES}
+    n_params = sum(p.numel() for p in lume.load_pretrained(str(out / "model"))[0].parameters())
+    for a in ("relearn", "unrelated"):  # one attacker, every weight
+        assert res["robustness"][a]["attacker"] == {"setup": "full", "precision": "fp32", "train_layers": 0,
+                                                    "grad_checkpointing": False, "trainable_params": n_params,
+                                                    "model_params": n_params}
+    few = res["robustness"]["fewshot"]["knowledge"]["Task1"]
+    assert few["after"] == res["after"]["forget-set"]["Task1"]["knowledge-score"] and few["with_shots"] is not None
     mia = [json.loads(line) for line in open(out / "mia.jsonl")]
     assert {"zlib", "min_k_20", "min_k_pp_40"} <= set(mia[0])
     after = [g for g in gens if g["stage"] == "after"]  # the saved model is the unlearned one, not an attacked one
