@@ -10,11 +10,14 @@ on a laptop; the released targets load through lume.load_pretrained instead.
 """
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+import checkpoint
 import lume
 import progress
 
@@ -66,12 +69,32 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
     """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
     input + output sequences, as the released targets were fine-tuned); built once, then reused.
     show_progress: one updating progress line for the build instead of a log line every 50 steps."""
-    from transformers import OlmoForCausalLM
     recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
     path = Path(cache_dir) / f"tiny-{fingerprint(items, {'recipe': recipe, 'config': config})}"
     if (path / "model.safetensors").exists():
         log(f"tiny target: reusing {path}")
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    try:  # one build per cache entry: a second process waits for the first and reuses its build
+        fd = checkpoint.hold_lock(lock)
+    except checkpoint.Locked as e:
+        log(f"tiny target: process {e.holder or '?'} is building {path}; waiting for it")
+        fd = checkpoint.hold_lock(lock, wait=True)
+    try:
+        if (path / "model.safetensors").exists():
+            log(f"tiny target: reusing {path} (built meanwhile by another process)")
+            return path
+        for leftover in path.parent.glob(f"*{path.name}.*tmp*"):  # a killed build's: we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        return build(items, path, recipe, config, device, log, show_progress)
+    finally:
+        os.close(fd)
+
+
+def build(items, path: Path, recipe: dict, config: dict, device, log, show_progress: bool) -> Path:
+    """Train the tiny target of tiny_target into path (atomically: never half a target there)."""
+    from transformers import OlmoForCausalLM
     t0 = time.time()
     log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
     tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])
