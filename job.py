@@ -502,8 +502,9 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if rank0:
         write_status(out, "complete")
     results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
-    lume.print0(report.table(results))
-    lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
+    if results:  # --method none --no-eval-before --save exports the target and scores nothing
+        lume.print0(report.table(results))
+        lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
     if cfg.attacks:
         lume.print0(attacks.summary(scored["results"]["robustness"]))
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
