@@ -272,7 +272,7 @@ BUILD = """
 import sys, data, tiny
 items, _ = data.builtin(n_docs=2, seed=0)
 print(tiny.tiny_target(items, sys.argv[1], recipe={recipe}, config={config}))
-""".format(recipe=SMALL_RECIPE, config=SMALL_CONFIG)
+""".format(recipe={**SMALL_RECIPE, "epochs": 2}, config=SMALL_CONFIG)  # 2 epochs: the build only has to take a while
 
 
 def test_two_concurrent_tiny_builds_build_once_and_both_succeed(tmp_path):
