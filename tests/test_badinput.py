@@ -267,5 +267,5 @@ def test_method_none_without_scoring_exports_the_target(tmp_path, small_target_d
     out = tmp_path / "run"
     assert run.main(["--model", str(small_target_dir), "--data", "builtin", "--n-docs", "2", "--method", "none",
                      "--no-eval-before", "--save", "--out", str(out)]) == 0
-    assert (out / "model" / "model.safetensors").is_file() and not (out / "results.json").exists()
+    assert (out / "model" / "model.safetensors").is_file()
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
