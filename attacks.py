@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import lume
 import metrics
+import progress
 
 # -----------------------------------------------------------------------------
 # MIA scores of one document from its token log-probs (the same pass as the official loss)
@@ -223,7 +224,9 @@ def relearn_(model, tok, train_items, recipe: dict, *, seed: int, device, precis
                 record([train_items[i].id for i in b.idx.tolist()])
             step.append((b, None))
         steps.append(step)
-    return lume.train(model, steps, nll_loss, lr=recipe["lr"], precision=precision, device=device)
+    bar = progress.Progress("attack relearn: step", len(steps))  # its line ends at the last step
+    return lume.train(model, steps, nll_loss, lr=recipe["lr"], precision=precision, device=device,
+                      log=lambda rec: bar.update(rec["step"] + 1, loss=rec["loss"]))
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +280,8 @@ def run(names, model, tok, forget_items, scored: dict, score, *, tasks, seed: in
     dict, generation rows, MIA rows). score(stage) -> (generation rows, MIA rows, results) scores
     every item (and MIA and MMLU as configured), as the before/after stages are scored."""
     robustness, gens, mias = {}, [], []
-    for name in names:
+    for k, name in enumerate(names, 1):
+        lume.print0(f"attack {k}/{len(names)}: {name}")  # then its steps and its scoring, each with progress
         extra = {}
         with restored(model):
             if name in ("quant8", "quant4"):

@@ -182,7 +182,7 @@ def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> tor
     """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
     computed on the training micro-batches themselves (lume.plan_steps keeps their rows fixed), so
     NPO's log-ratio is exactly 0 at step 0; under torchrun each rank runs its rows."""
-    batches = first_forget_batches(plan, steps)
+    batches = progress.Each(first_forget_batches(plan, steps), "NPO reference: batch")  # minutes on a 7B
     if dist is not None:
         return distributed.reference_logps_sharded(model, batches, n_forget, dist, autocast)
     return lume.reference_logps(model, batches, n_forget, autocast)
@@ -199,7 +199,8 @@ def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None)
         raise SystemExit(f"error: {e}") from None
     used = sorted({j for micros in plan for _, r in micros for j in r})
     groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
-    batches = [batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups]
+    batches = progress.Each([batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups],
+                            "RMU cache: batch")  # minutes on a 7B
     frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
     if dist is not None:
         model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)

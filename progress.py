@@ -6,6 +6,9 @@ it goes and how long it has left. Only rank 0 prints under torchrun.
     bar = Progress("unlearning", total=80)
     bar.update(5, loss=4.35, tokens_per_s=3900)   # unlearning 5/80  loss 4.350  3900 tok/s  0:42 left
     bar.close()
+
+    for batch in Each(batches, "NPO reference: batch"):   # the same for a loop over a list
+        ...
 """
 import os
 import sys
@@ -60,6 +63,9 @@ class Progress:
             text = self.line(done, fields)
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)
+            if done >= self.total:  # finished: the next output starts on a line of its own
+                self.stream.write("\n")
+                self.width = 0
             self.stream.flush()
         elif now - self.last >= self.every or done == self.total:
             self.stream.write(self.line(done, fields) + "\n")
@@ -76,3 +82,27 @@ class Progress:
             self.stream.write(message + "\n")
         self.stream.flush()
         self.width = 0
+
+
+
+class Each:
+    """The items of `seq` (a list), each iteration with its own progress line that counts an item
+    done when the next is asked for: a loop that some other function runs (lume.reference_logps,
+    methods.rmu_reference) reports its progress without knowing of it. A list to that function
+    in every other way (len, indexing, iterated again)."""
+
+    def __init__(self, seq, label: str, stream=None, every: float = 10.0):
+        self.seq, self.label, self.stream, self.every = list(seq), label, stream, every
+
+    def __len__(self):
+        return len(self.seq)
+
+    def __getitem__(self, i):
+        return self.seq[i]
+
+    def __iter__(self):
+        bar = Progress(self.label, len(self.seq), stream=self.stream, every=self.every)
+        for i, item in enumerate(self.seq):
+            yield item
+            bar.update(i + 1)
+        bar.close()

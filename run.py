@@ -35,7 +35,7 @@ class Config:
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
                       choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
-    model: str = arg("tiny", "tiny (built locally on first use, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
+    model: str = arg("tiny", "tiny (the committed target/ on the default built-in data, else built once, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
                             "fetched, verified and cached on first use: docs/data.md), or a LUME release directory / "

@@ -1,17 +1,26 @@
 """
 The embedded tiny target: a byte-level BPE tokenizer and an OLMo-architecture model (~2.7M
 parameters) fine-tuned on CPU until it memorises the data, as the released SemEval targets
-memorised LUME. Built once per (data, recipe, config), then cached under --cache-dir.
+memorised LUME. This file is its recipe. The one built on the default built-in data is committed
+in target/ (11 MB, fp32) and used as it is; any other (data, recipe, config) is built once, then
+cached under --cache-dir. Every load checks each file's sha256 against the folder's SHA256SUMS: a
+target with changed bytes is never used (target/ is then rebuilt into the cache, a cached one
+rebuilt in place, each saying so in one line).
 
-    python run.py --method none      # build (first time, ~3 min on 2 cores) and score it
+    python run.py --method none      # score the committed target (a build: ~3 min on 2 cores)
+    python tiny.py --check           # rebuild target/ from the recipe and compare it byte for byte
+    python tiny.py --write           # rebuild target/ (after a change of recipe, data or versions)
 
 It stands in for the released OLMo-7B / OLMo-1B targets so the whole pipeline runs in minutes
 on a laptop; the released targets load through lume.load_pretrained instead.
 """
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +36,8 @@ TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_att
             max_position_embeddings=1024, vocab_size=4096)
 # lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
 TINY_RECIPE = dict(epochs=80, lr=2e-3, warmup=20, batch_size=4, seed=0, version=2)  # bump version on change
+EMBEDDED = Path(__file__).resolve().parent / "target"  # the committed target of the default built-in data
+MANIFEST = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format: "<hex>  <file>" per line
 
 
 def fingerprint(items, extra: dict) -> str:
@@ -35,6 +46,66 @@ def fingerprint(items, extra: dict) -> str:
     for it in items:
         h.update(json.dumps([it.id, it.split, it.task, it.input, it.output]).encode())
     return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# checksums: a target with changed bytes is never used
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """SHA256SUMS of every file in the target directory `path` (written last, atomically)."""
+    lines = [f"{sha256(f)}  {f.name}\n" for f in sorted(path.iterdir())
+             if f.is_file() and f.name not in (MANIFEST, "README.md") and not f.name.startswith(".")]
+    lume.write_atomic(path / MANIFEST, lambda tmp: tmp.write_text("".join(lines)))
+
+
+def problems(path: Path) -> list[str]:
+    """What is wrong with the target directory `path` against its SHA256SUMS ([] = every byte as
+    written): a missing manifest or file, or a file whose sha256 differs (changed bytes)."""
+    if not (path / MANIFEST).is_file():
+        return [f"no {MANIFEST} (an unfinished or older build)"]
+    out = []
+    for line in (path / MANIFEST).read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        f = path / name
+        if not f.is_file():
+            out.append(f"{name} is missing")
+        elif sha256(f) != digest:
+            out.append(f"{name} has changed bytes (sha256 {sha256(f)[:12]}..., expected {digest[:12]}...)")
+    return out
+
+
+def target_key(path: Path) -> str | None:
+    """The fingerprint a target directory was built for (its lume_target.json), None without one."""
+    try:
+        return json.loads((path / "lume_target.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+
+
+def embedded(key: str, log=print) -> Path | None:
+    """target/ when it was built for `key` and every byte is as committed; else None (one line
+    says why when target/ was built for `key` but fails its checksums)."""
+    if target_key(EMBEDDED) != key:
+        return None
+    bad = problems(EMBEDDED)
+    if bad:
+        log(f"tiny target: {EMBEDDED} fails its checksums ({'; '.join(bad)}); not used: building it from the "
+            f"recipe into the cache instead (`git checkout {EMBEDDED.name}/` restores it)")
+        return None
+    return EMBEDDED
+
+
+# -----------------------------------------------------------------------------
+# the recipe
 
 
 def train_tokenizer(texts, vocab_size: int):
@@ -65,15 +136,17 @@ def finetune(model, batch, _retain, totals):
 
 
 def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None,
-                show_progress: bool = False) -> Path:
+                show_progress: bool = False, committed: bool = True) -> Path:
     """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
-    input + output sequences, as the released targets were fine-tuned); built once, then reused.
+    input + output sequences, as the released targets were fine-tuned): target/ when it was built
+    for these items, recipe and config (committed=False: never), else built once, then reused.
     show_progress: one updating progress line for the build instead of a log line every 50 steps."""
     recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
-    path = Path(cache_dir) / f"tiny-{fingerprint(items, {'recipe': recipe, 'config': config})}"
-    if (path / "model.safetensors").exists():
-        log(f"tiny target: reusing {path}")
-        return path
+    key = fingerprint(items, {"recipe": recipe, "config": config})
+    if committed and embedded(key, log) is not None:
+        log(f"tiny target: {EMBEDDED} (committed, checksums verified)")
+        return EMBEDDED
+    path = Path(cache_dir) / f"tiny-{key}"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
     try:  # one build per cache entry: a second process waits for the first and reuses its build
@@ -82,9 +155,13 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
         log(f"tiny target: process {e.holder or '?'} is building {path}; waiting for it")
         fd = checkpoint.hold_lock(lock, wait=True)
     try:
-        if (path / "model.safetensors").exists():
-            log(f"tiny target: reusing {path} (built meanwhile by another process)")
-            return path
+        if path.exists():
+            bad = problems(path)
+            if not bad:
+                log(f"tiny target: reusing {path} (checksums verified)")
+                return path
+            log(f"tiny target: {path} not used ({'; '.join(bad)}): rebuilding it")
+            shutil.rmtree(path)
         for leftover in path.parent.glob(f"*{path.name}.*tmp*"):  # a killed build's: we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
         return build(items, path, recipe, config, device, log, show_progress)
@@ -95,6 +172,7 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
 def build(items, path: Path, recipe: dict, config: dict, device, log, show_progress: bool) -> Path:
     """Train the tiny target of tiny_target into path (atomically: never half a target there)."""
     from transformers import OlmoForCausalLM
+    key = path.name.removeprefix("tiny-")
     t0 = time.time()
     log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
     tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])
@@ -121,6 +199,49 @@ def build(items, path: Path, recipe: dict, config: dict, device, log, show_progr
         bar.close()
     lume.save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
     lume.write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
-                                                       "final_loss": last.get("loss"), "seconds": time.time() - t0})
+                                                       "fingerprint": key, "final_loss": last.get("loss"),
+                                                       "seconds": round(time.time() - t0, 1)})
+    write_manifest(path)  # last: a directory without it (a build killed before) is rebuilt
     log(f"tiny target: built in {time.time() - t0:.0f}s, final loss {last.get('loss', float('nan')):.4f}")
     return path
+
+
+# -----------------------------------------------------------------------------
+# target/: rebuilt from the recipe, compared, rewritten
+
+
+def default_items():
+    """The built-in data target/ is built on: run.py's defaults (8 documents, seed 0)."""
+    import data
+    return data.builtin(n_docs=8, seed=0)[0]
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Files of a's SHA256SUMS whose bytes differ in b, lume_target.json aside (its build time)."""
+    names = [line.split(maxsplit=1)[1] for line in (a / MANIFEST).read_text().splitlines()]
+    return [n for n in names if n != "lume_target.json" and (not (b / n).is_file() or sha256(a / n) != sha256(b / n))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Rebuild the committed tiny target (target/) from its recipe.")
+    p.add_argument("--check", action="store_true", help="rebuild it and compare it with target/ byte for byte")
+    p.add_argument("--write", action="store_true", help="rebuild it and replace target/ with the build")
+    args = p.parse_args(argv)
+    if args.check == args.write:
+        p.error("give one of --check, --write")
+    with tempfile.TemporaryDirectory() as tmp:
+        built = tiny_target(default_items(), tmp, show_progress=True, committed=False)
+        if args.check:
+            differ = compare(built, EMBEDDED)
+            print(f"target/ differs from the recipe's build here in: {', '.join(differ)}" if differ else
+                  "target/ is byte for byte what the recipe builds here")
+            return 1 if differ else 0
+        EMBEDDED.mkdir(exist_ok=True)
+        for f in built.iterdir():
+            shutil.copy2(f, EMBEDDED / f.name)
+    print(f"wrote {EMBEDDED}; commit it (its SHA256SUMS too)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

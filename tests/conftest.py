@@ -4,9 +4,26 @@ Outside CI a test that needs the real data (../shared beside the checkout) or an
 (rouge-score, nltk, scikit-learn, pyarrow: tests/requirements.txt) skips, saying what is missing
 and where it goes. Under CI (LUME_CI=1, set by .ci/run) the same test FAILS instead: CI has both,
 and a test that silently stopped checking would hide a regression.
+
+The expensive things are built once per session; reuse them rather than building your own (the
+whole suite has 6 minutes on 2 cores):
+- `shared`: ../shared (the LUME release, MMLU, the OLMo tokenizer), or skip / fail as above.
+- `small_data`: (items, MIA sets) of data.builtin(n_docs=2, seed=0): 40 items, 4 MIA documents.
+- `small_target_dir`: the small tiny target (SMALL_CONFIG, SMALL_RECIPE) trained on small_data, a
+  save_pretrained directory (`--model DIR --data builtin --n-docs 2` in a subprocess too); never
+  write into it. `small_target`: its (model, tokenizer), loaded once: a test that trains it must
+  train a copy (copy.deepcopy).
+- `small_tiny`: `--model tiny` runs (job.main, run.parse_args with `--n-docs 2`) get the small
+  target of their data, built once per session in `small_cache` whatever --cache-dir they pass:
+  with the built-in data that is small_target_dir's build, reused.
+- The embedded default (`python run.py` with no --model/--data/--n-docs/--seed) loads the committed
+  target/ (tiny.EMBEDDED): no build, whatever LUME_CACHE holds.
+- `default_sigint`: preexec_fn for a child that a test interrupts with SIGINT (see its docstring).
+Only `--slow` (or LUME_SLOW=1) runs the tests marked @pytest.mark.slow (minutes each).
 """
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,6 +50,31 @@ def oracle(module: str):
         missing(f"oracle {module} is not installed: pip install -r tests/requirements.txt")
 
 
+def default_sigint():
+    """preexec_fn for a child that must take SIGINT as from a terminal (KeyboardInterrupt): a suite
+    started in the background (`python -m pytest &`, nohup, some CI runners) hands its children
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the child would ignore
+    the test's Ctrl-C and run on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; run with --slow or LUME_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow") or os.environ.get("LUME_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow (minutes on 2 cores): run with --slow or LUME_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     for name in ("lume-data", "mmlu", "olmo-tokenizer"):
@@ -55,13 +97,18 @@ def small_data():
 
 
 @pytest.fixture(scope="session")
-def small_target_dir(small_data, tmp_path_factory):
+def small_cache(tmp_path_factory):
+    """The session's cache of small tiny targets (small_target_dir's and small_tiny's builds)."""
+    return tmp_path_factory.mktemp("small-cache")
+
+
+@pytest.fixture(scope="session")
+def small_target_dir(small_data, small_cache):
     """save_pretrained directory of a tiny OLMo trained briefly on 2 built-in documents per task/split
     (what `--model DIR --data builtin --n-docs 2` runs on, in a subprocess too)."""
     import tiny
     items, _ = small_data
-    return tiny.tiny_target(items, tmp_path_factory.mktemp("cache"), log=lambda s: None,
-                            recipe=SMALL_RECIPE, config=SMALL_CONFIG)
+    return tiny.tiny_target(items, small_cache, log=lambda s: None, recipe=SMALL_RECIPE, config=SMALL_CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +119,12 @@ def small_target(small_target_dir):
 
 
 @pytest.fixture
-def small_tiny(monkeypatch):
-    """Make --model tiny build the small test target (seconds) instead of the default one."""
+def small_tiny(monkeypatch, small_cache):
+    """Make --model tiny build the small test target (seconds) instead of the default one, once per
+    session and data (in small_cache, whatever cache directory the run names): with the built-in
+    data, the same recipe and config give small_target_dir's fingerprint, so that build is reused."""
     import tiny
+    build = tiny.tiny_target
     monkeypatch.setattr(tiny, "TINY", {**tiny.TINY, **SMALL_CONFIG})
     monkeypatch.setattr(tiny, "TINY_RECIPE", {**tiny.TINY_RECIPE, **SMALL_RECIPE})
+    monkeypatch.setattr(tiny, "tiny_target", lambda items, cache_dir, **kw: build(items, small_cache, **kw))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import run
-from conftest import ROOT
+from conftest import ROOT, default_sigint
 
 def lume_copy(tmp_path, edit=None):
     """A LUME-format directory of the small built-in items, its lines edited by edit({split: lines})."""
@@ -239,7 +239,7 @@ def test_ctrl_c_during_training_keeps_the_scores_and_marks_the_run_failed(tmp_pa
     argv = [sys.executable, "run.py", "--model", str(small_target_dir), "--data", "builtin", "--n-docs", "2",
             "--max-new-tokens", "16", "--method", "ga", "--max-steps", "400", "--out", str(out)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint)
     deadline = time.time() + 300
     while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]

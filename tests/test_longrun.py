@@ -62,14 +62,14 @@ def latest_step(out):
 def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path, small_target_dir, method):
     """Killed twice (after the first checkpoint, then after a later one) and resumed each time, the
     run ends with the uninterrupted run's results.json, trajectory and log, bit for bit (CPU)."""
-    extra = ["--method", method, "--max-steps", "14", "--save-every", "3", "--eval-every", "4",
-             "--keep", "best"]
+    extra = ["--method", method, "--max-steps", "8", "--save-every", "2", "--eval-every", "3",
+             "--keep", "best"]  # trajectory rows at 0, 3, 6, 8: checkpoints fall between them
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     finish(start(cli(small_target_dir, whole, *extra)))
 
-    kill_when(start(cli(small_target_dir, killed, *extra)), lambda: latest_step(killed) >= 3, "a checkpoint")
+    kill_when(start(cli(small_target_dir, killed, *extra)), lambda: latest_step(killed) >= 2, "a checkpoint")
     assert "after" not in json.loads((killed / "results.json").read_text())  # killed mid-run
-    kill_when(start([sys.executable, "run.py", "--resume", str(killed)]), lambda: latest_step(killed) >= 9,
+    kill_when(start([sys.executable, "run.py", "--resume", str(killed)]), lambda: latest_step(killed) >= 6,
               "a later checkpoint")
     finish(start([sys.executable, "run.py", "--resume", str(killed)]))
 

@@ -1,5 +1,6 @@
 """End to end: run.py on a very small built-in dataset writes every file with the documented keys."""
 import json
+import os
 import subprocess
 import sys
 
@@ -117,21 +118,25 @@ def test_real_lume_release_end_to_end(tmp_path, small_tiny, shared):
 
 def test_embedded_default_memorises_then_npo_forgets_task1(tmp_path):
     """The README's first command as a user runs it (`python run.py --task 1 --method npo`): the
-    tiny target built on the built-in data (or reused from LUME_CACHE) memorised every task and
-    split, and NPO with the defaults halves task 1 forget while retain keeps most of its value.
-    The one slow test (~3 minutes on 2 cores with a fresh cache): the claim the README makes."""
+    committed tiny target (target/, never built here) memorised every task and split, and NPO with
+    the defaults halves task 1 forget while retain keeps most of its value. The suite's slowest
+    test (~30 s on 2 cores): the claim the README makes."""
     out = tmp_path / "default"
     r = subprocess.run([sys.executable, "run.py", "--task", "1", "--method", "npo", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, "LUME_CACHE": str(tmp_path / "empty-cache")})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"tiny target: {ROOT / 'target'} (committed, checksums verified)" in r.stdout
+    assert not (tmp_path / "empty-cache").exists()  # nothing built, nothing cached
     assert "forget Task1 reg" in r.stdout  # the before/after table is printed
     res = json.load(open(out / "results.json"))
     before, after = res["before"], res["after"]
     keys = ("regurgitation-score", "knowledge-score")
-    for split in ("forget-set", "retain-set"):
-        for task in ("Task1", "Task2", "Task3"):
-            for key in keys:  # it memorised, as the released 7B target did
-                assert before[split][task][key] >= 0.8, (split, task, key, before[split][task])
+    # the committed target (target/) memorised, as the released 7B target did: measured here every
+    # score 1.0 but forget Task2 regurgitation 0.992 and retain Task2 knowledge 0.975 (one PII answer)
+    scores = {(split, task, key): before[split][task][key] for split in ("forget-set", "retain-set")
+              for task in ("Task1", "Task2", "Task3") for key in keys}
+    assert min(scores.values()) >= 0.97 and sum(v == 1.0 for v in scores.values()) >= 10, scores
     assert before["mia_loss_acc"] >= 0.8
     for key in keys:  # task 1 forgotten ...
         assert after["forget-set"]["Task1"][key] <= 0.5 * before["forget-set"]["Task1"][key], key
