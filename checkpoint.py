@@ -51,6 +51,8 @@ Sharded (DCP) checkpoints under torchrun build on publish(): it gives a temporar
 <run>/checkpoints/ to fill, records every file and the fingerprint in manifest.json, publishes it
 under its step and keeps the last KEEP; load(read=...) falls back across checkpoints with any reader.
 """
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -58,6 +60,7 @@ import random
 import re
 import secrets
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -273,7 +276,7 @@ def steps_on_disk(root: Path) -> list[int]:
     return sorted((int(m.group(1)) for p in root.glob("step-*") if (m := STEP_DIR.fullmatch(p.name))), reverse=True)
 
 
-def publish(run_dir, step: int, write, fingerprint: dict | None) -> Path:
+def publish(run_dir, step: int, write, fingerprint: dict | None, needed: int | None = None) -> Path:
     """write(tmp) fills a fresh temporary directory inside <run>/checkpoints/; then manifest.json
     (every file's size, the fingerprint) is written, the directory renamed to step-NNNNNN (replacing
     one of the same step), latest.json pointed at it, and all but the newest KEEP removed."""
@@ -295,8 +298,11 @@ def publish(run_dir, step: int, write, fingerprint: dict | None) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, root / name)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            more = f" (the checkpoint needs about {needed / 1e6:.1f} MB)" if needed else ""
+            raise OSError(e.errno, f"no space left on device{more}", str(root / name)) from None
         raise
     steps = steps_on_disk(root)
     previous = next((f"step-{s:06d}" for s in steps if s < step), None)
@@ -320,7 +326,8 @@ def save(run_dir, step: int, weights: dict, optimizer: dict, state: dict, best: 
             save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(plain) + "\n")
-    return publish(run_dir, step, write, fingerprint)
+    needed = sum(t.numel() * t.element_size() for d in (weights, best or {}, tensors) for t in d.values())
+    return publish(run_dir, step, write, fingerprint, needed)
 
 
 # -----------------------------------------------------------------------------
@@ -419,3 +426,82 @@ def load(run_dir, fingerprint: dict | None = None, log=print, read=read) -> dict
         raise CheckpointError(f"no usable checkpoint in {root}: {'; '.join(tried)}. Start again with a new --out "
                               f"(or delete {root} to start this run over from step 0)")
     return None
+
+
+# -----------------------------------------------------------------------------
+# the run directory: one process at a time, a status that a full disk cannot stop, SIGTERM
+
+
+class Locked(Exception):
+    """Another process holds the lock file `path`; `holder`: the PID it wrote there."""
+
+    def __init__(self, path, holder: str):
+        super().__init__(f"{path} is held by process {holder or '?'}")
+        self.path, self.holder = path, holder
+
+
+def hold_lock(path, wait: bool = False) -> int:
+    """An exclusive advisory lock (fcntl.flock) on the file path, held until the returned descriptor
+    is closed or the process ends (the kernel drops it even after SIGKILL, so a crash never leaves a
+    stale lock); the holder's PID is written in it. wait=False: Locked at once if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise Locked(path, holder) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, only the PID goes unsaid
+        pass
+    return fd
+
+
+def lock_run(run_dir) -> int:
+    """The run directory's lock (<run>/.lock), held for the run's life: a second run or --resume of
+    the same directory is refused in one line naming the PID that holds it."""
+    try:
+        return hold_lock(Path(run_dir) / ".lock")
+    except Locked as e:
+        raise SystemExit(f"error: {run_dir} is in use by another LUME process (PID {e.holder or '?'}, "
+                         f"{Path(run_dir) / '.lock'}): wait for it to end, or stop it, before --resume") from None
+
+
+STATUS_BYTES = 4096  # status.json's reserved size
+
+
+def write_status(path, obj: dict) -> None:
+    """status.json, padded to STATUS_BYTES (JSON allows trailing spaces): written atomically, and
+    when the disk is full, rewritten in place in the blocks reserved by the first write, so a run
+    can still say it failed and why on a full disk."""
+    text = json.dumps(obj, indent=2)
+    text = text[:STATUS_BYTES - 1] if len(text) >= STATUS_BYTES else text
+    text += " " * (STATUS_BYTES - 1 - len(text)) + "\n"
+    try:
+        lume.write_atomic(path, lambda tmp: tmp.write_text(text), STATUS_BYTES)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not Path(path).is_file():
+            raise
+        with open(path, "r+b") as f:  # the same size: no new block is needed
+            f.write(text.encode()[:os.fstat(f.fileno()).st_size])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, `timeout`, `kill`): the run ends like Ctrl-C, exit 143."""
+
+
+TERM = {"defer": False, "asked": False}  # defer: training with --save-every, stop at the next step
+
+
+def on_sigterm(signum, frame) -> None:
+    """Raise Terminated now, or with --save-every during training, note it: the step ends, a
+    checkpoint is written (job.py), then Terminated. A second SIGTERM stops at once."""
+    if TERM["defer"] and not TERM["asked"]:
+        TERM["asked"] = True
+        lume.print0("SIGTERM: finishing this step and writing a checkpoint, then stopping", file=sys.stderr)
+        return
+    raise Terminated("terminated (SIGTERM)")

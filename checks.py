@@ -11,6 +11,8 @@ weights, the run directory), the device, and whether a hub model can be reached 
 seconds, instead of a minute of retries). The data files themselves are validated line by line
 when they are read (data.py), still before any model work.
 """
+import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -25,6 +27,8 @@ HUB_TIMEOUT = 5.0  # seconds to wait for the hub before saying it cannot be reac
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DATA_KEYWORDS = ("auto", "builtin", "lume", "semeval")
+MAX_STEPS = 200_000  # the plan (every step's batches) is built before training: bounded memory and time
+BUILTIN_MAX_DOCS = 120  # data.builtin's word lists give ~150 documents per task and split; a margin
 
 
 def under_torchrun() -> bool:
@@ -41,7 +45,8 @@ def range_problems(cfg) -> list[str]:
     is refused where 0 would mean nothing, instead of silently meaning "the default"."""
     rules = {  # name: (test, what it must be)
         "lr": (lambda v: v > 0 and v < 1, "> 0 and < 1"), "epochs": (lambda v: v > 0, "> 0"),
-        "max_steps": (lambda v: v >= 1, ">= 1"), "n_docs": (lambda v: v >= 1, ">= 1"),
+        "max_steps": (lambda v: 1 <= v <= MAX_STEPS, f">= 1 and <= {MAX_STEPS:,} (every step is planned up front)"),
+        "n_docs": (lambda v: v >= 1, ">= 1"), "seed": (lambda v: 0 <= v < 2 ** 63, ">= 0 and < 2^63"),
         "batch_size": (lambda v: v >= 1, ">= 1"), "grad_accum": (lambda v: v >= 1, ">= 1"),
         "eval_batch_size": (lambda v: v >= 1, ">= 1"), "max_new_tokens": (lambda v: v >= 1, ">= 1"),
         "warmup": (lambda v: v >= 0, ">= 0"), "clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
@@ -57,6 +62,10 @@ def range_problems(cfg) -> list[str]:
         value = getattr(cfg, name, None)
         if value is not None and (value != value or not ok(value)):  # value != value: NaN
             out.append(f"{flag(name)} must be {what}, got {value}")
+        elif isinstance(value, float) and math.isinf(value):
+            out.append(f"{flag(name)} must be finite, got {value}")
+    if cfg.n_docs and cfg.n_docs > BUILTIN_MAX_DOCS and (cfg.data == "builtin" or (cfg.data == "auto" and cfg.model == "tiny")):
+        out.append(f"--n-docs {cfg.n_docs}: built-in data makes at most {BUILTIN_MAX_DOCS} documents per task and split")
     if cfg.warmup and cfg.max_steps and cfg.warmup >= cfg.max_steps:
         out.append(f"--warmup {cfg.warmup} is not shorter than --max-steps {cfg.max_steps}: the lr would never peak")
     return out
@@ -72,8 +81,8 @@ def combination_problems(cfg) -> list[str]:
         for name in ("eval_every", "save_every"):
             if getattr(cfg, name):
                 out.append(f"{flag(name)} has no effect with --method none (there are no training steps)")
-        if not cfg.eval_before:
-            out.append("--no-eval-before with --method none would score nothing")
+        if not cfg.eval_before and not cfg.save:
+            out.append("--no-eval-before with --method none would score nothing (add --save to export the target)")
     if cfg.method == "ga" and cfg.retain_weight is not None:
         out.append("--retain-weight: ga has no retain term (use gd, kl or npo)")
     if cfg.beta is not None and cfg.method not in ("npo", "simnpo", "none"):
@@ -138,6 +147,9 @@ def model_problems(cfg) -> list[str]:
         out = []
         if not (d / "config.json").is_file():
             out.append(f"--model {cfg.model}: no config.json (not a directory written by save_pretrained)")
+        else:
+            out += json_object_problems(f"--model {cfg.model}", d / "config.json")
+        out += [f"--model {cfg.model}: {why}" for f in sorted(d.glob("*.safetensors")) if (why := safetensors_problem(f))]
         if not any((d / f).is_file() for f in WEIGHT_FILES):
             out.append(f"--model {cfg.model}: no weights ({', '.join(WEIGHT_FILES[::2])})")
         if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -148,6 +160,29 @@ def model_problems(cfg) -> list[str]:
         return [f"--model {cfg.model}: not tiny, olmo-1b, olmo-7b, an existing directory or a hub id "
                 "(owner/name)"]
     return hub_problems(cfg.model, [repo, tok_repo])
+
+
+def json_object_problems(what: str, path: Path) -> list[str]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [f"{what}: {path.name} is not valid JSON ({lume.first_line(e)})"]
+    return [] if isinstance(obj, dict) else [f"{what}: {path.name} is a JSON {type(obj).__name__}, not an object"]
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (header unreadable, or shorter than its header says), or None."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= (100 << 20) else None
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] if isinstance(header, dict) else None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        ends = None
+    if ends is None:
+        return f"{path.name}: not a safetensors file (its header cannot be read)"
+    size, need = path.stat().st_size, 8 + n + max(ends, default=0)
+    return f"{path.name}: {size} bytes, its header needs {need} (truncated)" if size < need else None
 
 
 def in_hub_cache(repo: str) -> bool:
@@ -212,22 +247,39 @@ def out_problems(cfg) -> list[str]:
     out = []
     if cfg.out and not cfg.resume:
         d = Path(cfg.out)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        if d.exists() and not d.is_dir():
+            out.append(f"--out {cfg.out}: exists and is a file, not a directory; pass a new --out")
+        elif d.exists() and any(d.iterdir()):
             out.append(f"--out {cfg.out}: exists and is not empty; pass a new --out (results are never "
                        "overwritten; --resume DIR continues a run)")
+    run_dir = cfg.resume or cfg.out or "runs"
+    if not out and not writable(Path(run_dir)):
+        out.append(f"{'--resume' if cfg.resume else '--out'} {run_dir}: cannot be written (a read-only filesystem "
+                   "or no permission); pass another --out")
     cache = Path(cfg.cache_dir).expanduser()
-    parent = next((p for p in [cache, *cache.parents] if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
+    blocking = next((p for p in [cache, *cache.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        out.append(f"--cache-dir {cfg.cache_dir}: {blocking} is a file, not a directory (set LUME_CACHE or "
+                   "--cache-dir to a directory)")
+    elif not writable(cache):
         out.append(f"--cache-dir {cfg.cache_dir}: not writable (set LUME_CACHE or --cache-dir to a writable "
                    "directory)")
     return out
 
 
+def writable(d: Path) -> bool:
+    """Whether d, or the nearest existing directory above it, can be written (a read-only mount says no
+    even to root)."""
+    d = d.expanduser().absolute()
+    parent = next((p for p in [d, *d.parents] if p.exists()), None)
+    return parent is not None and parent.is_dir() and os.access(parent, os.W_OK)
+
+
 def trainable_problems(cfg) -> list[str]:
     """--lora-* and --train-layers (lora.py): ranges, one of the two, one process. --train-layers' upper
     bound (the model's layer count) and --lora-targets' names are checked once the model is loaded."""
-    out = [f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}"
-           for name in ("lora_rank", "lora_alpha", "train_layers") if getattr(cfg, name) < 0]
+    out = [f"--{name.replace('_', '-')} must be >= 0 and finite, got {getattr(cfg, name)}"
+           for name in ("lora_rank", "lora_alpha", "train_layers") if not 0 <= getattr(cfg, name) < math.inf]
     if not 0 <= cfg.lora_dropout < 1:
         out.append(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.lora_rank and cfg.train_layers:

@@ -101,6 +101,12 @@ def _make_item(rec, where, split):
             raise DataError(f"{where}: field '{key}': missing")
         if not isinstance(rec[key], str):
             raise DataError(f"{where}: field '{key}': expected a string, got {type(rec[key]).__name__}")
+    for key in ("id", "input", "output"):
+        try:
+            rec[key].encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON "\ud800": a lone surrogate, which no tokenizer takes
+            raise DataError(f"{where}: field '{key}': not valid Unicode (lone surrogate {rec[key][e.start]!r} at "
+                            f"character {e.start + 1})") from None
     if rec["task"] not in TASKS:
         raise DataError(f"{where}: field 'task': unknown task {rec['task']!r} (expected Task1, Task2 or Task3)")
     # Exactly the official scorer's test: the id minus its last digit ends with 'sc' or 'qa'.
@@ -155,7 +161,10 @@ def _read_parquet(file):
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(f"reading {file} needs pyarrow: pip install pyarrow") from e
-    return pq.read_table(file).to_pylist()
+    try:
+        return pq.read_table(file).to_pylist()
+    except Exception as e:  # pyarrow's ArrowInvalid and kin: a damaged or non-parquet file
+        raise DataError(f"{file}: not a readable parquet file ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def load_semeval(path, parts=("train", "validation")) -> list[Item]:

@@ -29,11 +29,13 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 TIMEOUT = 10.0  # seconds per socket operation, one try and no retries: nothing reachable answers fast
 MAX_BYTES = 64 << 20  # the largest pinned download is 2.3 MB; a server sending more is not serving it
+MAX_MEMBER = 8 << 20  # an archive member unpacks to at most this: every pinned MMLU file is well under it
 
 
 @dataclass(frozen=True)
@@ -263,28 +265,53 @@ def _fetch_http(name: str, src: Source, staging: Path, log) -> dict:
 def _fetch_zip(name: str, src: Source, staging: Path, log) -> dict:
     base = _base(src)
     url = f"{base}/{src.remote}"
-    blob = download(url)
+    blob = download(url)  # at most MAX_BYTES: the archive itself is bounded
     digest = hashlib.sha256(blob).hexdigest()
     if digest != src.archive_sha256:  # the files are what is pinned; the archive's bytes may differ
         log(f"note: {url} is not the pinned archive (sha256 {digest}, pinned {src.archive_sha256}: a "
             "mirror's re-pack?); each file in it is verified against its pinned checksum")
     try:
         archive = zipfile.ZipFile(io.BytesIO(blob))
-    except zipfile.BadZipFile:
-        raise SystemExit(f"error: {url} ({len(blob)} bytes, sha256 {digest}) is not a zip archive") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, OSError) as e:
+        raise SystemExit(f"error: {url} ({len(blob)} bytes, sha256 {digest}) is not a zip archive "
+                         f"({_one_line(e)})") from None
     for rel, pinned in src.files.items():
-        member = f"{src.inside}/{rel}"
-        try:
-            info = archive.getinfo(member)
-        except KeyError:
-            raise SystemExit(f"error: {url} has no {member}: not the archive of {src.what}") from None
-        if info.file_size > MAX_BYTES:
-            raise SystemExit(f"error: {url}: {member} unpacks to {info.file_size} bytes, not a pinned file")
-        data = archive.read(member)
-        _check(data, pinned, rel, f"{url} ({member})")
-        _write(staging / rel, data)
+        _unpack_member(archive, f"{src.inside}/{rel}", pinned, staging / rel, f"{url} ({src.inside}/{rel})", url)
     return {"source": name, "url": base, "revision": src.revision, "archive": src.remote,
             "archive_sha256": digest}
+
+
+def _unpack_member(archive, member: str, pinned: str, dest: Path, where: str, url: str) -> None:
+    """Stream one pinned member of the archive into dest, in chunks: at most MAX_MEMBER bytes ever
+    unpacked (whatever the archive declares), the sha256 computed on the way. Anything zipfile or
+    zlib raise (bad CRC, encryption, an unknown method, a corrupt stream) is one line naming it."""
+    try:
+        info = archive.getinfo(member)
+    except KeyError:
+        raise SystemExit(f"error: {url} has no {member}: not the pinned archive") from None
+    if info.file_size > MAX_MEMBER:
+        raise SystemExit(f"error: {where}: declares {info.file_size} bytes unpacked, more than any pinned file "
+                         f"({MAX_MEMBER >> 20} MB); refused")
+    h, n = hashlib.sha256(), 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with archive.open(info) as f, open(dest, "wb") as out:
+            while chunk := f.read(1 << 20):  # zipfile inflates at most this much per read
+                n += len(chunk)
+                if n > MAX_MEMBER:
+                    raise SystemExit(f"error: {where}: unpacks to more than {MAX_MEMBER >> 20} MB, more than any "
+                                     "pinned file; refused")
+                h.update(chunk)
+                out.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError, ValueError) as e:
+        dest.unlink(missing_ok=True)
+        raise SystemExit(f"error: {where}: cannot be unpacked ({_one_line(e)}); the archive is damaged or not "
+                         "the pinned one") from None
+    if h.hexdigest() != pinned:
+        dest.unlink(missing_ok=True)
+        raise SystemExit(f"error: {member} from {url} does not match its pinned checksum: sha256 {h.hexdigest()} "
+                         f"({n} bytes), pinned {pinned}. Refused: the benchmark is the files the released targets "
+                         "memorised, pinned in fetch.py, and must not change silently")
 
 
 def _fetch_hub(name: str, src: Source, staging: Path, log) -> dict:

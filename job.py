@@ -8,7 +8,9 @@ after, and the report. run.py is the command line; this is what it runs.
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -19,6 +21,7 @@ import torch
 
 import attacks
 import checkpoint
+import checks
 import data
 import dist as distributed
 import evaluation
@@ -86,7 +89,10 @@ def load_inputs(cfg):
     mia_dir, mia_record = data_source(cfg, cfg.mia_data, ("mia",), fetch_auto=real)
     mmlu_dir, mmlu_record = data_source(cfg, cfg.mmlu, ("mmlu",), fetch_auto=real)
     if data_dir == "builtin":
-        items, mia = data.builtin(n_docs=cfg.n_docs or 8, seed=cfg.seed)
+        try:
+            items, mia = data.builtin(n_docs=cfg.n_docs or 8, seed=cfg.seed)
+        except ValueError as e:  # word lists exhausted for this many documents
+            raise data.DataError(f"--n-docs {cfg.n_docs}: {e}") from None
     else:
         items, mia = data.load_items(data_dir), None
         if cfg.n_docs:  # a quick subset of a real release: the first N documents of each task and split
@@ -129,13 +135,19 @@ def split_items(cfg, items):
 
 
 def check_world(cfg, items) -> None:
-    """Under torchrun, refuse before the rendezvous what cannot run: more ranks than forget items
-    (a rank would never see one), and fp16 (FSDP would need a sharded GradScaler)."""
+    """Refuse before the rendezvous what cannot run: more ranks than forget items (a rank would never
+    see one), fp16 under torchrun (FSDP would need a sharded GradScaler), a plan of over MAX_STEPS."""
     world, n = int(os.environ.get("WORLD_SIZE", "1")), len(split_items(cfg, items)[0])
     if world > 1 and world > n:
         raise SystemExit(f"error: {world} ranks (WORLD_SIZE) but only {n} forget items for --task {cfg.task}: "
                          f"every rank needs at least one. Start at most {n} processes "
                          "(torchrun --nproc_per_node), or unlearn more items (--task all, more data).")
+    size = min(cfg.chunk_size or n, n) or 1  # forget items per chunk (lume.plan_steps)
+    per_chunk = cfg.max_steps or math.ceil((cfg.epochs or 0) * math.ceil(size / (cfg.batch_size * cfg.grad_accum)))
+    steps = math.ceil(n / size) * per_chunk
+    if cfg.method != "none" and steps > checks.MAX_STEPS:  # planned up front: 10^8 steps would fill the memory
+        raise SystemExit(f"error: this run would plan {steps:,} optimizer steps, more than {checks.MAX_STEPS:,}: "
+                         "lower --epochs or --max-steps")
     if world > 1 and cfg.precision == "fp16":
         raise SystemExit("error: --precision fp16 is not supported under torchrun (FSDP would need a "
                          "sharded GradScaler); use --precision bf16 or bf16-pure")
@@ -356,24 +368,47 @@ def main(cfg) -> Path:
         raise UserError("\nerror: ".join(problems))  # run.py prints it after `error: `
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
-    where = {}  # the run directory, once it exists
-    try:
-        out = run_job(cfg, (items, mia, mmlu), dist, t0, sources, where)
-    except BaseException as e:
-        if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
-            dist.close(together=False)
-        if "out" not in where:  # nothing was created: a user's error (one line) or a bug (traceback)
-            raise
-        raise failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
+    where = {}  # the run directory, once it exists; its lock
+    with on_sigterm():
+        try:
+            out = run_job(cfg, (items, mia, mmlu), dist, t0, sources, where)
+        except BaseException as e:
+            if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
+                dist.close(together=False)
+            if "out" not in where:  # nothing was created: a user's error (one line) or a bug (traceback)
+                if isinstance(e, checkpoint.Terminated):
+                    raise SystemExit("error: terminated (SIGTERM) before the run directory was made") from None
+                raise
+            raise failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
+        finally:
+            if "lock" in where:
+                os.close(where["lock"])
     if dist is not None:
         dist.close()
     return out
 
 
+@contextlib.contextmanager
+def on_sigterm():
+    """SIGTERM ends the run like Ctrl-C (checkpoint.on_sigterm), where a handler can be set (the main thread)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, checkpoint.on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        checkpoint.TERM.update(defer=False, asked=False)
+
+
 def write_status(out: Path, status: str, **fields) -> None:
-    """status.json: running, complete or failed (with the reason and what to do next)."""
-    lume.write_json_atomic(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 **fields})
+    """status.json: running, complete or failed (with the reason and what to do next); reserved at
+    its full size, so that a full disk cannot keep it from saying failed (checkpoint.write_status)."""
+    checkpoint.write_status(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                  **fields})
 
 
 def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
@@ -385,6 +420,11 @@ def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
     code = 1
     if isinstance(e, KeyboardInterrupt):
         reason, code = "interrupted (Ctrl-C)", 130
+    elif isinstance(e, checkpoint.Terminated):
+        reason, code = "terminated (SIGTERM)", 143
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"{e.strerror} writing {e.filename or out}"
+        again = f"free space, then continue it with: python run.py --resume {out}"
     elif isinstance(e, lume.TrainingDiverged):
         reason, again = lume.first_line(e), "lower --lr, or see the message above; " + again
     elif isinstance(e, torch.OutOfMemoryError):
@@ -424,11 +464,15 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     # on one CUDA GPU with no setup flag given, the memory plan picks precision, checkpointing, layers
     plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
     precision = lume.resolve_precision(cfg.precision, device)
+    if cfg.resume and rank0 and where is not None:  # one process per run directory, checked before any work
+        where["lock"] = checkpoint.lock_run(cfg.resume)
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
     fp = (run_fingerprint(cfg, items, model, dist, precision)
           if cfg.method != "none" and (cfg.save_every or cfg.resume) else None)
     resume = resume_checkpoint(cfg, fp) if cfg.resume and cfg.method != "none" else None
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
+    if rank0 and where is not None and "lock" not in where:
+        where["lock"] = checkpoint.lock_run(out)
     if where is not None:
         where["out"] = out
     if rank0 and not cfg.resume:
@@ -464,8 +508,9 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if rank0:
         write_status(out, "complete")
     results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
-    lume.print0(report.table(results))
-    lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
+    if results:  # --method none --no-eval-before --save exports the target and scores nothing
+        lume.print0(report.table(results))
+        lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
     if cfg.attacks:
         lume.print0(attacks.summary(scored["results"]["robustness"]))
     lume.print0(f"done in {time.time() - t0:.0f}s: {out}")
@@ -545,18 +590,23 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     def after_step(done, total, opt, scaler, ref_logps):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             score_subset(done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total) and rank0:
+        stop = checkpoint.TERM["asked"]  # SIGTERM during the step: checkpoint now, then stop
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total or stop) and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
                             {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights,
                             fingerprint)
+        if stop:
+            raise checkpoint.Terminated("terminated (SIGTERM)")
 
     done_before = resume["step"] if resume else 0
     if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
         lume.write_jsonl_atomic(out / "log.jsonl", read_jsonl_until(out / "log.jsonl", done_before))
         lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+    checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
         unlearn(cfg, model, tok, items, device, precision, lambda total: step_logger(logf, total, done_before),
                 dist, resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)
+    checkpoint.TERM["defer"] = False
     if cfg.eval_every and rank0:
         note = trajectory.plot(track["rows"], out / "trajectory.png")
         lume.print0(note or f"trajectory: {out / 'trajectory.png'}")

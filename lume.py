@@ -14,10 +14,12 @@ template), greedy decoding, 256 new tokens, new tokens decoded with special toke
 """
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -554,26 +556,36 @@ def make_optimizer(params, lr: float, dist=None) -> torch.optim.Optimizer:
 # files: atomic writes, never a silent overwrite
 
 
-def write_atomic(path, write) -> None:
-    """write(tmp) beside path, then one rename: a reader never sees a half-written file or dir."""
+def write_atomic(path, write, needed: int | None = None) -> None:
+    """write(tmp) beside path, then one rename: no reader sees half a file. tmp is unique per attempt
+    (a killed writer's leftover never blocks the next, even as PID 1) and removed on any failure; out
+    of space is an OSError(ENOSPC) naming path, saying how much it was writing (needed bytes)."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename != str(path):
+            more = f" (it needs about {needed / 1e6:.2f} MB)" if needed else ""
+            raise OSError(e.errno, f"no space left on device{more}", str(path)) from None
+        raise
 
 
 def write_json_atomic(path, obj) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
 
 
 def write_jsonl_atomic(path, rows) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
 
 
 def save_model(model, tok, path) -> None:
     """save_pretrained (safetensors) and the tokenizer into a temporary directory, then one rename."""
     assert not Path(path).exists(), f"{path} exists; refusing to overwrite a checkpoint"
-
     quiet_transformers()
 
     def write(tmp):

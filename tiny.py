@@ -17,6 +17,7 @@ on a laptop; the released targets load through lume.load_pretrained instead.
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoint
 import lume
 import progress
 
@@ -139,20 +141,38 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
     input + output sequences, as the released targets were fine-tuned): target/ when it was built
     for these items, recipe and config (committed=False: never), else built once, then reused.
     show_progress: one updating progress line for the build instead of a log line every 50 steps."""
-    from transformers import OlmoForCausalLM
     recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
     key = fingerprint(items, {"recipe": recipe, "config": config})
     if committed and embedded(key, log) is not None:
         log(f"tiny target: {EMBEDDED} (committed, checksums verified)")
         return EMBEDDED
     path = Path(cache_dir) / f"tiny-{key}"
-    if path.exists():
-        bad = problems(path)
-        if not bad:
-            log(f"tiny target: reusing {path} (checksums verified)")
-            return path
-        log(f"tiny target: {path} not used ({'; '.join(bad)}): rebuilding it")
-        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    try:  # one build per cache entry: a second process waits for the first and reuses its build
+        fd = checkpoint.hold_lock(lock)
+    except checkpoint.Locked as e:
+        log(f"tiny target: process {e.holder or '?'} is building {path}; waiting for it")
+        fd = checkpoint.hold_lock(lock, wait=True)
+    try:
+        if path.exists():
+            bad = problems(path)
+            if not bad:
+                log(f"tiny target: reusing {path} (checksums verified)")
+                return path
+            log(f"tiny target: {path} not used ({'; '.join(bad)}): rebuilding it")
+            shutil.rmtree(path)
+        for leftover in path.parent.glob(f"*{path.name}.*tmp*"):  # a killed build's: we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        return build(items, path, recipe, config, device, log, show_progress)
+    finally:
+        os.close(fd)
+
+
+def build(items, path: Path, recipe: dict, config: dict, device, log, show_progress: bool) -> Path:
+    """Train the tiny target of tiny_target into path (atomically: never half a target there)."""
+    from transformers import OlmoForCausalLM
+    key = path.name.removeprefix("tiny-")
     t0 = time.time()
     log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
     tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])

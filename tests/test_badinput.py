@@ -73,6 +73,62 @@ def duplicate(rows):
     rows["retain"].append(rows["retain"][0])
 
 
+def model_dir_with(tmp_path, config="{}", weights=None):
+    from safetensors.torch import save
+    d = model_dir(tmp_path, weights=True)
+    (d / "config.json").write_text(config)
+    (d / "model.safetensors").write_bytes(save({"w": torch.zeros(2)}) if weights is None else weights)
+    return d
+
+
+def truncated_safetensors(tmp_path):
+    from safetensors.torch import save
+    whole = save({"w": torch.zeros(64, 64)})
+    return model_dir_with(tmp_path, weights=whole[: len(whole) // 2])
+
+
+def a_file(tmp_path, name="file"):
+    (tmp_path / name).write_text("x")
+    return tmp_path / name
+
+
+def read_only_dir(tmp_path):
+    """A read-only directory: a read-only tmpfs as root (root writes through permissions), else chmod 555."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)]).returncode != 0:
+            pytest.skip("root but cannot mount a read-only tmpfs here")
+        READ_ONLY.append(d)
+    else:
+        d.chmod(0o555)
+    return d / "out"
+
+
+READ_ONLY = []  # mounts to undo
+
+
+@pytest.fixture(autouse=True)
+def unmount():
+    yield
+    while READ_ONLY:
+        subprocess.run(["umount", str(READ_ONLY.pop())])
+
+
+def surrogate(rows):
+    rec = json.loads(rows["forget"][0])
+    rows["forget"][0] = json.dumps({**rec, "input": rec["input"] + "\ud800"})  # JSON's escape: a lone surrogate
+
+
+def garbage_parquet(tmp_path):
+    d = tmp_path / "semeval"
+    d.mkdir()
+    for split in ("forget", "retain"):
+        for part in ("train", "validation"):
+            (d / f"{split}_{part}-00000-of-00001.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    return d
+
+
 # (name, argv builder (tmp_path -> list), what the one error line must say)
 CASES = [
     ("negative lr", lambda t: ["--lr", "-1"], "--lr must be > 0"),
@@ -96,6 +152,7 @@ CASES = [
     ("retain weight with ga", lambda t: ["--method", "ga", "--retain-weight", "1"], "ga has no retain term"),
     ("beta with gd", lambda t: ["--method", "gd", "--beta", "0.2"], "does not use it"),
     ("lr with method none", lambda t: ["--method", "none", "--lr", "1e-4"], "no effect with --method none"),
+    ("method none scoring nothing", lambda t: ["--method", "none", "--no-eval-before"], "would score nothing"),
     ("epochs and max steps", lambda t: ["--epochs", "2", "--max-steps", "3"], "both given"),
     ("missing data dir", lambda t: ["--data", "/nonexistent"], "--data /nonexistent: no such file"),
     ("missing mmlu dir", lambda t: ["--mmlu", "/nonexistent"], "--mmlu /nonexistent: no such directory"),
@@ -117,6 +174,20 @@ CASES = [
     ("empty split", lambda t: data_args(lume_copy(t, lambda r: r["forget"].clear())), "no items"),
     ("non-utf-8 file", lambda t: data_args((lambda d: (bad_bytes(d), d)[1])(lume_copy(t))), "not UTF-8 text"),
     ("bad mmlu row", lambda t: ["--mmlu", mmlu_dir(t, row="q,a,b,c,d,E")], "field 'answer': 'E' is not one of"),
+    # values that slipped through before (issue 22)
+    ("huge seed", lambda t: ["--seed", "99999999999999999999999"], "--seed must be >= 0 and < 2^63"),
+    ("infinite epochs", lambda t: ["--epochs", "inf"], "--epochs must be finite"),
+    ("epochs past the plan", lambda t: ["--epochs", "1e9"], "optimizer steps, more than 200,000"),
+    ("huge max steps", lambda t: ["--max-steps", "100000000"], "--max-steps must be >= 1 and <= 200,000"),
+    ("nan lora alpha", lambda t: ["--lora-rank", "4", "--lora-alpha", "nan"], "--lora-alpha must be >= 0 and finite"),
+    ("model config a list", lambda t: ["--model", model_dir_with(t, config="[]")], "config.json is a JSON list"),
+    ("truncated model weights", lambda t: ["--model", truncated_safetensors(t)], "its header needs"),
+    ("read-only out", lambda t: ["--out", read_only_dir(t)], "cannot be written (a read-only filesystem"),
+    ("cache dir a file", lambda t: ["--cache-dir", a_file(t)], "is a file, not a directory"),
+    ("out a file", lambda t: ["--out", a_file(t, "out.txt")], "exists and is a file, not a directory"),
+    ("lone surrogate", lambda t: data_args(lume_copy(t, surrogate)), "field 'input': not valid Unicode"),
+    ("garbage parquet", lambda t: data_args(garbage_parquet(t)), "not a readable parquet file"),
+    ("too many built-in documents", lambda t: ["--n-docs", "1000"], "at most 120 documents"),
 ]
 
 
@@ -126,7 +197,7 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(tmp_path, capsys, monkey
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(tmp_path)  # a stray runs/ folder would appear here
     out = tmp_path / "out"
-    extra = [] if name in ("out not empty",) or name.startswith("resume") else ["--out", out]
+    extra = [] if name in ("out not empty", "read-only out", "out a file") or name.startswith("resume") else ["--out", out]
     with pytest.raises(SystemExit) as e:
         status = run.main([*map(str, argv(tmp_path)), *map(str, extra)])
         raise SystemExit(status)
@@ -190,3 +261,11 @@ def test_a_complete_run_says_so(tmp_path, small_target_dir):
                      "8", "--method", "ga", "--max-steps", "1", "--no-eval-before", "--out", str(out)]) == 0
     assert json.loads((out / "status.json").read_text())["status"] == "complete"
     shutil.rmtree(out)
+
+
+def test_method_none_without_scoring_exports_the_target(tmp_path, small_target_dir):
+    out = tmp_path / "run"
+    assert run.main(["--model", str(small_target_dir), "--data", "builtin", "--n-docs", "2", "--method", "none",
+                     "--no-eval-before", "--save", "--out", str(out)]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "status.json").read_text())["status"] == "complete"
