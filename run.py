@@ -34,7 +34,7 @@ class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
-                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
+                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "stat", "undial", "none"])
     model: str = arg("tiny", "tiny (built locally on first use, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
@@ -65,11 +65,13 @@ class Config:
     beta: float = arg(None, "inverse temperature of NPO and SimNPO (default: auto = 0.1 for NPO, the NPO paper's; "
                             "2.5 for SimNPO, the SimNPO paper's TOFU value: its beta multiplies a per-token mean, "
                             "NPO's a sequence sum)", type=float)
-    gamma: float = arg(None, "SimNPO's reward margin (default: auto = 0, the SimNPO paper's TOFU value)", type=float)
+    gamma: float = arg(None, "SimNPO's reward margin (default: auto = 0, the SimNPO paper's TOFU value); UNDIAL's "
+                             "adjustment of the label's logit, in (0, 100] (default: auto = 10, mid-grid of the "
+                             "paper's 3/10/30)", type=float)
     retain_weight: float = arg(None, "weight of the retain term: GD, KL, NPO (then NPO with a retain term, 'NPO-RT' in "
-                                     "the NPO paper; 0 = pure NPO), SimNPO, and RMU's alpha. GA has none (default: "
-                                     "auto = 1 for GD and KL, 3 for NPO; SimNPO 1 for tiny, 7.27 otherwise; RMU 10 for "
-                                     "tiny, 1200 otherwise)", type=float)
+                                     "the NPO paper; 0 = pure NPO), SimNPO, RMU's alpha, STAT and UNDIAL. GA has none "
+                                     "(default: auto = 1 for GD, KL and STAT, 3 for NPO; SimNPO 1 for tiny, 7.27 "
+                                     "otherwise; RMU 10 for tiny, 1200 otherwise; UNDIAL 0, the paper's)", type=float)
     rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; the MLPs of l-2..l train "
                                "(default: auto = 2 for tiny, 7 otherwise, WMDP's)", type=int)
     rmu_coeff: float = arg(None, "RMU: steering coefficient c, forget activations pushed to c*u (default: auto = 100 "
@@ -123,7 +125,8 @@ class Config:
 # c 6.5, alpha 1200, lr 5e-5). Tiny: chosen on the built-in data (docs/methods.md).
 METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
                    "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (100.0, 6.5), "retain_weight": (10.0, 1200.0),
-                           "lr": (3e-3, 5e-5)}}
+                           "lr": (3e-3, 5e-5)},
+                   "undial": {"gamma": (10.0, 10.0), "retain_weight": (0.0, 0.0)}}
 
 
 def parser() -> argparse.ArgumentParser:
