@@ -126,12 +126,22 @@ def run_main(argv, capsys):
     return rc, err
 
 
-def test_bad_input_is_one_error_line_naming_model_and_parameter(three, tmp_path, capsys, small_target,
-                                                                small_target_dir):
-    base, models = three
-    other = fake_model(tmp_path / "other", {"w": [1.0, 2.0]})
-    arch = fake_model(tmp_path / "arch", {"w": BASE}, arch="OtherForCausalLM")
-    extra = fake_model(tmp_path / "extra", {"w": BASE, "v": [1.0]})
+def fake_adapter(path, base_name: str, module="lin", shape=(2, 3), r=1):
+    """A PEFT LoRA adapter directory for one module `module` (B: out x r, A: r x in)."""
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                          "base_model_name_or_path": base_name}))
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.ones(r, shape[1]),
+               f"base_model.model.{module}.lora_B.weight": torch.ones(shape[0], r)}, str(path / "adapter_model.safetensors"))
+    return str(path)
+
+
+def test_bad_input_is_one_error_line_naming_model_and_parameter(tmp_path, capsys):
+    base = fake_model(tmp_path / "base", {"w": BASE, "lin.weight": [[0.0] * 3] * 2})
+    models = [fake_model(tmp_path / "m0", {"w": BASE, "lin.weight": [[1.0] * 3] * 2})]
+    other = fake_model(tmp_path / "other", {"w": [1.0, 2.0], "lin.weight": [[0.0] * 3] * 2})
+    arch = fake_model(tmp_path / "arch", {"w": BASE, "lin.weight": [[0.0] * 3] * 2}, arch="OtherForCausalLM")
+    extra = fake_model(tmp_path / "extra", {"w": BASE, "lin.weight": [[0.0] * 3] * 2, "v": [1.0]})
     cases = [
         (["--base", base, other], f"{other}: parameter w has shape [2]"),
         (["--base", base, arch], "architectures"),
@@ -139,10 +149,14 @@ def test_bad_input_is_one_error_line_naming_model_and_parameter(three, tmp_path,
         (["--base", base, "--density", "0", models[0]], "--density must be in (0, 1]"),
         (["--base", base, "--density", "1.5", models[0]], "--density must be in (0, 1]"),
         (["--base", base, "--weights", "1,2", models[0]], "2 weights for 1 models"),
-        (["--base", base, str(lora_run(small_target, 3, tmp_path / "lr") / "adapter")], "an adapter of base"),
+        (["--base", base, fake_adapter(tmp_path / "a1", str(tmp_path / "elsewhere"))], "an adapter of base"),
+        (["--base", base, fake_adapter(tmp_path / "a2", base, shape=(3, 3))], "parameter lin.weight: the adapter's B A is 3 x 3"),
     ]
     for k, (argv, says) in enumerate(cases):
         out = tmp_path / f"out{k}"
         rc, err = run_main([*argv, "--out", str(out)], capsys)
         assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and says in err[0], (argv, err)
         assert not out.exists() and not list(tmp_path.glob(f"out{k}*"))
+    rc, err = run_main(["--base", base, "--density", "1", fake_adapter(tmp_path / "ok", base), "--out",
+                        str(tmp_path / "good")], capsys)
+    assert rc == 0 and load_file(str(tmp_path / "good" / "model.safetensors"))["lin.weight"].eq(2.0).all()  # (2/1) B A
