@@ -22,6 +22,7 @@ import torch
 
 import attacks
 import lume
+import methods
 
 HUB_TIMEOUT = 5.0  # seconds to wait for the hub before saying it cannot be reached
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -83,15 +84,7 @@ def combination_problems(cfg) -> list[str]:
                 out.append(f"{flag(name)} has no effect with --method none (there are no training steps)")
         if not cfg.eval_before and not cfg.save:
             out.append("--no-eval-before with --method none would score nothing (add --save to export the target)")
-    if cfg.method == "ga" and cfg.retain_weight is not None:
-        out.append("--retain-weight: ga has no retain term (use gd, kl or npo)")
-    if cfg.beta is not None and cfg.method not in ("npo", "simnpo", "none"):
-        out.append(f"--beta is NPO's and SimNPO's inverse temperature; --method {cfg.method} does not use it")
-    if cfg.gamma is not None and cfg.method not in ("simnpo", "none"):
-        out.append(f"--gamma is SimNPO's reward margin; --method {cfg.method} does not use it")
-    for name in ("rmu_layer", "rmu_coeff"):
-        if getattr(cfg, name) is not None and cfg.method not in ("rmu", "none"):
-            out.append(f"{flag(name)} is RMU's; --method {cfg.method} does not use it")
+    out += option_problems(cfg)
     if getattr(cfg, "rmu_params", "auto") != "auto" and cfg.method != "rmu":
         out.append(f"--rmu-params is RMU's; --method {cfg.method} does not use it")
     if cfg.method == "rmu" and (cfg.save_every or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
@@ -101,6 +94,31 @@ def combination_problems(cfg) -> list[str]:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:
         out.append("--epochs and --max-steps both given: --max-steps would silently win; give one")
+    return out
+
+
+OPTION_WHAT = {"beta": "--beta is NPO's and SimNPO's inverse temperature",
+               "gamma": "--gamma is SimNPO's reward margin and UNDIAL's logit adjustment",
+               "rmu_layer": "--rmu-layer is RMU's", "rmu_coeff": "--rmu-coeff is RMU's"}
+GAMMA_UNDIAL = (0.0, 100.0)  # UNDIAL's gamma: > 0 (0 would distil the model into itself); beyond 100, e^-gamma
+# is 0 in fp32 already (the paper's grid: 3, 10, 30)
+
+
+def option_problems(cfg) -> list[str]:
+    """A method option given to a method whose methods.Spec does not take it, and UNDIAL's gamma range
+    (a NaN is range_problems' to report)."""
+    if cfg.method == "none":
+        return []
+    used = set(methods.SPECS[cfg.method].options.values())
+    out = []
+    if cfg.retain_weight is not None and "retain_weight" not in used:
+        out.append(f"--retain-weight: {cfg.method} has no retain term (use gd, kl or npo)")
+    for name, what in OPTION_WHAT.items():
+        if getattr(cfg, name) is not None and name not in used:
+            out.append(f"{what}; --method {cfg.method} does not use it")
+    low, high = GAMMA_UNDIAL
+    if cfg.method == "undial" and cfg.gamma is not None and cfg.gamma == cfg.gamma and not low < cfg.gamma <= high:
+        out.append(f"--gamma for undial (the label logit's adjustment) must be in ({low:g}, {high:g}], got {cfg.gamma}")
     return out
 
 

@@ -205,20 +205,52 @@ def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None)
     frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
     if dist is not None:
         model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
-    return {"layer": cfg.rmu_layer, "coeff": cfg.rmu_coeff, "control": methods.rmu_control(
-        model.config.hidden_size, cfg.seed), "frozen": frozen, "stop": dist is None}
+    return {"control": methods.rmu_control(model.config.hidden_size, cfg.seed), "frozen": frozen,
+            "stop": dist is None}
+
+
+def frozen_reference(cfg, model, items, device, precision, dist=None):
+    """A frozen reference for KL's retain distributions and UNDIAL's targets: with LoRA the same
+    model with its adapters off (no second copy), else a copy in the training dtype (under torchrun
+    loaded and sharded like the model)."""
+    if lora.has_adapters(model):
+        return lora.Reference(model)
+    ref = copy.deepcopy(model) if dist is None else load_model(cfg, items, device, lume.weight_dtype(precision),
+                                                               precision, dist)[0]
+    return ref.eval().requires_grad_(False)
+
+
+def method_options(cfg, model, tok, items, spec, ctx) -> dict:
+    """The keyword options of the method's loss: its Config fields (spec.options) and what spec.needs
+    (methods.Spec), built here once before training. ctx: plan, steps, forget and retain encodings,
+    pad id, autocast, device, precision, dist and the resumed checkpoint (or None)."""
+    options = {name: getattr(cfg, field) for name, field in spec.options.items()}
+    for need in spec.needs:
+        if need == "ref_logps":  # a resumed run takes the reference its checkpoint holds (the target's)
+            options["ref_logps"] = ctx["resume"]["state"]["ref_logps"] if ctx["resume"] else npo_reference(
+                model, ctx["plan"], ctx["steps"], len(ctx["forget"]), ctx["autocast"], ctx["dist"])
+        elif need == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
+            options.update(rmu_options(cfg, model, ctx["plan"], ctx["retain"], ctx["pad"], ctx["autocast"],
+                                       ctx["dist"]))
+        elif need == "ref":
+            options["ref"] = frozen_reference(cfg, model, items, ctx["device"], ctx["precision"], ctx["dist"])
+        elif need == "vocab":
+            options.update(vocab=min(len(tok), model.config.vocab_size), seed=cfg.seed)
+        else:
+            raise AssertionError(f"methods.SPECS[{cfg.method!r}] needs {need!r}, which job.py cannot build")
+    return options
 
 
 def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None):
-    """Run the chosen method on the chosen task's forget items (retain items for GD/KL/NPO-RT);
-    under torchrun on this rank's rows of every micro-batch (dist.shard_steps). make_log(total
-    steps) -> lume.train's log. resume: a training checkpoint (checkpoint.load) to continue from;
-    after_step(done, total, opt, scaler, ref_logps): scoring and checkpoints between steps."""
+    """Run the chosen method on the chosen task's forget items (retain items when its methods.Spec
+    asks for them); under torchrun on this rank's rows of every micro-batch (dist.shard_steps).
+    make_log(total steps) -> lume.train's log. resume: a training checkpoint (checkpoint.load) to
+    continue from; after_step(done, total, opt, scaler, ref_logps): scoring and checkpoints between steps."""
     forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
-    use_retain = methods.NEEDS_RETAIN[cfg.method] and not (cfg.method in ("npo", "simnpo") and cfg.retain_weight == 0)
+    spec = methods.SPECS[cfg.method]
     forget_encoded = encode_items(tok, forget)
-    retain_encoded = encode_items(tok, retain) if use_retain else []
+    retain_encoded = encode_items(tok, retain) if methods.uses_retain(cfg.method, cfg.retain_weight) else []
     plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
                            cfg.epochs, cfg.max_steps or 0, cfg.seed, chunk_size=cfg.chunk_size,
                            retain_ratio=cfg.retain_ratio)
@@ -233,22 +265,9 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
         steps = [[(forget_batch(f), retain_batch(r) if r else None) for f, r in micros] for micros in plan]
     else:
         steps = distributed.shard_steps(plan, forget_batch, retain_batch, dist)
-    autocast = lume.autocast_ctx(device, precision)
-    options = {} if cfg.method == "ga" else {"retain_weight": cfg.retain_weight}
-    if cfg.method == "npo":  # a resumed run takes the reference its checkpoint holds (the target's)
-        ref_logps = resume["state"]["ref_logps"] if resume else npo_reference(model, plan, steps, len(forget),
-                                                                               autocast, dist)
-        options.update(beta=cfg.beta, ref_logps=ref_logps)
-    if cfg.method == "simnpo":
-        options.update(beta=cfg.beta, gamma=cfg.gamma)
-    if cfg.method == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
-        options.update(rmu_options(cfg, model, plan, retain_encoded, pad, autocast, dist))
-    if cfg.method == "kl" and lora.has_adapters(model):  # the same model with adapters off: no second copy
-        options["ref"] = lora.Reference(model)
-    elif cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
-        ref = copy.deepcopy(model) if dist is None else load_model(  # sharded like the model
-            cfg, items, device, lume.weight_dtype(precision), precision, dist)[0]
-        options["ref"] = ref.eval().requires_grad_(False)
+    options = method_options(cfg, model, tok, items, spec, dict(
+        plan=plan, steps=steps, forget=forget, retain=retain_encoded, pad=pad, device=device, precision=precision,
+        autocast=lume.autocast_ctx(device, precision), dist=dist, resume=resume))
     loss = methods.METHODS[cfg.method]
 
     def loss_fn(model, forget, retain, totals):
@@ -258,10 +277,8 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
     lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
                 f"{len(retain_encoded)} retain items, {len(steps)} steps"
                 + (f", resumed after step {resume['step']}" if resume else ""))
-    if cfg.method == "npo":
-        lume.print0(f"  the NPO loss starts at (2/beta) log 2 = {2 / cfg.beta * 0.6931:.2f} per batch (the model is "
-                    "its own reference) and falls toward 0 as the batch's answers become unlikely; batches swing "
-                    "between the two while some answers are forgotten and others not yet")
+    if spec.note is not None:
+        lume.print0(spec.note(cfg))
 
     if resume and resume["step"] > len(steps):
         raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")

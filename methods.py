@@ -1,5 +1,7 @@
 """
-Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO, SimNPO, RMU.
+Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO, SimNPO, RMU, STAT
+(pseudo-token relabelling) and UNDIAL (self-distillation on adjusted logits); and, at the end, each
+method's declaration of what it needs (SPECS), which is all job.unlearn reads about a method.
 
 Each function is one micro-batch's contribution to one optimizer step's loss:
     loss_fn(model, forget, retain, totals) -> (loss tensor, {term name: float})
@@ -17,12 +19,16 @@ answer tokens divided by their number. NPO is sequence-level: log pi(y|x) is the
 tokens' log-probabilities, and the loss is a mean over the step's sequences. SimNPO is sequence-level
 too, on the MEAN of a sequence's answer-token log-probabilities. RMU is token-level on hidden states:
 the hidden state at the position that predicts each answer token (as the NLL uses it), a mean over
-the hidden dimension per token, then token-normalised as above.
+the hidden dimension per token, then token-normalised as above. STAT and UNDIAL are token-level
+(their NLL / cross-entropy is token-normalised as above).
 """
+from dataclasses import dataclass, field
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from lume import nll_sum, seq_logps, token_logps
+from lume import Batch, nll_sum, seq_logps, token_logps
 
 
 def ga(model, forget, retain, totals):
@@ -234,5 +240,140 @@ def rmu(model, forget, retain, totals, *, layer: int, coeff: float, retain_weigh
     return f + retain_weight * r, {"forget_mse": f.item(), "retain_mse": r.item()}
 
 
-METHODS = {"ga": ga, "gd": gd, "kl": kl, "npo": npo, "simnpo": simnpo, "rmu": rmu}
-NEEDS_RETAIN = {"ga": False, "gd": True, "kl": True, "npo": True, "simnpo": True, "rmu": True}
+# -----------------------------------------------------------------------------
+# STAT: synthetic token alternative training (YNU, SemEval-2025 Task 4, 3rd on the 7B)
+
+
+def pseudo_answers(b, vocab: int, seed: int) -> torch.Tensor:
+    """b.ids with every answer token but the last (EOS) replaced by a seeded random token of
+    [0, vocab) that is never the true token at that position: (B, T). Row i's draw depends only on
+    (seed, item b.idx[i]), so an item keeps the same pseudo answer in every epoch, batch and rank
+    (STAT's first stage generates them once). EOS stays, so the model still learns where to stop."""
+    ids = b.ids.clone()
+    mask = b.target_mask.bool().clone()
+    last = mask.cumsum(-1) == mask.sum(-1, keepdim=True)  # (B, T) the last answer token (EOS) ...
+    mask &= ~last  # ... keeps its true id
+    for i, item in enumerate(b.idx.tolist()):
+        n = int(mask[i].sum())
+        if n:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + item)
+            r = torch.randint(0, vocab - 1, (n,), generator=gen).to(ids.device)
+            true = ids[i, mask[i]]
+            ids[i, mask[i]] = r + (r >= true).long()  # skip the true id: uniform over the other vocab - 1
+    return ids
+
+
+def stat(model, forget, retain, totals, *, vocab: int, seed: int, retain_weight: float):
+    """STAT (Chen, Luo and Tang, "YNU at SemEval-2025 Task 4: Synthetic Token Alternative Training for
+    LLM Unlearning", SemEval 2025, aclanthology 2025.semeval-1.264). Stage 1: each forget answer's
+    tokens are replaced by random vocabulary tokens y~ (pseudo_answers); stage 2: the model is trained
+    with the ordinary NLL on these pseudo-token samples, alternating with unmodified retain samples:
+
+        L = NLL(y~ | x) over forget answer tokens + retain_weight * NLL(y | x) over retain answer tokens
+
+    both token-normalised (the sum over the step's answer tokens / their number). A LUME step pairs
+    each forget micro-batch with its retain rows, so one optimizer step holds one forget and one
+    retain batch: the alternation at the granularity of a step's two halves (the paper alternates
+    batches between optimizer steps; here their gradients are summed, docs/methods.md). The NLL is
+    minimised, never maximised: the answer is overwritten rather than pushed to infinite loss.
+    """
+    pseudo = Batch(pseudo_answers(forget, vocab, seed), forget.attn, forget.target_mask, forget.idx)
+    f = nll_sum(model, pseudo) / totals["forget_tokens"]
+    terms = {"pseudo_nll": f.item()}
+    if retain_weight and retain is not None:
+        r = nll_sum(model, retain) / totals["retain_tokens"]
+        terms["retain_nll"] = r.item()
+        return f + retain_weight * r, terms
+    return f, terms
+
+
+# -----------------------------------------------------------------------------
+# UNDIAL: self-distillation with adjusted logits (Dong et al., NAACL 2025, arXiv 2402.10052)
+
+
+def undial_targets(ref_logits: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    """q = softmax(z_ref - gamma * onehot(y)): (..., V) fp32, the frozen model's next-token
+    distribution with the label's logit lowered by gamma (the others keep their ratios)."""
+    z = ref_logits.float().clone()
+    z.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(labels, -gamma, dtype=z.dtype).unsqueeze(-1))
+    return F.softmax(z, -1)
+
+
+def undial(model, forget, retain, totals, *, gamma: float, retain_weight: float, ref):
+    """UNDIAL (Dong et al. 2025, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning
+    in Large Language Models", NAACL 2025, eq. 2-3): self-distillation toward the frozen model's
+    distribution with the true token's logit lowered by gamma (the paper's beta, "strength"),
+
+        q_t = softmax(z_ref(x_<t) - gamma * e_{y_t}),   L = mean_t CE(q_t, p_theta(. | x_<t))
+            = -(1/N) sum_t sum_v q_t[v] log p_theta(v | x_<t)
+
+    over forget answer tokens t (N: the step's forget answer tokens, token-normalised as every
+    token-level term here; open-unlearning's reference code means over every position of the
+    batch instead), plus retain_weight * NLL(retain) (0, the paper's: no retain rows). The frozen
+    logits z_ref come from `ref` under no_grad once per micro-batch. At the start (theta = ref) the
+    gradient w.r.t. the logits of answer token t is (p_t - q_t) / N, zero except through gamma: the
+    label's probability is lowered to p_y e^-gamma / (1 - p_y + p_y e^-gamma), the rest rescaled.
+    """
+    logits = model(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1].float()  # (B, T-1, V)
+    with torch.no_grad():
+        ref_logits = ref(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1]
+        q = undial_targets(ref_logits, forget.ids[:, 1:], gamma)  # (B, T-1, V)
+    ce = -(q * F.log_softmax(logits, -1)).sum(-1)  # (B, T-1)
+    f = (ce * forget.target_mask[:, 1:]).sum() / totals["forget_tokens"]
+    terms = {"undial_ce": f.item()}
+    if retain_weight and retain is not None:
+        r = nll_sum(model, retain) / totals["retain_tokens"]
+        terms["retain_nll"] = r.item()
+        return f + retain_weight * r, terms
+    return f, terms
+
+
+# -----------------------------------------------------------------------------
+# what each method needs: job.unlearn reads these, never a method's name
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One method's needs beside its forget batches.
+
+    retain     "no" (none), "yes" (always: its loss has a retain term), or "weighted" (retain rows
+               only when --retain-weight > 0: NPO, SimNPO, STAT, UNDIAL, whose pure form has none)
+    options    loss keyword <- Config field, passed as they are (e.g. layer <- rmu_layer)
+    needs      what job.unlearn builds before training and passes as options:
+               "ref": a frozen reference model (KL, UNDIAL; with LoRA the same model, adapters off),
+               "ref_logps": log pi_ref(y|x) of every forget item, cached (NPO),
+               "rmu": RMU's trainable set, control vector and cached frozen activations,
+               "vocab": the tokenizer's vocabulary size and the seed (STAT's pseudo tokens)
+    note       what to print at the start, from the Config (or None)
+    """
+    retain: str = "no"
+    options: dict = field(default_factory=dict)
+    needs: tuple = ()
+    note: Callable | None = None
+
+
+def npo_note(cfg) -> str:
+    return (f"  the NPO loss starts at (2/beta) log 2 = {2 / cfg.beta * 0.6931:.2f} per batch (the model is "
+            "its own reference) and falls toward 0 as the batch's answers become unlikely; batches swing "
+            "between the two while some answers are forgotten and others not yet")
+
+
+RW = {"retain_weight": "retain_weight"}
+SPECS = {
+    "ga": Spec(),
+    "gd": Spec("yes", RW),
+    "kl": Spec("yes", RW, ("ref",)),
+    "npo": Spec("weighted", {"beta": "beta", **RW}, ("ref_logps",), npo_note),
+    "simnpo": Spec("weighted", {"beta": "beta", "gamma": "gamma", **RW}),
+    "rmu": Spec("yes", {"layer": "rmu_layer", "coeff": "rmu_coeff", **RW}, ("rmu",)),
+    "stat": Spec("weighted", RW, ("vocab",)),
+    "undial": Spec("weighted", {"gamma": "gamma", **RW}, ("ref",)),
+}
+METHODS = {"ga": ga, "gd": gd, "kl": kl, "npo": npo, "simnpo": simnpo, "rmu": rmu, "stat": stat, "undial": undial}
+NEEDS_RETAIN = {name: spec.retain != "no" for name, spec in SPECS.items()}
+
+
+def uses_retain(method: str, retain_weight) -> bool:
+    """Whether a run of `method` draws retain rows (retain_weight: the resolved --retain-weight)."""
+    spec = SPECS[method]
+    return spec.retain == "yes" or (spec.retain == "weighted" and retain_weight != 0)

@@ -6,7 +6,17 @@ or the harmonic mean is 0 when they are.
 
     print(report.table(results))             # results: {"before": {...}, "after": {...}}
     print(report.explain(results, tasks=[1]))
+
+and, across runs, the comparison the README's method table is made by (a markdown table on stdout,
+the picture compare.png: forget against retain per run):
+
+    python report.py compare runs/m1-ga runs/m1-npo ... [--bench bench.json] [--png compare.png]
 """
+import argparse
+import json
+import sys
+from pathlib import Path
+
 import metrics
 
 SCORES = (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge"))
@@ -105,3 +115,179 @@ def aggregate_notes(result: dict) -> list[str]:
         notes.append("harmonic-mean-task-aggregate is 0 because a harmonic mean is 0 when any of its 12 terms is 0; "
                      f"zero here: {'; '.join(zeros)}.")
     return notes
+
+
+# -----------------------------------------------------------------------------
+# compare: runs side by side (python report.py compare RUN...)
+
+
+def run_label(config: dict) -> str:
+    """A column's name: the method (a merged model scored with --method none: its merge.json's
+    method), with LoRA rank and sequential chunks when used."""
+    if config["method"] == "none":
+        merged = Path(config["model"]) / "merge.json"
+        return f"{json.loads(merged.read_text())['method'].upper()} merge" if merged.is_file() else "none"
+    name = config["method"].upper().replace("SIMNPO", "SimNPO").replace("UNDIAL", "UNDIAL")
+    if config.get("lora_rank"):
+        name += f" LoRA {config['lora_rank']}"
+    if config.get("chunk_size"):
+        name += f" chunks {config['chunk_size']}"
+    return name
+
+
+def read_run(d) -> tuple[dict, dict]:
+    """(results.json, config.json) of a run directory."""
+    return json.loads((Path(d) / "results.json").read_text()), json.loads((Path(d) / "config.json").read_text())
+
+
+def scored(results: dict) -> dict:
+    """The run's own scores: after unlearning, or (--method none) the only stage."""
+    return results["after"] if "after" in results else results["before"]
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def unlearned_tasks(configs) -> list[str]:
+    tasks = {c["task"] for c in configs if c["method"] != "none"} or {"1"}
+    return [f"Task{t}" for t in ((1, 2, 3) if "all" in tasks else sorted(map(int, tasks)))]
+
+
+def score_rows(cols: list[dict], tasks: list[str]) -> list[str]:
+    """Official scores: the unlearned tasks one row each, the others "a / b" in one row."""
+    out = []
+    all_tasks = sorted(k for k in cols[0]["forget-set"] if k.startswith("Task"))
+    others = [t for t in all_tasks if t not in tasks]
+    for split in ("forget-set", "retain-set"):
+        for key, name in SCORES:
+            for t in tasks:
+                out.append(f"| {split[:-4]} {t} {name} | " + " | ".join(fmt(c[split][t][key]) for c in cols) + " |")
+            if others:
+                out.append(f"| {split[:-4]} {' / '.join(others)} {name} | " + " | ".join(
+                    " / ".join(fmt(c[split][t][key]) for t in others) for c in cols) + " |")
+    out.append("| MIA AUC (members: Task3 forget) | " + " | ".join(fmt(c.get("mia_loss_acc")) for c in cols) + " |")
+    out.append("| MIA score (1 - 2 abs(AUC - 0.5)) | " + " | ".join(
+        fmt(metrics.mia_score(c["mia_loss_acc"]) if "mia_loss_acc" in c else None) for c in cols) + " |")
+    out.append("| harmonic-mean-task-aggregate | " + " | ".join(
+        fmt(c.get("harmonic-mean-task-aggregate")) for c in cols) + " |")
+    if any("mmlu_average" in c for c in cols):
+        out.append("| MMLU accuracy | " + " | ".join(fmt(c.get("mmlu_average")) for c in cols) + " |")
+    if any(c.get("aggregate-score", -1) != -1 for c in cols):
+        out.append("| aggregate-score | " + " | ".join(fmt(c.get("aggregate-score")) for c in cols) + " |")
+    return out
+
+
+def mean_recovery(entry: dict) -> str:
+    """'regurgitation / knowledge' recovery of an attack, each a mean over the unlearned tasks."""
+    def mean(key):
+        vals = [r[key] for r in entry["recovery"].values() if r.get(key) is not None]
+        return f"{sum(vals) / len(vals):+.2f}" if vals else "-"
+    return f"{mean('regurgitation')} / {mean('knowledge')}"
+
+
+def robustness_rows(results: list[dict]) -> list[str]:
+    """One row per attack any run made: its recovery (0 = nothing came back, 1 = all of it)."""
+    names = list(dict.fromkeys(n for r in results for n in r.get("robustness", {})))
+    out = []
+    for name in names:
+        out.append(f"| recovery after {name} (regurgitation / knowledge) | | " + " | ".join(
+            mean_recovery(r["robustness"][name]) if name in r.get("robustness", {}) else "-" for r in results) + " |")
+    if "relearn" in names:
+        def v(r):
+            vk = r.get("robustness", {}).get("relearn", {}).get("V_knowledge")
+            return f"{fmt(vk['after'])} -> {fmt(vk['relearned'])}" if vk else "-"
+        out.append("| relearn: held-out forget knowledge, after -> relearned | | " + " | ".join(map(v, results)) + " |")
+    return out
+
+
+def compare_table(run_dirs, bench: dict | None = None, labels=None) -> str:
+    """The markdown table: the target (the "before" of the first run that unlearned) and every run's
+    official scores, robustness rows when a run made attacks, and bench.json's cost per step."""
+    runs = [read_run(d) for d in run_dirs]
+    results, configs = [r for r, _ in runs], [c for _, c in runs]
+    names = labels or [run_label(c) for c in configs]
+    target = next((r["before"] for r, c in runs if c["method"] != "none" and "before" in r), None)
+    cols = ([target] if target else []) + [scored(r) for r in results]
+    head = (["target"] if target else []) + names
+    lines = ["| | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    lines += score_rows(cols, unlearned_tasks(configs))
+    lines += [row if target else row.replace("| | ", "| ", 1) for row in robustness_rows(results)]
+    if bench:
+        t = bench["training"]
+        lines.append("| cost per step (x GA's, bench.py) |" + (" |" if target else "") + " " + " | ".join(
+            f"{t[c['method']]['step_vs_ga']:.2f}" if c["method"] in t else "-" for c in configs) + " |")
+    return "\n".join(lines)
+
+
+def mean_score(result: dict, split: str, tasks) -> float:
+    """Mean of the regurgitation and knowledge scores of `tasks` in one split."""
+    vals = [result[split][t][key] for t in tasks for key, _ in SCORES]
+    return sum(vals) / len(vals)
+
+
+def compare_plot(run_dirs, path, labels=None) -> str | None:
+    """compare.png: each run's forget score (mean regurgitation and knowledge of the unlearned tasks)
+    against its retain score, the target marked, a run below the MMLU gate hollow. Returns a note
+    instead when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "compare.png not drawn: matplotlib is not installed (pip install matplotlib)"
+    runs = [read_run(d) for d in run_dirs]
+    tasks = unlearned_tasks([c for _, c in runs])
+    names = labels or [run_label(c) for _, c in runs]
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    target = next((r["before"] for r, c in runs if c["method"] != "none" and "before" in r), None)
+    if target:
+        ax.scatter([mean_score(target, "retain-set", tasks)], [mean_score(target, "forget-set", tasks)], marker="*",
+                   s=160, color="black", label="target (before unlearning)", zorder=3)
+    gated = False
+    for k, ((res, _), name) in enumerate(zip(runs, names)):
+        r = scored(res)
+        fails = "mmlu_average" in r and r["mmlu_average"] < metrics.MMLU_THRESHOLD
+        gated |= "mmlu_average" in r
+        x, y = mean_score(r, "retain-set", tasks), mean_score(r, "forget-set", tasks)
+        ax.scatter([x], [y], s=50, color=f"C{k % 10}", facecolors="none" if fails else f"C{k % 10}", zorder=2)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.scatter([1.0], [0.0], marker="x", s=80, color="grey", label="aim: forget 0, retain 1")
+    ax.set(xlabel=f"retain score (mean, {', '.join(tasks)})", ylabel=f"forget score (mean, {', '.join(tasks)})",
+           xlim=(-0.03, 1.08), ylim=(-0.03, 1.08),
+           title="hollow: below the MMLU gate (%.3f)" % metrics.MMLU_THRESHOLD if gated else
+           "MMLU not scored: gate (%.3f) not applied" % metrics.MMLU_THRESHOLD)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Runs side by side: python report.py compare RUN...")
+    p.add_argument("command", choices=["compare"])
+    p.add_argument("runs", nargs="+", help="run directories (results.json, config.json)")
+    p.add_argument("--bench", default="", help="bench.json (python bench.py --quick): adds the cost per step")
+    p.add_argument("--labels", default="", help="comma-separated column names (default: the method of each run)")
+    p.add_argument("--png", default="compare.png", help="where the picture goes ('' = none)")
+    a = p.parse_args(argv)
+    labels = a.labels.split(",") if a.labels else None
+    for d in a.runs:
+        missing = [f for f in ("results.json", "config.json") if not (Path(d) / f).is_file()]
+        if missing:
+            print(f"error: {d}: no {' or '.join(missing)} (not a finished run directory)", file=sys.stderr)
+            return 2
+    if labels and len(labels) != len(a.runs):
+        print(f"error: --labels gives {len(labels)} names for {len(a.runs)} runs", file=sys.stderr)
+        return 2
+    bench = json.loads(Path(a.bench).read_text()) if a.bench else None
+    print(compare_table(a.runs, bench, labels))
+    if a.png:
+        note = compare_plot(a.runs, a.png, labels)
+        print(note or f"picture: {a.png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

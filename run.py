@@ -34,7 +34,7 @@ class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
     method: str = arg("npo", "unlearning method; none scores the target as it is",
-                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "none"])
+                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "stat", "undial", "none"])
     model: str = arg("tiny", "tiny (the committed target/ on the default built-in data, else built once, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
@@ -68,11 +68,12 @@ class Config:
     gamma: float = arg(None, "SimNPO's reward margin gamma, in the paper's convention: log sigmoid(-(beta/|y|) log pi - "
                              "gamma). The official code's (and open-unlearning's) gamma is this one / beta: its MUSE-News "
                              "recipe beta 0.75, gamma 3.0 is --beta 0.75 --gamma 2.25 here (default: auto = 0, the "
-                             "SimNPO paper's TOFU value; docs/methods.md)", type=float)
+                             "SimNPO paper's TOFU value; docs/methods.md). UNDIAL's adjustment of the label's logit, in "
+                             "(0, 100] (default: auto = 10, mid-grid of the paper's 3/10/30)", type=float)
     retain_weight: float = arg(None, "weight of the retain term: GD, KL, NPO (then NPO with a retain term, 'NPO-RT' in "
-                                     "the NPO paper; 0 = pure NPO), SimNPO, and RMU's alpha. GA has none (default: "
-                                     "auto = 1 for GD and KL, 3 for NPO; SimNPO 1 for tiny, 7.27 otherwise; RMU 10 for "
-                                     "tiny, 1200 otherwise)", type=float)
+                                     "the NPO paper; 0 = pure NPO), SimNPO, RMU's alpha, STAT and UNDIAL. GA has none "
+                                     "(default: auto = 1 for GD, KL and STAT, 3 for NPO; SimNPO 1 for tiny, 7.27 "
+                                     "otherwise; RMU 10 for tiny, 1200 otherwise; UNDIAL 0, the paper's)", type=float)
     rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; layers l-2..l train "
                                "(default: auto = 2 for tiny, 7 otherwise, WMDP's)", type=int)
     rmu_params: str = arg("auto", "RMU: what trains in layers l-2..l: down (mlp.down_proj only, WMDP's param_ids [6], "
@@ -131,7 +132,8 @@ class Config:
 # c 6.5, alpha 1200, lr 5e-5). Tiny: chosen on the built-in data (docs/methods.md).
 METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
                    "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (100.0, 6.5), "retain_weight": (10.0, 1200.0),
-                           "lr": (3e-3, 5e-5)}}
+                           "lr": (3e-3, 5e-5)},
+                   "undial": {"gamma": (10.0, 10.0), "retain_weight": (0.0, 0.0)}}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,335 @@
+"""
+Merge models that share a base: TIES (Yadav et al. 2023, "TIES-Merging: Resolving Interference
+When Merging Models", NeurIPS 2023, arXiv 2306.01708) or linear task arithmetic (Ilharco et al.
+2023, arXiv 2212.04089), the baseline TIES is measured against.
+
+    python merge.py --base BASE --method ties --density 0.2 --lambda 1.0 --out DIR A B ...
+    python merge.py --base BASE --method linear --weights 1,0.5 --out DIR A B
+    python run.py --method none --model DIR ...        # score the merged model
+
+BASE is a save_pretrained directory; each of A, B, ... is a save_pretrained directory of the same
+architecture or a PEFT LoRA adapter directory (a run's <out>/adapter, lora.py), whose task vector is
+(alpha/r) B A on each adapted weight (alpha/sqrt(r) with rsLoRA) and 0 elsewhere. DIR is a new
+save_pretrained directory (one model.safetensors in the base's dtypes, the base's config and
+tokenizer files), written atomically.
+
+Task vectors tau_i = theta_i - theta_base, weighted by w_i (--weights, default 1 each). TIES, eq. 1-3
+of the paper, for each parameter entry p:
+    trim      keep the top-k magnitudes of each tau_i (k = ceil(density * n)), zero the rest
+    elect     gamma_p = sign(sum_i trimmed_i[p])                     (the summed mass's sign)
+    merge     tau_m[p] = sum_{i in A_p} w_i tau_i[p] / sum_{i in A_p} w_i,
+              A_p = {i : sign(tau_i[p]) = gamma_p}                   (the disjoint mean)
+    out       theta[p] = theta_base[p] + lambda * tau_m[p]
+An entry whose summed mass is exactly 0 (or that every model trims away) keeps the base's value.
+Linear: theta = theta_base + lambda * sum_i w_i tau_i.
+
+Trim granularity: the paper keeps the top-k% of each task vector over ALL its parameters; here the
+top-k% is taken per parameter tensor. One pass, one parameter of each model in memory at a time
+(a 7B merge fits in host RAM), and every tensor keeps `density` of its own entries, so a layer whose
+task vector is small overall (an embedding, a norm) is not trimmed to nothing by the large ones.
+The two coincide at density 1 and for a model of one tensor; at density < 1 they differ in which
+entries survive (docs/methods.md).
+
+Bad input (different architectures, keys or shapes, an adapter whose base is not BASE, a density
+outside (0, 1], a weight count that does not match) is one `error:` line naming the model and the
+parameter, exit 2, before anything is written. A full model records no base: for it, the
+architecture, the keys and the shapes are what is checked.
+"""
+import argparse
+import json
+import math
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import lume
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class MergeError(Exception):
+    """Bad input: printed as one `error:` line (exit 2)."""
+
+
+# -----------------------------------------------------------------------------
+# reading: one tensor at a time
+
+
+class Weights:
+    """The tensors of a save_pretrained directory (one safetensors file or an index of shards),
+    read one at a time through safe_open (memory-mapped: nothing else is loaded)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                shards = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise MergeError(f"{path}: no model.safetensors (nor an index of shards); merge.py reads "
+                             "save_pretrained directories with safetensors weights, or PEFT adapters")
+        self.file_of, self.handles = shards, {}
+
+    def keys(self) -> list[str]:
+        return list(self.file_of)
+
+    def handle(self, key: str):
+        name = self.file_of[key]
+        if name not in self.handles:
+            self.handles[name] = safe_open(str(self.path / name), "pt")
+        return self.handles[name]
+
+    def meta(self, key: str) -> tuple[list[int], str]:
+        """(shape, safetensors dtype name) without reading the tensor."""
+        s = self.handle(key).get_slice(key)
+        return list(s.get_shape()), s.get_dtype()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.handle(key).get_tensor(key)
+
+
+class Adapter:
+    """A PEFT LoRA adapter directory: task vector (alpha/r) B A on each adapted weight, 0 elsewhere."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.config = json.loads((path / "adapter_config.json").read_text())
+        c = self.config
+        if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise MergeError(f"{path}: only plain LoRA adapters merge here (no DoRA, rank_pattern or alpha_pattern)")
+        r = c["r"]
+        self.scale = c["lora_alpha"] / (math.sqrt(r) if c.get("use_rslora") else r)
+        self.file = safe_open(str(path / "adapter_model.safetensors"), "pt")
+        self.modules = {}  # base weight key -> (A key, B key)
+        for key in self.file.keys():
+            if key.endswith(".lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                self.modules[name + ".weight"] = (key, key.replace(".lora_A.", ".lora_B."))
+
+    def delta(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
+        """(alpha/r) B A for base weight `key` (fp32, like's shape), or None if it is not adapted."""
+        if key not in self.modules:
+            return None
+        a, b = (self.file.get_tensor(k).float() for k in self.modules[key])  # (r, in), (out, r)
+        return self.scale * (b @ a)  # shapes checked by open_inputs
+
+
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def same_base(named: str, base: Path) -> bool:
+    """Whether an adapter's base_model_name_or_path names the directory `base` (or its hub id)."""
+    p = Path(named).expanduser()
+    return (p.exists() and p.resolve() == base.resolve()) or named.rstrip("/") == str(base).rstrip("/")
+
+
+# -----------------------------------------------------------------------------
+# checks: everything before anything is written
+
+
+def open_inputs(base_dir: str, model_dirs: list[str]):
+    """(base Weights, [Weights | Adapter]) with every architecture, key, shape and base checked."""
+    base_path = Path(base_dir)
+    if not (base_path / "config.json").is_file():
+        raise MergeError(f"--base {base_dir}: no config.json (not a save_pretrained directory)")
+    base = Weights(base_path)
+    base_cfg = json.loads((base_path / "config.json").read_text())
+    base_meta = {k: base.meta(k) for k in base.keys()}
+    models = []
+    for d in model_dirs:
+        path = Path(d)
+        if not path.is_dir():
+            raise MergeError(f"{d}: no such directory")
+        if is_adapter(path):
+            m = Adapter(path)
+            named = m.config.get("base_model_name_or_path") or ""
+            if not same_base(named, base_path):
+                raise MergeError(f"{d}: an adapter of base {named!r}, not of --base {base_dir}")
+            for key, (a, b) in m.modules.items():
+                if key not in base_meta:
+                    raise MergeError(f"{d}: parameter {key} is adapted but the base has no such weight")
+                ab = [m.file.get_slice(b).get_shape()[0], m.file.get_slice(a).get_shape()[1]]
+                if ab != base_meta[key][0]:
+                    raise MergeError(f"{d}: parameter {key}: the adapter's B A is {ab[0]} x {ab[1]}, the "
+                                     f"base's weight {base_meta[key][0][0]} x {base_meta[key][0][1]}")
+            models.append(m)
+            continue
+        if not (path / "config.json").is_file():
+            raise MergeError(f"{d}: neither a save_pretrained directory (config.json) nor an adapter "
+                             "(adapter_config.json)")
+        cfg = json.loads((path / "config.json").read_text())
+        for field in ("model_type", "architectures"):
+            if cfg.get(field) != base_cfg.get(field):
+                raise MergeError(f"{d}: {field} {cfg.get(field)} differs from the base's {base_cfg.get(field)}")
+        m = Weights(path)
+        keys = set(m.keys())
+        for key in sorted(set(base_meta) ^ keys):
+            where = "the base" if key in base_meta else d
+            raise MergeError(f"{d}: parameter {key} is only in {where}")
+        for key, (shape, _) in base_meta.items():
+            if m.meta(key)[0] != shape:
+                raise MergeError(f"{d}: parameter {key} has shape {m.meta(key)[0]}, the base's is {shape}")
+        models.append(m)
+    return base, models
+
+
+def task_vector(model, key: str, base_t: torch.Tensor) -> torch.Tensor:
+    """tau = theta_model - theta_base for one parameter (fp64, like base_t); an adapter's (alpha/r) B A or 0."""
+    if isinstance(model, Adapter):
+        d = model.delta(key, base_t)
+        return torch.zeros_like(base_t) if d is None else d.to(base_t.dtype)
+    return model.get(key).to(base_t.dtype) - base_t
+
+
+# -----------------------------------------------------------------------------
+# the merges, one parameter at a time
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """tau with all but its k = ceil(density * numel) largest magnitudes set to 0 (ties broken by
+    position, as torch.topk does: exactly k entries survive)."""
+    k = math.ceil(density * tau.numel())
+    if k >= tau.numel():
+        return tau
+    flat = tau.flatten()
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().topk(k).indices] = True
+    return (flat * keep).view_as(tau)
+
+
+def ties(taus: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """The TIES task vector of one parameter: trim, elect the sign of the summed mass, disjoint mean."""
+    t = torch.stack([w * trim(tau, density) for tau, w in zip(taus, weights)])  # (n, *shape)
+    sign = torch.sign(t.sum(0))  # (shape) gamma_p; 0 where the mass cancels
+    agree = (torch.sign(t) == sign) & (t != 0)  # (n, *shape) i in A_p
+    w = torch.tensor(weights, dtype=t.dtype).view(-1, *[1] * (t.dim() - 1))
+    return (t * agree).sum(0) / (w * agree).sum(0).clamp(min=1e-300) * agree.any(0)
+
+
+def linear(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Task arithmetic: sum_i w_i tau_i."""
+    return sum(w * tau for tau, w in zip(taus, weights))
+
+
+def merge_one(key: str, base, models, method: str, weights, density: float, lam: float) -> torch.Tensor:
+    """The merged value of one parameter, in the base's dtype: only this parameter of each model is
+    read (their tensors are freed when this returns)."""
+    base_t = base.get(key)
+    if not base_t.is_floating_point():  # integer buffers: the base's
+        return base_t
+    # fp64: the difference of two fp32 (or bf16) values is exact in it, so base + tau gives a model
+    # back bit for bit (a model merged with itself at density 1, lambda 1 returns it)
+    b = base_t.double()
+    taus = [task_vector(m, key, b) for m in models]
+    tau = ties(taus, weights, density) if method == "ties" else linear(taus, weights)
+    return (b + lam * tau).to(base_t.dtype)
+
+
+# -----------------------------------------------------------------------------
+# writing: a safetensors file streamed tensor by tensor
+
+
+def write_streaming(path: Path, specs: list[tuple[str, list[int], str]], produce) -> None:
+    """One safetensors file holding specs' tensors (key, shape, dtype name) in order, produce(key)
+    giving each in turn: the header is written first (shapes and dtypes are known), then each
+    tensor's bytes, so no more than one tensor is held (the format: an 8-byte little-endian header
+    length, the JSON header padded with spaces to a multiple of 8, then the data)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key, shape, dtype in specs:
+        n = math.prod(shape) * torch.empty(0, dtype=DTYPES[dtype]).element_size()
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key, shape, dtype in specs:
+            t = produce(key)
+            assert list(t.shape) == shape and NAMES[t.dtype] == dtype, f"{key}: {t.shape} {t.dtype} != {shape} {dtype}"
+            f.write(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def merge(base_dir: str, model_dirs: list[str], out: str, method: str = "ties", density: float = 0.2,
+          lam: float = 1.0, weights: list[float] | None = None, log=print) -> Path:
+    """Merge model_dirs over base_dir into the new directory `out` (see the module docstring)."""
+    weights = weights or [1.0] * len(model_dirs)
+    problems = arg_problems(model_dirs, out, method, density, lam, weights)
+    if problems:
+        raise MergeError(problems[0])
+    base, models = open_inputs(base_dir, model_dirs)
+    specs = [(k, *base.meta(k)) for k in base.keys()]
+
+    def write(tmp: Path):
+        tmp.mkdir()  # a failure inside leaves only this .tmp directory, never `out`
+        for f in Path(base_dir).iterdir():  # config, generation config, tokenizer: the base's
+            if f.is_file() and f.name not in ("lume_target.json", "merge.json") and not f.name.startswith(
+                    ("model.safetensors", "model-", "pytorch_model")):
+                shutil.copy2(f, tmp / f.name)
+        write_streaming(tmp / "model.safetensors", specs,
+                        lambda key: merge_one(key, base, models, method, weights, density, lam))
+        (tmp / "merge.json").write_text(json.dumps({
+            "method": method, "density": density if method == "ties" else None, "lambda": lam,
+            "weights": weights, "base": str(base_dir), "models": list(model_dirs),
+            "trim": "per parameter tensor" if method == "ties" else None}, indent=2) + "\n")
+    lume.write_atomic(Path(out), write)
+    log(f"merged {len(models)} models ({method}) over {base_dir}: {len(specs)} parameters -> {out}")
+    return Path(out)
+
+
+def arg_problems(model_dirs, out, method, density, lam, weights) -> list[str]:
+    """The command line's own mistakes, before any file is opened."""
+    out_problems = []
+    if method not in ("ties", "linear"):
+        out_problems.append(f"--method {method}: ties or linear")
+    if not model_dirs:
+        out_problems.append("give at least one model to merge (A B ...)")
+    if not (density == density and 0 < density <= 1):
+        out_problems.append(f"--density must be in (0, 1], got {density}")
+    if not math.isfinite(lam):
+        out_problems.append(f"--lambda must be finite, got {lam}")
+    if len(weights) != len(model_dirs):
+        out_problems.append(f"--weights gives {len(weights)} weights for {len(model_dirs)} models")
+    elif not all(math.isfinite(w) for w in weights) or (method == "ties" and not all(w > 0 for w in weights)):
+        out_problems.append(f"--weights {weights}: finite, and > 0 for ties (its disjoint mean divides by them)")
+    if Path(out).exists():
+        out_problems.append(f"--out {out}: exists; pass a new directory (a merge never overwrites)")
+    return out_problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("models", nargs="+", help="save_pretrained directories or PEFT adapter directories")
+    p.add_argument("--base", required=True, help="the save_pretrained directory every model was trained from")
+    p.add_argument("--method", default="ties", choices=["ties", "linear"])
+    p.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each task vector kept, in (0, 1]")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged task vector")
+    p.add_argument("--weights", default="", help="comma-separated weight of each model (default: 1 each)")
+    p.add_argument("--out", required=True, help="the new save_pretrained directory")
+    a = p.parse_args(argv)
+    try:
+        weights = [float(w) for w in a.weights.split(",")] if a.weights else None
+    except ValueError:
+        print(f"error: --weights {a.weights!r}: comma-separated numbers, one per model", file=sys.stderr)
+        return 2
+    try:
+        merge(a.base, a.models, a.out, a.method, a.density, a.lam, weights)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
