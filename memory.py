@@ -61,6 +61,12 @@ def shapes(config):
 
 SHAPES = {}
 
+# Methods planned as the one whose step costs at least as much: SimNPO is NPO without the cached
+# reference log-probs; RMU and STAT run forget and retain rows (RMU's few trainable MLPs and its
+# layer-l activation cache cost less than GD's full gradients); UNDIAL holds a frozen reference and
+# its full-vocabulary targets, as KL (which also runs retain rows: an over-estimate for UNDIAL).
+PLAN_AS = {"simnpo": "npo", "rmu": "gd", "stat": "gd", "undial": "kl"}
+
 
 def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, world: int = 1,
                 grad_checkpointing: bool = False, grad_accum: int = 1, train_layers: int = 0,
@@ -89,6 +95,7 @@ def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, w
     bf16 replica of fp32 weights while scoring, no optimizer; with --eval-every, beside it).
     """
     precision = "bf16" if precision == "fp16" else precision
+    method = PLAN_AS.get(method, method)
     assert precision in ACT_COEF, f"precision must be one of {list(ACT_COEF)} (or fp16), got {precision!r}"
     assert method in ("ga", "gd", "kl", "npo"), f"unknown method {method!r}"
     config, model = shapes(config)

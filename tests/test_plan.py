@@ -228,3 +228,15 @@ def test_measure_runs_its_steps_on_cpu(method, setup, capsys):
     assert planned == measured > 0  # the model was built in the setup's layout (fp32 vs bf16, last 8 only)
     out = capsys.readouterr().out
     assert f"tiny {method}: {setup}, batch 2 x 16 tokens" in out and "| optimizer states |" in out
+
+
+def test_every_method_has_a_plan_at_least_its_cost_twin():
+    """auto_setup plans every method --method accepts (it asserted on simnpo, rmu, stat and undial);
+    each is planned as a method whose step costs at least as much (memory.PLAN_AS)."""
+    import methods
+    seven = memory.OLMO_CONFIGS["olmo-7b"]
+    for m in methods.SPECS:
+        name, _, plan = memory.pick_setup(seven, m, 4, 512, 80 * GiB)
+        twin = memory.PLAN_AS.get(m, m)
+        assert plan == memory.plan_setup(seven, twin, 4, 512, next(s for n, _, s in memory.SETUPS if n == name))
+    assert memory.PLAN_AS["undial"] == "kl" and methods.SPECS["undial"].needs == ("ref",)  # a frozen copy
