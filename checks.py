@@ -232,9 +232,6 @@ def trainable_problems(cfg) -> list[str]:
         out.append("--lora-rank and --train-layers choose what trains in two different ways: give one of them")
     if cfg.lora_rank and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         out.append("--lora-targets names no layer: give e.g. q_proj,v_proj")
-    if (cfg.lora_rank or cfg.train_layers) and under_torchrun():
-        out.append("--lora-rank and --train-layers run in one process only (not under torchrun/FSDP2 yet); "
-                   "start the run with python run.py")
     if cfg.train_layers and cfg.precision == "bf16-pure":
         out.append("--train-layers trains fp32 layers among bf16 ones, which needs autocast: use --precision bf16 "
                    "(the CUDA default) or fp32, not bf16-pure")
