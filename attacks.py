@@ -208,22 +208,27 @@ def nll_loss(model, batch, _retain, totals):
     return nll, {"relearn_nll": nll.item()}
 
 
-def relearn_(model, tok, train_items, recipe: dict, *, seed: int, device, precision: str, record=None):
+def relearn_(model, tok, train_items, recipe: dict, *, seed: int, device, precision: str, record=None,
+             dist=None):
     """Fine-tune the model in place on train_items (NLL on the answers); record(ids) is called
-    with the item ids of every micro-batch trained on (tests check that V never is)."""
+    with the item ids of every micro-batch trained on (tests check that V never is). Under
+    torchrun (dist) on the sharded model itself, each rank on its rows of every micro-batch
+    (dist.Dist.shard_steps), as unlearning trains: the update is the one-process one."""
     enc = [lume.encode_pair(tok, it.input, it.output) for it in train_items]
     plan = lume.plan_steps(len(enc), 0, recipe["batch_size"], 1, 0, recipe["steps"], seed)
     pad = lume.pad_of(tok)
-    steps = []
-    for micros in plan:
-        step = []
-        for f, _ in micros:
-            b = lume.make_batch([enc[i][0] for i in f], [enc[i][1] for i in f], f, pad)
-            if record is not None:
-                record([train_items[i].id for i in b.idx.tolist()])
-            step.append((b, None))
-        steps.append(step)
-    return lume.train(model, steps, nll_loss, lr=recipe["lr"], precision=precision, device=device)
+
+    def batch(f):
+        return lume.make_batch([enc[i][0] for i in f], [enc[i][1] for i in f], f, pad)
+    if record is not None:
+        for micros in plan:
+            for f, _ in micros:
+                record([train_items[i].id for i in f])
+    if dist is not None:
+        steps, loss = dist.shard_steps(plan, batch, None), dist.skip_padding(nll_loss)
+    else:
+        steps, loss = [[(batch(f), None) for f, _ in micros] for micros in plan], nll_loss
+    return lume.train(model, steps, loss, lr=recipe["lr"], precision=precision, device=device, dist=dist)
 
 
 # -----------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def knowledge_on(gen_rows, ids, stage: str):
 
 
 def run(names, model, tok, forget_items, scored: dict, score, *, tasks, seed: int, recipe: dict, device,
-        precision: str, record=None) -> tuple[dict, list, list]:
+        precision: str, record=None, dist=None) -> tuple[dict, list, list]:
     """Each attack in turn on the model in place, weights restored after each: ("robustness"
     dict, generation rows, MIA rows). score(stage) -> (generation rows, MIA rows, results) scores
     every item (and MIA and MMLU as configured), as the before/after stages are scored."""
@@ -285,7 +290,8 @@ def run(names, model, tok, forget_items, scored: dict, score, *, tasks, seed: in
                 extra = {"layers": quantise_(model, bits), "bits": bits, "group": GROUP[bits] or "output channel"}
             else:
                 T, V = split_halves([it for it in forget_items if it.kind == "qa"], seed)
-                relearn_(model, tok, T, recipe, seed=seed, device=device, precision=precision, record=record)
+                relearn_(model, tok, T, recipe, seed=seed, device=device, precision=precision, record=record,
+                         dist=dist)
                 extra = {"recipe": recipe, "n_T": len(T), "n_V": len(V)}
             g, m, res = score(name)
         gens, mias = gens + g, mias + m

@@ -239,7 +239,7 @@ def trainable_problems(cfg) -> list[str]:
 
 
 def attack_problems(cfg) -> list[str]:
-    """--attacks: known names, an unlearned model to attack, relearn in one process only."""
+    """--attacks: known names, an unlearned model to attack."""
     try:
         asked = attacks.parse(cfg.attacks)
     except ValueError as e:
@@ -247,9 +247,6 @@ def attack_problems(cfg) -> list[str]:
     out = []
     if asked and cfg.method == "none":
         out.append("--attacks attacks an unlearned model: give an unlearning --method (not none)")
-    if "relearn" in asked and under_torchrun():
-        out.append("--attacks relearn is not supported under torchrun (it fine-tunes outside the sharded training "
-                   "loop); run it in one process, or use --attacks quant8,quant4, which work on the shards")
     return out
 
 

@@ -73,6 +73,15 @@ class Dist:
         """This rank's contiguous share [lo, hi) of n items; shares differ by at most one."""
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
 
+    def shard_steps(self, plan, make_f, make_r) -> list:
+        """shard_steps(plan, make_f, make_r, self): for callers that get a Dist but do not import
+        this file (attacks.relearn_)."""
+        return shard_steps(plan, make_f, make_r, self)
+
+    @staticmethod
+    def skip_padding(loss_fn):
+        return skip_padding(loss_fn)
+
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order, on every rank."""
         parts = [None] * self.world

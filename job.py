@@ -467,7 +467,8 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
         attacks.parse(cfg.attacks), model, tok, forget, scored,
         lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist),
         tasks=sorted({it.task for it in forget}), seed=cfg.seed,
-        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), device=device, precision=precision)
+        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), device=device, precision=precision,
+        dist=dist)
     return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
             "results": {**scored["results"], "robustness": robustness}}
 
