@@ -249,6 +249,9 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
                     "its own reference) and falls toward 0 as the batch's answers become unlikely; batches swing "
                     "between the two while some answers are forgotten and others not yet")
 
+    if resume and resume["step"] > len(steps):
+        raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
+
     def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
         checkpoint.load_trainable(model, resume["weights"])
         opt.load_state_dict(resume["optimizer"])
@@ -416,6 +419,9 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
     precision = lume.resolve_precision(cfg.precision, device)
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
+    fp = (run_fingerprint(cfg, items, model, dist, precision)
+          if cfg.method != "none" and (cfg.save_every or cfg.resume) else None)
+    resume = resume_checkpoint(cfg, fp) if cfg.resume and cfg.method != "none" else None
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
     if where is not None:
         where["out"] = out
@@ -433,7 +439,8 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
             write_scores(out, scored)
     kept = None
     if cfg.method != "none":
-        kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist)
+        kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
+                                        resume=resume, fingerprint=fp)
     if cfg.save:
         (distributed.save_sharded(model, tok, out / "model", dist) if dist is not None
          else lora.save(model, tok, out))  # with LoRA: merged <out>/model and PEFT's <out>/adapter
@@ -473,13 +480,29 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
             "results": {**scored["results"], "robustness": robustness}}
 
 
-def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist):
+def run_fingerprint(cfg, items, model, dist, precision: str) -> dict:
+    """What this run's checkpoints depend on (checkpoint.fingerprint): config, data, model, world size."""
+    return checkpoint.fingerprint(dataclasses.asdict(cfg), items, checkpoint.model_identity(model.name_or_path),
+                                  dist.world if dist else 1, precision)
+
+
+def resume_checkpoint(cfg, fp: dict) -> dict | None:
+    """The checkpoint --resume continues from (None: the run had none yet, it starts at step 0); one
+    `error:` line, before the run directory is touched, when none is usable or it does not fit."""
+    try:
+        return checkpoint.load(cfg.resume, fp, log=lume.print0)
+    except checkpoint.CheckpointError as e:
+        raise SystemExit(f"error: --resume {cfg.resume}: {e}") from None
+
+
+def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
+                             resume=None, fingerprint=None):
     """unlearn() with what long runs need between steps: the trajectory rows (--eval-every), the
-    best step's weights (--keep best) and training checkpoints (--save-every); a resumed run
-    continues from its checkpoint. Returns results.json's "kept" entry, or None (--keep last)."""
+    best step's weights (--keep best) and training checkpoints (--save-every, stamped with
+    `fingerprint`); a resumed run continues from `resume` (resume_checkpoint). Returns results.json's
+    "kept" entry, or None (--keep last)."""
     items, mia, mmlu = inputs
     rank0 = dist is None or dist.rank == 0
-    resume = checkpoint.load(out) if cfg.resume else None
     track = resume["state"]["track"] if resume else {"rows": [], "best": None}
     best_weights = resume["best"] if resume else None
     subset = (trajectory.eval_subset(items, cfg.seed), mia, mmlu)
@@ -503,7 +526,8 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
             score_subset(done)
         if cfg.save_every and (done % cfg.save_every == 0 or done == total) and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
-                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights)
+                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights,
+                            fingerprint)
 
     done_before = resume["step"] if resume else 0
     if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)

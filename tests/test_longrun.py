@@ -157,12 +157,13 @@ def test_save_with_method_none_exports_the_target(tmp_path, small_target_dir):
 def test_checkpoint_round_trip_and_a_half_written_save_is_never_read(tmp_path):
     w = {"a": torch.randn(3, 2), "b": torch.arange(4.0)}
     checkpoint.save(tmp_path, 3, w, {"state": {}}, {"ref_logps": torch.ones(2)})
-    (tmp_path / "checkpoints" / "step-000006.tmp-123").mkdir()  # a save killed before its rename
+    (tmp_path / "checkpoints" / ".step-000006.123-abcd.tmp").mkdir()  # a save killed before its rename
     got = checkpoint.load(tmp_path)
     assert got["step"] == 3 and all(torch.equal(got["weights"][k], w[k]) for k in w)
-    checkpoint.save(tmp_path, 6, {k: v + 1 for k, v in w.items()}, {"state": {}}, {})
-    assert checkpoint.load(tmp_path)["step"] == 6
-    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*") if not p.name.endswith("123")] == ["step-000006"]
+    for step in (6, 9):
+        checkpoint.save(tmp_path, step, {k: v + step for k, v in w.items()}, {"state": {}}, {})
+    assert checkpoint.load(tmp_path)["step"] == 9
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-000006", "step-000009"]
 
 
 class Tty(io.StringIO):
