@@ -83,9 +83,9 @@ def combination_problems(cfg) -> list[str]:
     for name in ("rmu_layer", "rmu_coeff"):
         if getattr(cfg, name) is not None and cfg.method not in ("rmu", "none"):
             out.append(f"{flag(name)} is RMU's; --method {cfg.method} does not use it")
-    if cfg.method == "rmu" and (cfg.save_every or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
-        out.append("--method rmu: its frozen-activation cache is not in training checkpoints (--save-every), and it "
-                   "chooses its own trainable weights (the MLPs of layers l-2..l: no --lora-rank / --train-layers)")
+    if cfg.method == "rmu" and (getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
+        out.append("--method rmu chooses its own trainable weights (the MLPs of layers l-2..l: no --lora-rank / "
+                   "--train-layers)")
     if cfg.keep == "best" and not cfg.eval_every:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:
@@ -254,9 +254,6 @@ def preflight(cfg, resumed: bool = False) -> list[str]:
     """Every problem of cfg, in the order a user would fix them; [] when the run can start. A resumed
     run's config.json holds resolved values (no auto left), so its flag combinations are not judged."""
     problems = range_problems(cfg) + ([] if resumed else combination_problems(cfg))
-    if under_torchrun() and (cfg.save_every or cfg.resume):
-        problems.append("--save-every / --resume: training checkpoints are written by one process only for now; "
-                        "under torchrun use --eval-every with --keep best, or run on one process to resume")
     problems += trainable_problems(cfg) + attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
     problems += out_problems(cfg)
     if not problems:  # the hub check may take seconds: only for an otherwise valid command

@@ -29,6 +29,7 @@ import memory
 import methods
 import progress
 import report
+import sharded
 import tiny
 import trajectory
 
@@ -176,7 +177,7 @@ def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> tor
     return lume.reference_logps(model, batches, n_forget, autocast)
 
 
-def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None) -> dict:
+def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None, cached=None) -> dict:
     """RMU's options: only the MLPs of layers l-2..l left trainable, the control vector u (seeded)
     and the frozen model's layer-l activations on every retain item the plan uses, computed once
     from the model as it is now (the target), in length-sorted batches. Under torchrun every rank
@@ -188,8 +189,11 @@ def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None)
     used = sorted({j for micros in plan for _, r in micros for j in r})
     groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
     batches = [batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups]
-    frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
-    if dist is not None:
+    if cached is not None:  # a resumed run: the cache its checkpoint holds (this rank's items: sharded.rmu_cache)
+        frozen = cached
+    else:
+        frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
+    if dist is not None and cached is None:
         model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
     return {"layer": cfg.rmu_layer, "coeff": cfg.rmu_coeff, "control": methods.rmu_control(
         model.config.hidden_size, cfg.seed), "frozen": frozen, "stop": dist is None}
@@ -228,7 +232,8 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
     if cfg.method == "simnpo":
         options.update(beta=cfg.beta, gamma=cfg.gamma)
     if cfg.method == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
-        options.update(rmu_options(cfg, model, plan, retain_encoded, pad, autocast, dist))
+        options.update(rmu_options(cfg, model, plan, retain_encoded, pad, autocast, dist,
+                                   sharded.rmu_cache(resume, len(retain_encoded))))
     if cfg.method == "kl" and lora.has_adapters(model):  # the same model with adapters off: no second copy
         options["ref"] = lora.Reference(model)
     elif cfg.method == "kl":  # frozen reference in the training dtype, for retain distributions
@@ -253,13 +258,15 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
         raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
 
     def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
+        if dist is not None or resume["layout"] == "dcp":  # torchrun's DCP layout, or resharding
+            return sharded.restore(model, opt, scaler, resume, dist)
         checkpoint.load_trainable(model, resume["weights"])
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["state"]["scaler"])
         checkpoint.set_rng_state(resume["state"]["rng"])
 
     def between(done, opt, scaler):
-        after_step(done, len(steps), opt, scaler, options.get("ref_logps"))
+        after_step(done, len(steps), opt, scaler, options.get("ref_logps"), sharded.rmu_items(options, steps))
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
                       clip=cfg.clip, precision=precision, device=device, log=make_log(len(steps)), dist=dist,
                       start=resume["step"] if resume else 0, restore=restore if resume else None,
@@ -490,7 +497,10 @@ def resume_checkpoint(cfg, fp: dict) -> dict | None:
     """The checkpoint --resume continues from (None: the run had none yet, it starts at step 0); one
     `error:` line, before the run directory is touched, when none is usable or it does not fit."""
     try:
-        return checkpoint.load(cfg.resume, fp, log=lume.print0)
+        got = checkpoint.load(cfg.resume, log=lume.print0, read=sharded.read)  # either layout
+        if got is not None:  # the fingerprint, another world size resharding (one line says so)
+            sharded.check(got, fp, cfg.method, lume.print0)
+        return got
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: --resume {cfg.resume}: {e}") from None
 
@@ -521,12 +531,16 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     if cfg.eval_every and not track["rows"]:
         score_subset(0)
 
-    def after_step(done, total, opt, scaler, ref_logps):
+    def after_step(done, total, opt, scaler, ref_logps, rmu=None):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             score_subset(done)
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total) and rank0:
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total) and dist is not None:
+            sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), "ref_logps": ref_logps,
+                                                 "track": track}, {"best": best_weights, "rmu": rmu}, fingerprint, dist)
+        elif cfg.save_every and (done % cfg.save_every == 0 or done == total) and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
-                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights,
+                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track, "rmu": rmu},
+                            best_weights,
                             fingerprint)
 
     done_before = resume["step"] if resume else 0

@@ -5,6 +5,12 @@ Each test is one or two small torchrun runs of the session's small target (tests
 compared with the same run in one process; the helpers are tests/test_dist.py's.
 """
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,7 +21,7 @@ import lora
 import lume
 import run
 from conftest import ROOT
-from test_dist import RUN, WEIGHT_ATOL, read_jsonl, torchrun
+from test_dist import RUN, WEIGHT_ATOL, free_port, read_jsonl, torchrun
 
 LOSS_RTOL = 1e-5  # fp32, only the reduction order differs (tests/test_dist.py)
 
@@ -112,3 +118,78 @@ def test_relearn_on_two_ranks_equals_one_process(small_target, tmp_path):
     assert max_diff(w0, w1) > 1e-3  # relearning moved the weights...
     assert max_diff(w1, two) <= WEIGHT_ATOL  # ...on two ranks as in one process
     assert max_diff(w0, load_file(str(tmp_path / "restored.safetensors"))) == 0.0  # restored on every rank, bit for bit
+
+
+# --- sharded checkpoints: killed and resumed, on two ranks and resharded
+
+def torchrun_argv(nproc: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "run.py", *map(str, args)]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (torchrun's workers: they run in sessions of their own)."""
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def kill_after_checkpoint(argv, out):
+    """Start argv (torchrun), SIGKILL its workers and itself once out has a checkpoint (a preempted node)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pointer, deadline = out / "checkpoints" / "latest.json", time.time() + 300
+    while not pointer.is_file():
+        assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    for pid in children(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.communicate()
+    assert "after" not in json.loads((out / "results.json").read_text())  # killed mid-run
+
+
+def no_speed(rows):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+KILLED = ["--data", "builtin", "--n-docs", "2", "--max-steps", "6", "--max-new-tokens", "8", "--task", "1",
+          "--lr", "1e-3", "--batch-size", "3", "--grad-accum", "2", "--save-every", "2", "--eval-every", "3"]
+RESHARD_RTOL = 1e-5  # measured <= 2e-7 relative on every logged term: fp32, only the summation order differs
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("npo", []), ("kl", []),  # KL: a second sharded copy as its reference
+    ("rmu", ["--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10", "--retain-ratio", "2"])])
+def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_target_dir, tmp_path, method, extra):
+    argv = ["--model", small_target_dir, "--method", method, *KILLED, *extra]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    torchrun(2, "run.py", *argv, "--out", whole)
+    kill_after_checkpoint(torchrun_argv(2, *argv, "--out", killed), killed)
+    ckpt = killed / "checkpoints" / json.loads((killed / "checkpoints" / "latest.json").read_text())["dir"]
+    files = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank-0.json", "rank-1.json"} <= files.keys()
+    if method == "rmu":  # each rank holds the frozen activations of the retain rows it trains on
+        parts = [load_file(str(ckpt / f"rank-{r}.safetensors")) for r in (0, 1)]
+        assert all(any("rmu" in k for k in p) for p in parts)
+    if method == "npo":  # the same checkpoint resumed on one process: resharded, within RESHARD_RTOL
+        one = tmp_path / "one"
+        shutil.copytree(killed, one)
+        r = subprocess.run([sys.executable, "run.py", "--resume", one], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "resuming a checkpoint of 2 process(es) on 1" in r.stdout
+        same_log(whole, one)  # LOSS_RTOL = RESHARD_RTOL
+        assert json.load(open(one / "results.json")).keys() == json.load(open(whole / "results.json")).keys()
+    torchrun(2, "run.py", "--resume", killed)
+    for name in ("results.json", "trajectory.jsonl", "generations.jsonl"):
+        assert (killed / name).read_text() == (whole / name).read_text(), name
+    assert no_speed(read_jsonl(killed / "log.jsonl")) == no_speed(read_jsonl(whole / "log.jsonl"))
+    assert not (killed / "checkpoints").exists()
