@@ -161,12 +161,40 @@ def no_speed(rows):
 
 
 KILLED = ["--data", "builtin", "--n-docs", "2", "--max-steps", "6", "--max-new-tokens", "8", "--task", "1",
-          "--lr", "1e-3", "--batch-size", "3", "--grad-accum", "2", "--save-every", "2", "--eval-every", "3"]
+          "--lr", "1e-3", "--batch-size", "3", "--grad-accum", "2", "--save-every", "2"]
 RESHARD_RTOL = 1e-5  # measured <= 2e-7 relative on every logged term: fp32, only the summation order differs
 
 
+def resume_one(run_dir) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", "--resume", str(run_dir)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def resharded_and_refused(whole, killed, tmp_path):
+    """Copies of a two-rank checkpoint resumed on one process: as it is, resharded (it completes within
+    RESHARD_RTOL, saying so in one line); from another method, or with a rank's shards missing: one
+    error line naming the field or the file, exit 2, before any training."""
+    one, other, missing = tmp_path / "one", tmp_path / "other", tmp_path / "missing"
+    for d in (one, other, missing):
+        shutil.copytree(killed, d)
+    r = resume_one(one)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming a checkpoint of 2 process(es) on 1" in r.stdout
+    same_log(whole, one)  # LOSS_RTOL = RESHARD_RTOL
+    assert json.load(open(one / "results.json")).keys() == json.load(open(whole / "results.json")).keys()
+    cfg = json.load(open(other / "config.json"))
+    (other / "config.json").write_text(json.dumps({**cfg, "method": "kl"}))
+    for shard in (missing / "checkpoints").glob("step-*/dcp/__1_0.distcp"):
+        shard.unlink()
+    for d, why in ((other, "--method: checkpoint 'npo', this run 'kl'"), (missing, "__1_0.distcp: missing")):
+        r = resume_one(d)
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and why in errors[0], r.stderr[-3000:]
+        assert "unlearning:" not in r.stdout and read_jsonl(d / "log.jsonl") == read_jsonl(killed / "log.jsonl")
+
+
 @pytest.mark.parametrize("method,extra", [
-    ("npo", []), ("kl", []),  # KL: a second sharded copy as its reference
+    ("npo", ["--eval-every", "3"]), ("kl", ["--eval-every", "3"]),  # KL: a second sharded copy as its reference
     ("rmu", ["--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10", "--retain-ratio", "2"])])
 def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_target_dir, tmp_path, method, extra):
     argv = ["--model", small_target_dir, "--method", method, *KILLED, *extra]
@@ -179,17 +207,46 @@ def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_targe
     if method == "rmu":  # each rank holds the frozen activations of the retain rows it trains on
         parts = [load_file(str(ckpt / f"rank-{r}.safetensors")) for r in (0, 1)]
         assert all(any("rmu" in k for k in p) for p in parts)
-    if method == "npo":  # the same checkpoint resumed on one process: resharded, within RESHARD_RTOL
-        one = tmp_path / "one"
-        shutil.copytree(killed, one)
-        r = subprocess.run([sys.executable, "run.py", "--resume", one], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "resuming a checkpoint of 2 process(es) on 1" in r.stdout
-        same_log(whole, one)  # LOSS_RTOL = RESHARD_RTOL
-        assert json.load(open(one / "results.json")).keys() == json.load(open(whole / "results.json")).keys()
+    if method == "npo":
+        resharded_and_refused(whole, killed, tmp_path)
     torchrun(2, "run.py", "--resume", killed)
     for name in ("results.json", "trajectory.jsonl", "generations.jsonl"):
-        assert (killed / name).read_text() == (whole / name).read_text(), name
+        if (whole / name).exists():
+            assert (killed / name).read_text() == (whole / name).read_text(), name
     assert no_speed(read_jsonl(killed / "log.jsonl")) == no_speed(read_jsonl(whole / "log.jsonl"))
     assert not (killed / "checkpoints").exists()
+
+
+def test_dcp_metadata_is_read_without_running_code(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    import sharded
+    dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}}, checkpoint_id=str(tmp_path / "ok"))
+    meta = sharded.SafeReader(str(tmp_path / "ok")).read_metadata()  # DCP's own metadata: admitted
+    assert list(meta.state_dict_metadata) == ["model.w"]
+    dcp.save({"groups": [{"lr": 0.1}]}, checkpoint_id=str(tmp_path / "bytes"))  # a pickled object inside
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / ".metadata").write_bytes(pickle.dumps(os.getcwd))  # any callable could run
+    for name in ("bytes", "evil"):
+        with pytest.raises(sharded.CheckpointError, match=r"\.metadata: refused .* not part of a tensor-only"):
+            sharded.SafeReader(str(tmp_path / name)).read_metadata()
+
+
+# --- two "nodes" of one rank each on this machine: torchrun --nnodes 2 with a c10d rendezvous endpoint
+
+def test_two_nodes_with_a_rendezvous_endpoint_equal_one_process(small_target, tmp_path):
+    argv = ["--model", small_target[0].name_or_path, "--method", "npo", *RUN, "--no-eval-before"]
+    endpoint, env = f"127.0.0.1:{free_port()}", {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "t",
+                               "run.py", *argv, "--out", str(tmp_path / "two"), "--rdzv-timeout", "60"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    job.main(run.parse_args([*argv, "--out", str(tmp_path / "one")]))
+    assert json.load(open(tmp_path / "two" / "config.json"))["world_size"] == 2
+    same_log(tmp_path / "one", tmp_path / "two")
