@@ -381,7 +381,9 @@ def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
     """Mark the run directory failed, print why and what to do next as the last line, and return the
     SystemExit to end with (130 after Ctrl-C, 1 otherwise). What the run completed stays as it is."""
     checkpoints = (out / "checkpoints" / "latest.json").is_file()
-    again = (f"continue it with: python run.py --resume {out}" if checkpoints else
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the same launch (or another N: resharded)
+    launch = f"torchrun --nproc_per_node {world} run.py" if world > 1 else "python run.py"
+    again = (f"continue it with: {launch} --resume {out}" if checkpoints else
              "run it again with a new --out (add --save-every N to be able to resume)")
     code = 1
     if isinstance(e, KeyboardInterrupt):

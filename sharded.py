@@ -13,8 +13,9 @@ fingerprint, one atomic rename, latest.json, the last checkpoint.KEEP kept), as 
                                         (optim/<name>/exp_avg, ...), each rank's shards in its own file
       state.json, state.safetensors     rank 0: what all ranks share (checkpoint.encode, no pickle):
                                         AdamW's param_groups, scaler, NPO's ref_logps, trajectory, world
-      rank-R.json, rank-R.safetensors   rank R's own: its RNG states, --keep best's shards, RMU's frozen
-                                        activations of the retain items rank R trains on
+      rank-R.json, rank-R.safetensors   rank R's own: its RNG states (bf16-pure's rounding generators
+                                        too), --keep best's shards, RMU's frozen activations of the
+                                        retain items rank R trains on
 
 Resume (restore): the same world size loads every rank's shards back, bit for bit. Another world size
 (or a one-process checkpoint under torchrun, or this layout in one process) reshards through DCP's
@@ -125,9 +126,11 @@ def save(run_dir, step: int, model, opt, shared: dict, mine: dict, fingerprint, 
     """Checkpoint `step` written by every rank (a collective: all ranks call it at the same step
     boundary). shared: rank 0's state (scaler, ref_logps, track); mine: this rank's (best, rmu)."""
     msd, (ost, groups) = model_state(model), optim_state(model, opt)
+    # bf16-pure: StochasticAdamW's rounding generators (per rank: each rounds its own shards)
+    generators = {d: g.get_state() for d, g in getattr(opt, "generators", {}).items()}
 
     def fill(tmp: Path):  # every rank: its own file, then DCP's collective save (which waits for all)
-        write_pair(tmp, f"rank-{dist.rank}", {**mine, "rng": checkpoint.rng_state()})
+        write_pair(tmp, f"rank-{dist.rank}", {**mine, "rng": checkpoint.rng_state(), "generators": generators})
         if dist.rank == 0:
             write_pair(tmp, "state", {**shared, "param_groups": groups, "step": step, "world": dist.world})
         dcp.save({"model": msd, "optim": ost}, storage_writer=FileSystemWriter(str(tmp / "dcp")))
@@ -218,6 +221,8 @@ def restore(model, opt, scaler, got: dict, dist=None) -> None:
         set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, opt, {"state": ost, "param_groups": got["state"]["param_groups"]})
         rng = got["mine"]["rng"] if got["mine"] else None
+        for d, state in (got["mine"] or {}).get("generators", {}).items():
+            opt.generator(d).set_state(state)
     scaler.load_state_dict(got["state"]["scaler"])
     if rng is not None:
         checkpoint.set_rng_state(rng)
