@@ -308,31 +308,36 @@ def nll_loss(model, batch, _retain, totals):
 
 
 def finetune_(model, tok, rows, recipe: dict, *, seed: int, device, precision: str, record=None,
-              name: str = "relearn"):
+              name: str = "relearn", dist=None):
     """Fine-tune the model in place on rows [(id, prompt, target)] (NLL on the targets; prompt ''
     = a whole document); record(ids) is called with the ids of every micro-batch trained on (the
-    tests check that nothing else is)."""
+    tests check that nothing else is). Under torchrun (dist) on the sharded model itself, each rank
+    on its rows of every micro-batch (dist.Dist.shard_steps), as unlearning trains: the update is
+    the one-process one."""
     enc = [lume.encode_pair(tok, prompt, target) for _, prompt, target in rows]
     plan = lume.plan_steps(len(enc), 0, recipe["batch_size"], 1, 0, recipe["steps"], seed)
     pad = lume.pad_of(tok)
-    steps = []
-    for micros in plan:
-        step = []
-        for f, _ in micros:
-            b = lume.make_batch([enc[i][0] for i in f], [enc[i][1] for i in f], f, pad)
-            if record is not None:
-                record([rows[i][0] for i in b.idx.tolist()])
-            step.append((b, None))
-        steps.append(step)
+
+    def batch(f):
+        return lume.make_batch([enc[i][0] for i in f], [enc[i][1] for i in f], f, pad)
+    if record is not None:
+        for micros in plan:
+            for f, _ in micros:
+                record([rows[i][0] for i in f])
+    if dist is not None:
+        steps, loss = dist.shard_steps(plan, batch, None), dist.skip_padding(nll_loss)
+    else:
+        steps, loss = [[(batch(f), None) for f, _ in micros] for micros in plan], nll_loss
     bar = progress.Progress(f"attack {name}: step", len(steps))  # its line ends at the last step
-    return lume.train(model, steps, nll_loss, lr=recipe["lr"], precision=precision, device=device,
+    return lume.train(model, steps, loss, lr=recipe["lr"], precision=precision, device=device, dist=dist,
                       log=lambda rec: bar.update(rec["step"] + 1, loss=rec["loss"]))
 
 
-def relearn_(model, tok, train_items, recipe: dict, *, seed: int, device, precision: str, record=None):
+def relearn_(model, tok, train_items, recipe: dict, *, seed: int, device, precision: str, record=None,
+             dist=None):
     """Fine-tune on train_items (NLL on the answers), the model as it is (see `attacker`)."""
     return finetune_(model, tok, [(it.id, it.input, it.output) for it in train_items], recipe, seed=seed,
-                     device=device, precision=precision, record=record)
+                     device=device, precision=precision, record=record, dist=dist)
 
 
 UNRELATED_N = 10  # documents of the unrelated fine-tune (Lucki et al.: 10 unrelated examples)
@@ -447,7 +452,8 @@ def knowledge_on(gen_rows, ids, stage: str):
     return float(np.mean(vals)) if vals else None
 
 
-def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, setup: dict, device, record=None) -> dict:
+def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, setup: dict, device, record=None,
+                   dist=None) -> dict:
     """Run one attack that changes the weights on the deployed model in place (the caller holds
     `restored` and `deployed`, and scores it before leaving them); its extra results.json fields.
     data: "forget" items, "mia" sets."""
@@ -457,19 +463,20 @@ def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, set
     with attacker(model, setup) as n_train:
         if name == "relearn":
             T, V = split_halves([it for it in data["forget"] if it.kind == "qa"], seed)
-            relearn_(model, tok, T, recipe, seed=seed, device=device, precision=setup["precision"], record=record)
+            relearn_(model, tok, T, recipe, seed=seed, device=device, precision=setup["precision"], record=record,
+                     dist=dist)
             extra = {"n_T": len(T), "n_V": len(V), "V": [it.id for it in V]}
         else:  # unrelated: whole documents, NLL on every token but the first
             docs = unrelated_docs(data["mia"], data["forget"])
             finetune_(model, tok, [(d.id, "", d.document) for d in docs], recipe, seed=seed, device=device,
-                      precision=setup["precision"], record=record, name="unrelated")
+                      precision=setup["precision"], record=record, name="unrelated", dist=dist)
             extra = {"n_docs": len(docs), "docs": [d.id for d in docs]}
     n_all = sum(p.numel() for n, p in model.named_parameters() if not is_adapter(n))
     return {"recipe": recipe, **extra, "attacker": {**setup, "trainable_params": n_train, "model_params": n_all}}
 
 
 def run(names, model, tok, data: dict, scored: dict, score, generate, *, tasks, seed: int, recipe: dict,
-        setup: dict, device, record=None) -> tuple[dict, list, list]:
+        setup: dict, device, record=None, dist=None) -> tuple[dict, list, list]:
     """Each attack in turn on the model in place, weights restored after each: ("robustness"
     dict, generation rows, MIA rows). score(stage) -> (generation rows, MIA rows, results) scores
     every item (and MIA and MMLU as configured), as the before/after stages are scored;
@@ -486,7 +493,7 @@ def run(names, model, tok, data: dict, scored: dict, score, generate, *, tasks, 
             continue
         with restored(model), deployed(model):  # scored as deployed: adapters merged and off
             extra = weights_attack(name, model, tok, data, seed=seed, recipe=recipe, setup=setup, device=device,
-                                   record=record)
+                                   record=record, dist=dist)
             g, m, res = score(name)
         gens, mias = gens + g, mias + m
         v = set(extra.pop("V", ()))

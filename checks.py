@@ -87,9 +87,9 @@ def combination_problems(cfg) -> list[str]:
     out += option_problems(cfg)
     if getattr(cfg, "rmu_params", "auto") != "auto" and cfg.method != "rmu":
         out.append(f"--rmu-params is RMU's; --method {cfg.method} does not use it")
-    if cfg.method == "rmu" and (cfg.save_every or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
-        out.append("--method rmu: its frozen-activation cache is not in training checkpoints (--save-every), and it "
-                   "chooses its own trainable weights (--rmu-params of layers l-2..l: no --lora-rank / --train-layers)")
+    if cfg.method == "rmu" and (getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
+        out.append("--method rmu chooses its own trainable weights (--rmu-params of layers l-2..l: no --lora-rank / "
+                   "--train-layers)")
     if cfg.keep == "best" and not cfg.eval_every:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:
@@ -304,9 +304,6 @@ def trainable_problems(cfg) -> list[str]:
         out.append("--lora-rank and --train-layers choose what trains in two different ways: give one of them")
     if cfg.lora_rank and not [t for t in cfg.lora_targets.split(",") if t.strip()]:
         out.append("--lora-targets names no layer: give e.g. q_proj,v_proj")
-    if (cfg.lora_rank or cfg.train_layers) and under_torchrun():
-        out.append("--lora-rank and --train-layers run in one process only (not under torchrun/FSDP2 yet); "
-                   "start the run with python run.py")
     if cfg.train_layers and cfg.precision == "bf16-pure":
         out.append("--train-layers trains fp32 layers among bf16 ones, which needs autocast: use --precision bf16 "
                    "(the CUDA default) or fp32, not bf16-pure")
@@ -315,8 +312,9 @@ def trainable_problems(cfg) -> list[str]:
 
 def attack_problems(cfg) -> list[str]:
     """--attacks: known names, none twice, an unlearned model to attack, the data each needs as far
-    as the flags tell (the items themselves: attacks.input_problems, once read), and those that
-    fine-tune or generate outside the sharded loops in one process only."""
+    as the flags tell (the items themselves: attacks.input_problems, once read), and, under torchrun,
+    only what was tested on shards: fine-tuning attacks on full-parameter runs (there the attacker's
+    setup is the run's own: every weight already trains), quantisation without adapters."""
     try:
         asked = attacks.parse(cfg.attacks)
     except ValueError as e:
@@ -327,10 +325,14 @@ def attack_problems(cfg) -> list[str]:
     if "unrelated" in asked and cfg.mia_data in ("none", ""):
         out.append(f"--attacks unrelated fine-tunes on the MIA non-member documents, and --mia-data {cfg.mia_data!r} "
                    "gives none: give --mia-data, or drop unrelated")
-    single = [a for a in asked if a in ("relearn", "unrelated", "fewshot")]
-    if single and under_torchrun():
-        out.append(f"--attacks {','.join(single)} is not supported under torchrun (it fine-tunes or generates outside "
-                   "the sharded loops); run it in one process, or use --attacks quant8,quant4, which work on the shards")
+    if asked and under_torchrun():
+        partial = cfg.method == "rmu" or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)
+        single = [a for a in asked if a == "fewshot" or (partial and a in ("relearn", "unrelated"))
+                  or (getattr(cfg, "lora_rank", 0) and a in ("quant8", "quant4"))]
+        if single:
+            out.append(f"--attacks {','.join(single)} is not supported under torchrun here (fewshot generates outside "
+                       "the sharded loops; the full-weight attacker and LoRA's merge are tested on shards only for "
+                       "full-parameter runs): run it in one process")
     return out
 
 
@@ -338,9 +340,6 @@ def preflight(cfg, resumed: bool = False) -> list[str]:
     """Every problem of cfg, in the order a user would fix them; [] when the run can start. A resumed
     run's config.json holds resolved values (no auto left), so its flag combinations are not judged."""
     problems = range_problems(cfg) + ([] if resumed else combination_problems(cfg))
-    if under_torchrun() and (cfg.save_every or cfg.resume):
-        problems.append("--save-every / --resume: training checkpoints are written by one process only for now; "
-                        "under torchrun use --eval-every with --keep best, or run on one process to resume")
     problems += trainable_problems(cfg) + attack_problems(cfg) + data_problems(cfg) + device_problems(cfg)
     problems += out_problems(cfg)
     if not problems:  # the hub check may take seconds: only for an otherwise valid command

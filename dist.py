@@ -26,6 +26,7 @@ Only rank 0 writes files and prints (lume.print0). Tested on CPU with gloo on 12
 import gc
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -36,6 +37,7 @@ from transformers import AutoModelForCausalLM
 
 import evaluation
 import generation
+import lora
 import lume
 import metrics
 
@@ -70,6 +72,15 @@ class Dist:
     def span(self, n: int) -> tuple[int, int]:
         """This rank's contiguous share [lo, hi) of n items; shares differ by at most one."""
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def shard_steps(self, plan, make_f, make_r) -> list:
+        """shard_steps(plan, make_f, make_r, self): for callers that get a Dist but do not import
+        this file (attacks.relearn_)."""
+        return shard_steps(plan, make_f, make_r, self)
+
+    @staticmethod
+    def skip_padding(loss_fn):
+        return skip_padding(loss_fn)
 
     def gather(self, part: list) -> list:
         """Every rank's list, concatenated in rank order, on every rank."""
@@ -144,7 +155,11 @@ def shard(model, dist: Dist, precision: str):
     names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules: cannot find its decoder layers"
-    for m in blocks + [model]:
+    # LoRA's fp32 adapters are units of their own: FSDP2 all-gathers a unit's parameters in one
+    # buffer and wants one dtype per unit, and the frozen base under them is bf16 with --precision
+    # bf16 (lora.load_dtype). Last-k needs nothing more: its fp32 layers are whole units.
+    adapters = [m for lin in lora.lora_modules(model).values() for m in (lin.lora_A, lin.lora_B)]
+    for m in adapters + blocks + [model]:
         fully_shard(m, mesh=dist.mesh, mp_policy=mp)
     for m in model.modules():
         if isinstance(m, FSDPModule):  # sum over ranks: every loss is divided by the global totals
@@ -209,17 +224,27 @@ def plain_model(model, sd: dict):
 
 def full_replica(model, dtype: torch.dtype | None = None):
     """An unsharded copy of an FSDP model on every rank (all-gathered full state dict), its
-    floating-point weights cast to `dtype` when given (evaluation's dtype, lume.resolve_eval_precision)."""
+    floating-point weights cast to `dtype` when given (evaluation's dtype, lume.resolve_eval_precision);
+    LoRA adapters merged into their layers."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if lora.has_adapters(model):  # the replica is the plain model: W + (alpha/r) B A, as --save writes it
+        sd = lora.merged_state_dict(model, sd)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     return plain_model(model, sd)
 
 
 def save_sharded(model, tok, path, dist: Dist) -> None:
-    """lume.save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0."""
+    """lume.save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0.
+    With LoRA adapters, as lora.save: the merged weights in `path`, PEFT's adapter beside it."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    dist.on_rank0(lambda: lume.save_model(plain_model(model, sd), tok, path))
+
+    def write():
+        if not lora.has_adapters(model):
+            return lume.save_model(plain_model(model, sd), tok, path)
+        lume.save_model(plain_model(model, lora.merged_state_dict(model, sd)), tok, path)
+        lora.save_peft(model, Path(path).parent / "adapter", model.config.name_or_path, sd)
+    dist.on_rank0(write)
 
 
 def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stage: str = "after",

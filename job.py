@@ -33,6 +33,7 @@ import memory
 import methods
 import progress
 import report
+import sharded
 import tiny
 import trajectory
 
@@ -189,7 +190,7 @@ def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> tor
     return lume.reference_logps(model, batches, n_forget, autocast)
 
 
-def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None) -> dict:
+def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None, cached=None) -> dict:
     """RMU's options: only --rmu-params of layers l-2..l left trainable, the control vector u (seeded)
     and the frozen model's layer-l activations on every retain item the plan uses, computed once
     from the model as it is now (the target), in length-sorted batches. Under torchrun every rank
@@ -202,8 +203,11 @@ def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None)
     groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
     batches = progress.Each([batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups],
                             "RMU cache: batch")  # minutes on a 7B
-    frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
-    if dist is not None:
+    if cached is not None:  # a resumed run: the cache its checkpoint holds (this rank's items: sharded.rmu_cache)
+        frozen = cached
+    else:
+        frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
+    if dist is not None and cached is None:
         model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
     return {"control": methods.rmu_control(model.config.hidden_size, cfg.seed), "frozen": frozen,
             "stop": dist is None}
@@ -231,7 +235,7 @@ def method_options(cfg, model, tok, items, spec, ctx) -> dict:
                 model, ctx["plan"], ctx["steps"], len(ctx["forget"]), ctx["autocast"], ctx["dist"])
         elif need == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
             options.update(rmu_options(cfg, model, ctx["plan"], ctx["retain"], ctx["pad"], ctx["autocast"],
-                                       ctx["dist"]))
+                                       ctx["dist"], sharded.rmu_cache(ctx["resume"], len(ctx["retain"]))))
         elif need == "ref":
             options["ref"] = frozen_reference(cfg, model, items, ctx["device"], ctx["precision"], ctx["dist"])
         elif need == "vocab":
@@ -284,13 +288,15 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
         raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
 
     def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
+        if dist is not None or resume["layout"] == "dcp":  # torchrun's DCP layout, or resharding
+            return sharded.restore(model, opt, scaler, resume, dist)
         checkpoint.load_trainable(model, resume["weights"])
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["state"]["scaler"])
         checkpoint.set_rng_state(resume["state"]["rng"])
 
     def between(done, opt, scaler):
-        after_step(done, len(steps), opt, scaler, options.get("ref_logps"))
+        after_step(done, len(steps), opt, scaler, options.get("ref_logps"), sharded.rmu_items(options, steps))
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
                       clip=cfg.clip, precision=precision, device=device, log=make_log(len(steps)), dist=dist,
                       start=resume["step"] if resume else 0, restore=restore if resume else None,
@@ -432,7 +438,9 @@ def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
     """Mark the run directory failed, print why and what to do next as the last line, and return the
     SystemExit to end with (130 after Ctrl-C, 1 otherwise). What the run completed stays as it is."""
     checkpoints = (out / "checkpoints" / "latest.json").is_file()
-    again = (f"continue it with: python run.py --resume {out}" if checkpoints else
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the same launch (or another N: resharded)
+    launch = f"torchrun --nproc_per_node {world} run.py" if world > 1 else "python run.py"
+    again = (f"continue it with: {launch} --resume {out}" if checkpoints else
              "run it again with a new --out (add --save-every N to be able to resume)")
     code = 1
     if isinstance(e, KeyboardInterrupt):
@@ -558,7 +566,7 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
                                                  "mia": mia}, scored,
         lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist), generate,
         tasks=sorted({it.task for it in forget}), seed=cfg.seed,
-        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device)
+        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device, dist=dist)
     return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
             "results": {**scored["results"], "robustness": robustness}}
 
@@ -573,7 +581,10 @@ def resume_checkpoint(cfg, fp: dict) -> dict | None:
     """The checkpoint --resume continues from (None: the run had none yet, it starts at step 0); one
     `error:` line, before the run directory is touched, when none is usable or it does not fit."""
     try:
-        return checkpoint.load(cfg.resume, fp, log=lume.print0)
+        got = checkpoint.load(cfg.resume, log=lume.print0, read=sharded.read)  # either layout
+        if got is not None:  # the fingerprint, another world size resharding (one line says so)
+            sharded.check(got, fp, cfg.method, lume.print0)
+        return got
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: --resume {cfg.resume}: {e}") from None
 
@@ -604,13 +615,20 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     if cfg.eval_every and not track["rows"]:
         score_subset(0)
 
-    def after_step(done, total, opt, scaler, ref_logps):
+    def after_step(done, total, opt, scaler, ref_logps, rmu=None):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             score_subset(done)
         stop = checkpoint.TERM["asked"]  # SIGTERM during the step: checkpoint now, then stop
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total or stop) and rank0:
+        if dist is not None:  # every rank stops at the same step (the sharded save is collective)
+            stop = dist.all_reduce_float(float(stop)) > 0
+        due = cfg.save_every and (done % cfg.save_every == 0 or done == total or stop)
+        if due and dist is not None:
+            sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), "ref_logps": ref_logps,
+                                                 "track": track}, {"best": best_weights, "rmu": rmu}, fingerprint, dist)
+        elif due and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
-                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track}, best_weights,
+                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track, "rmu": rmu},
+                            best_weights,
                             fingerprint)
         if stop:
             raise checkpoint.Terminated("terminated (SIGTERM)")

@@ -138,16 +138,21 @@ class Reference:
 # merging and saving
 
 
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's state dict with each LoRA layer's weight replaced by W + (alpha/r) B A and the
-    adapter keys dropped: the base model's keys, on CPU. The model itself is left as it is."""
+def merged_state_dict(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
+    """The state dict sd (default: the model's) with each LoRA layer's weight replaced by
+    W + (alpha/r) B A and the adapter keys dropped: the base model's keys, on CPU. The model itself
+    is left as it is; under FSDP2 sd is the gathered full state dict (dist.save_sharded)."""
     mods = lora_modules(model)
+    sd = model.state_dict() if sd is None else sd
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in sd.items():
         owner, _, leaf = key.rpartition(".")
         if owner.endswith((".lora_A", ".lora_B")):
             continue
-        out[key] = (mods[owner].merged_weight() if owner in mods and leaf == "weight" else t).detach().cpu()
+        if owner in mods and leaf == "weight":  # (out, r) @ (r, in) in fp32, back in W's dtype
+            delta = sd[f"{owner}.lora_B.weight"].float() @ sd[f"{owner}.lora_A.weight"].float()
+            t = (t.float() + mods[owner].scale * delta).to(t.dtype)
+        out[key] = t.detach().cpu()
     return out
 
 
@@ -167,13 +172,15 @@ def merge(model):
     return model
 
 
-def peft_state_dict(model) -> dict[str, torch.Tensor]:
+def peft_state_dict(model, sd: dict | None = None) -> dict[str, torch.Tensor]:
     """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) and
-    ...lora_B.weight (out, r), fp32, on CPU (PEFT drops its adapter name 'default' on save)."""
+    ...lora_B.weight (out, r), fp32, on CPU (PEFT drops its adapter name 'default' on save); taken
+    from sd (the gathered full state dict under FSDP2) when given."""
+    sd = model.state_dict() if sd is None else sd
     out = {}
-    for name, m in lora_modules(model).items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    for name in lora_modules(model):
+        for ab in ("lora_A", "lora_B"):
+            out[f"base_model.model.{name}.{ab}.weight"] = sd[f"{name}.{ab}.weight"].detach().cpu().contiguous()
     return out
 
 
@@ -189,13 +196,14 @@ def peft_config(model, base_name: str) -> dict:
             "use_rslora": False, "use_dora": False, "revision": None}
 
 
-def save_peft(model, path, base_name: str) -> None:
-    """<path>/adapter_config.json and <path>/adapter_model.safetensors, written atomically."""
+def save_peft(model, path, base_name: str, sd: dict | None = None) -> None:
+    """<path>/adapter_config.json and <path>/adapter_model.safetensors, written atomically (the
+    adapters from sd when given: peft_state_dict)."""
     assert not Path(path).exists(), f"{path} exists; refusing to overwrite an adapter"
 
     def write(tmp):
         tmp.mkdir()
-        save_file(peft_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(peft_state_dict(model, sd), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(model, base_name), indent=2) + "\n")
     lume.write_atomic(path, write)
 

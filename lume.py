@@ -513,7 +513,7 @@ class StochasticAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: torch.distributed.checkpoint calls step(closure=None)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

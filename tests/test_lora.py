@@ -169,8 +169,8 @@ def test_flags_are_checked_at_argument_time(monkeypatch, capsys):
     assert "give one of them" in error("--lora-rank", "4", "--train-layers", "2")
     assert "--train-layers must be >= 0" in error("--train-layers", "-2")
     assert "not bf16-pure" in error("--train-layers", "2", "--precision", "bf16-pure")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert "not under torchrun" in error("--lora-rank", "4")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # LoRA runs under torchrun too (FSDP2: tests/test_scale.py)
+    assert run.parse_args(["--lora-rank", "4", "--train-layers", "0"]).lora_rank == 4
     monkeypatch.delenv("WORLD_SIZE")
     assert run.parse_args(["--lora-rank", "8"]).lora_alpha == 16.0  # 0 = 2 * rank
     assert run.parse_args(["--lora-rank", "8", "--lora-alpha", "4"]).lora_alpha == 4.0

@@ -261,7 +261,8 @@ def test_method_defaults_and_bad_flags_at_argument_time(capsys, monkeypatch):
     for argv, flag in ((["--chunk-size", "-2"], "--chunk-size"), (["--retain-ratio", "0"], "--retain-ratio"),
                        (["--method", "simnpo", "--beta", "-3"], "--beta"),
                        (["--method", "rmu", "--rmu-coeff", "-2"], "--rmu-coeff"),
-                       (["--method", "rmu", "--save-every", "2"], "--save-every")):
+                       (["--method", "rmu", "--lora-rank", "4"], "--lora-rank")):
         with pytest.raises(SystemExit):
             run.parse_args(argv)
         assert flag in capsys.readouterr().err
+    assert run.parse_args(["--method", "rmu", "--save-every", "2"]).save_every == 2  # its cache is checkpointed
