@@ -8,7 +8,6 @@ after, and the report. run.py is the command line; this is what it runs.
 import contextlib
 import copy
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import methods
 import progress
 import report
 import sharded
+import status
 import tiny
 import trajectory
 
@@ -392,7 +392,7 @@ def main(cfg) -> Path:
     check_world(cfg, items)  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     where = {}  # the run directory, once it exists; its lock
-    with on_sigterm():
+    with status.on_sigterm():
         try:
             out = run_job(cfg, (items, mia, mmlu), dist, t0, sources, where)
         except BaseException as e:
@@ -402,72 +402,13 @@ def main(cfg) -> Path:
                 if isinstance(e, checkpoint.Terminated):
                     raise SystemExit("error: terminated (SIGTERM) before the run directory was made") from None
                 raise
-            raise failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
+            raise status.failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
         finally:
             if "lock" in where:
                 os.close(where["lock"])
     if dist is not None:
         dist.close()
     return out
-
-
-@contextlib.contextmanager
-def on_sigterm():
-    """SIGTERM ends the run like Ctrl-C (checkpoint.on_sigterm), where a handler can be set (the main thread)."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, checkpoint.on_sigterm)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        checkpoint.TERM.update(defer=False, asked=False)
-
-
-def write_status(out: Path, status: str, **fields) -> None:
-    """status.json: running, complete or failed (with the reason and what to do next); reserved at
-    its full size, so that a full disk cannot keep it from saying failed (checkpoint.write_status)."""
-    checkpoint.write_status(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                  **fields})
-
-
-def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
-    """Mark the run directory failed, print why and what to do next as the last line, and return the
-    SystemExit to end with (130 after Ctrl-C, 1 otherwise). What the run completed stays as it is."""
-    checkpoints = (out / "checkpoints" / "latest.json").is_file()
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the same launch (or another N: resharded)
-    launch = f"torchrun --nproc_per_node {world} run.py" if world > 1 else "python run.py"
-    again = (f"continue it with: {launch} --resume {out}" if checkpoints else
-             "run it again with a new --out (add --save-every N to be able to resume)")
-    code = 1
-    if isinstance(e, KeyboardInterrupt):
-        reason, code = "interrupted (Ctrl-C)", 130
-    elif isinstance(e, checkpoint.Terminated):
-        reason, code = "terminated (SIGTERM)", 143
-    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = f"{e.strerror} writing {e.filename or out}"
-        again = f"free space, then continue it with: python run.py --resume {out}"
-    elif isinstance(e, lume.TrainingDiverged):
-        reason, again = lume.first_line(e), "lower --lr, or see the message above; " + again
-    elif isinstance(e, torch.OutOfMemoryError):
-        reason = lume.first_line(e)
-        again = ("lower --batch-size / --eval-batch-size, add --grad-checkpointing, or see "
-                 "`python memory.py`; " + again)
-    elif isinstance(e, SystemExit):
-        reason = str(e.code).removeprefix("error: ") if isinstance(e.code, str) else f"exit {e.code}"
-    else:  # not something a user caused: keep the traceback for the report
-        import traceback
-        traceback.print_exception(e)
-        reason, again = lume.first_line(e), "this is a bug: please report it with the traceback above; " + again
-    done = [name for name in ("results.json", "trajectory.jsonl", "log.jsonl") if (out / name).is_file()]
-    if rank0:
-        write_status(out, "failed", reason=reason, next=again, completed=done)
-        print(f"error: run failed: {reason}. Kept in {out}: {', '.join(done) or 'config.json only'} "
-              f"(status.json says failed). Next: {again}", file=sys.stderr, flush=True)
-    return SystemExit(code)
 
 
 def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None) -> None:
@@ -503,7 +444,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if rank0 and not cfg.resume:
         write_config(cfg, out, device, precision, dist, sources, plan)
     if rank0:
-        write_status(out, "running")
+        status.write_status(out, "running")
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")
                 + (" (resumed)" if cfg.resume else ""))
     eval_precision = lume.resolve_eval_precision(cfg.eval_precision, device)
@@ -531,7 +472,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
         if rank0:
             write_scores(out, scored)
     if rank0:
-        write_status(out, "complete")
+        status.write_status(out, "complete")
     results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
     if results:  # --method none --no-eval-before --save exports the target and scores nothing
         lume.print0(report.table(results))
