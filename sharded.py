@@ -22,7 +22,7 @@ Resume (restore): the same world size loads every rank's shards back, bit for bi
 planner (model and optimizer), saying so in one line; --keep best's per-rank shards cannot be, and
 such a checkpoint is refused in one line before training; RMU's per-rank cache is recomputed.
 
-Safety: the .distcp files are read by DCP with torch.load(weights_only=True); .metadata is a pickle
+Safety: the .distcp files are read by DCP with torch.load and weights_only=True; .metadata is a pickle
 DCP writes itself, read here by SafeReader with an unpickler that admits only DCP's metadata
 classes, torch.Size, dtypes, layouts and paths (none of which runs code), and refuses any entry
 stored as pickled bytes (every value saved here is a tensor: param_groups go to state.json).

@@ -211,8 +211,16 @@ def test_attacks_flag_is_checked_at_argument_time(monkeypatch, capsys):
             run.parse_args(argv)
         err = capsys.readouterr().err
         assert "--attacks" in err and says in err, err
-    monkeypatch.setenv("WORLD_SIZE", "2")  # every attack runs under torchrun (relearn: tests/test_scale.py)
-    assert run.parse_args(["--attacks", "all"]).attacks == "all"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun: what was tested on shards (tests/test_scale.py)
+    assert run.parse_args(["--attacks", "quant8,quant4,relearn,unrelated"]).attacks == "quant8,quant4,relearn,unrelated"
+    for argv, says in [(["--attacks", "fewshot"], "fewshot"),
+                       (["--attacks", "relearn", "--method", "rmu"], "relearn"),
+                       (["--attacks", "unrelated", "--train-layers", "2"], "unrelated"),
+                       (["--attacks", "quant4", "--lora-rank", "4"], "quant4")]:
+        with pytest.raises(SystemExit):
+            run.parse_args(argv)
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "torchrun" in err and says in err, err
 
 
 def test_attacks_end_to_end(tmp_path, small_tiny):  # the one slow test: run.py with --attacks all

@@ -59,11 +59,14 @@ def test_a_crafted_pickle_never_runs(tmp_path):
     except Exception as e:  # refused, as it should be; what matters is that nothing ran
         assert "no usable checkpoint" in str(e) and "manifest.json: missing" in str(e)
     assert not sentinel.exists()
-    # nowhere in the project may a file be unpickled
+    # nowhere in the project may a file be unpickled, but for DCP's .metadata through sharded.py's
+    # restricted unpickler (tests/test_scale.py: a crafted .metadata is refused)
     for py in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]:
-        if py.name != "test_faults.py":  # this file names them
+        if py.name not in ("test_faults.py", "test_scale.py"):  # these files name them
             text = py.read_text()
-            assert "weights_only=False" not in text and "pickle.load" not in text and "torch.load(" not in text, py
+            assert "weights_only=False" not in text and "torch.load(" not in text, py
+            assert "pickle.load" not in text or (py.name == "sharded.py" and "SafeUnpickler(f).load()" in text
+                                                 and text.count("pickle.load") == 1), py
 
 
 def test_a_path_outside_the_run_is_refused(tmp_path):
