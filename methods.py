@@ -240,6 +240,16 @@ def rmu(model, forget, retain, totals, *, layer: int, coeff: float, retain_weigh
     return f + retain_weight * r, {"forget_mse": f.item(), "retain_mse": r.item()}
 
 
+def plus_retain_nll(model, f, terms: dict, retain, totals, retain_weight: float):
+    """(f + retain_weight * NLL(retain) / retain tokens, terms with "retain_nll"), or (f, terms) when
+    the weight is 0 or the step has no retain rows: STAT's and UNDIAL's optional retain term."""
+    if retain_weight and retain is not None:
+        r = nll_sum(model, retain) / totals["retain_tokens"]
+        terms["retain_nll"] = r.item()
+        return f + retain_weight * r, terms
+    return f, terms
+
+
 # -----------------------------------------------------------------------------
 # STAT: synthetic token alternative training (YNU, SemEval-2025 Task 4, 3rd on the 7B)
 
@@ -279,12 +289,7 @@ def stat(model, forget, retain, totals, *, vocab: int, seed: int, retain_weight:
     """
     pseudo = Batch(pseudo_answers(forget, vocab, seed), forget.attn, forget.target_mask, forget.idx)
     f = nll_sum(model, pseudo) / totals["forget_tokens"]
-    terms = {"pseudo_nll": f.item()}
-    if retain_weight and retain is not None:
-        r = nll_sum(model, retain) / totals["retain_tokens"]
-        terms["retain_nll"] = r.item()
-        return f + retain_weight * r, terms
-    return f, terms
+    return plus_retain_nll(model, f, {"pseudo_nll": f.item()}, retain, totals, retain_weight)
 
 
 # -----------------------------------------------------------------------------
@@ -320,12 +325,7 @@ def undial(model, forget, retain, totals, *, gamma: float, retain_weight: float,
         q = undial_targets(ref_logits, forget.ids[:, 1:], gamma)  # (B, T-1, V)
     ce = -(q * F.log_softmax(logits, -1)).sum(-1)  # (B, T-1)
     f = (ce * forget.target_mask[:, 1:]).sum() / totals["forget_tokens"]
-    terms = {"undial_ce": f.item()}
-    if retain_weight and retain is not None:
-        r = nll_sum(model, retain) / totals["retain_tokens"]
-        terms["retain_nll"] = r.item()
-        return f + retain_weight * r, terms
-    return f, terms
+    return plus_retain_nll(model, f, {"undial_ce": f.item()}, retain, totals, retain_weight)
 
 
 # -----------------------------------------------------------------------------
