@@ -53,6 +53,7 @@ WEIGHT_ATOL = 2e-4  # measured 4e-5 after 3 AdamW steps that move weights by up 
 
 @pytest.mark.parametrize("method,extra", [
     ("npo", ["--eval-every", "2", "--keep", "best"]), ("kl", ["--no-eval-before"]), ("simnpo", ["--no-eval-before"]),
+    ("stat", ["--no-eval-before"]), ("undial", ["--no-eval-before", "--retain-weight", "1"]),
     # RMU steers layer 1 of the small target's 2; 2 retain rows per forget row travel with it to its rank
     ("rmu", ["--no-eval-before", "--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10",
              "--retain-ratio", "2"])])
