@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import checks
-import lume
 import methods
 import run
-from test_methods import F_ROWS, R_ROWS, PrefixBag, flat_grad, hand_logits, hand_logp, toy_batch, totals_of
+from test_methods import F_ROWS, R_ROWS, PrefixBag, hand_logits, hand_logp, toy_batch, totals_of
 
 
 # --- STAT
@@ -118,25 +117,6 @@ def test_undial_gamma_zero_distils_the_model_into_itself():
     m = Logits(z)
     methods.undial(m, fb, None, totals_of(fb), gamma=0.0, retain_weight=0.0, ref=Logits(z))[0].backward()
     assert m.z.grad.abs().max() < 1e-7
-
-
-@pytest.mark.parametrize("method", ["stat", "undial"])
-def test_grad_accumulation_equals_one_batch(method):
-    # token-normalised over the step's totals: two micro-batches give the gradient of one batch
-    m = PrefixBag()
-    kw = {"stat": {"vocab": 7, "seed": 2, "retain_weight": 0.5},
-          "undial": {"gamma": 3.0, "retain_weight": 0.5, "ref": PrefixBag(seed=3)}}[method]
-    whole = [(toy_batch(F_ROWS), toy_batch(R_ROWS))]
-    split = [(toy_batch(F_ROWS[:1], [0]), toy_batch(R_ROWS[:1])),
-             (toy_batch(F_ROWS[1:], [1, 2]), toy_batch(R_ROWS[1:]))]
-    grads = []
-    for micros in (whole, split):
-        m.zero_grad()
-        n = lume.step_totals(micros)
-        for fb, rb in micros:
-            methods.METHODS[method](m, fb, rb, n, **kw)[0].backward()
-        grads.append(flat_grad(m))
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
 # --- declarations and flags
