@@ -9,6 +9,7 @@ are masked out of attention, and a KV cache written in place holds keys and valu
 row gives exactly what the same prompt gives alone through model.generate (tests/test_engine.py,
 tests/test_realscale.py with the real OLMo tokenizer). bench.py measures the gain.
 """
+import collections
 import contextlib
 import inspect
 
@@ -59,12 +60,16 @@ def kv_cache(capacity: int, static: bool = False):
 
         def seed(self, k, v, B: int):
             """Start from the keys and values (1, H, P, D) of a shared prefix, for B rows."""
-            self.kbuf, self.vbuf = k.new_zeros(B, k.shape[1], capacity, k.shape[-1]), v.new_zeros(
-                B, v.shape[1], capacity, v.shape[-1])
+            kbuf, vbuf = k.new_zeros(B, k.shape[1], capacity, k.shape[-1]), v.new_zeros(B, v.shape[1], capacity, v.shape[-1])
             P = k.shape[-2]
-            self.kbuf[:, :, :P], self.vbuf[:, :, :P] = k, v  # broadcast over the rows
-            self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, P, True
-            self.keys, self.values = self.kbuf[:, :, :P], self.vbuf[:, :, :P]
+            kbuf[:, :, :P], vbuf[:, :, :P] = k, v  # broadcast over the rows
+            self.hold(kbuf, vbuf, P)
+
+        def hold(self, kbuf, vbuf, n: int):
+            """Take these buffers (B, H, capacity, D), their first n positions filled."""
+            self.kbuf, self.vbuf, self.n, self.is_initialized = kbuf, vbuf, n, True
+            self.dtype, self.device = kbuf.dtype, kbuf.device
+            self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
 
     class KV(Cache):
         def keep(self, rows):
@@ -117,7 +122,14 @@ def prefill(model, ids, attn, cache, mask=None):
             f"the KV cache holds {filled} positions after a prefill of {T}: this transformers "
             f"version's forward did not take it as `{key}=`. Install a transformers version in "
             "requirements.txt's range.")
-    return out.logits[:, -1].argmax(-1), pos[:, -1]
+    return pick(out.logits[:, -1]), pos[:, -1]
+
+
+def pick(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) the greedy token: the first index of each row's maximum, the one torch.argmax
+    (model.generate's pick) returns. max(-1).indices finds the same index 2.6x faster on CPU over a
+    50,304-wide vocabulary (1.6 ms of a 6 ms decode step at batch 32 went to argmax)."""
+    return logits.max(-1).indices
 
 
 class Rows:
@@ -153,9 +165,8 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, st
     the final length, the cache is written in place: a step allocates nothing of its own.
     static (the CUDA default): fixed shapes, captured in a CUDA graph (greedy_static).
     """
-    if static is None:  # the 4D bool mask of the static step is SDPA's (eager attention adds float masks)
-        static = (ids.device.type == "cuda" and GRAPHS["off"] is None
-                  and getattr(model.config, "_attn_implementation", "sdpa") == "sdpa")
+    if static is None:
+        static = static_default(model, ids.device)
     if static:
         return greedy_static(model, ids, attn, max_new_tokens, stop)
     B, T = ids.shape
@@ -175,12 +186,137 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, st
             keep = live.nonzero().squeeze(1)
             cache.keep(keep)
             rows.rows, nxt, last, mask = rows.rows[keep], nxt[keep], last[keep], mask[keep]
-        mask[:, T + t] = 1
-        last = last + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask[:, :T + t + 1], position_ids=last[:, None],
-                    use_cache=True, **{key: cache})
-        nxt = out.logits[:, -1].argmax(-1)
+        nxt, last = step(model, cache, mask, nxt, last, key)
     return rows.result()
+
+
+def static_default(model, device) -> bool:
+    """Fixed shapes and CUDA graphs on CUDA with SDPA (the static step's 4D bool mask is SDPA's;
+    eager attention adds float masks), unless a capture has failed in this process."""
+    return (device.type == "cuda" and GRAPHS["off"] is None
+            and getattr(model.config, "_attn_implementation", "sdpa") == "sdpa")
+
+
+def step(model, cache, mask, nxt, last, key):
+    """One decode step of the eager loops: the newest tokens nxt (B,) at positions last + 1, the
+    mask (B, C) opened one column; (B,) next tokens, (B,) their positions."""
+    n = cache.layers[0].n
+    mask[:, n] = 1
+    last = last + 1
+    out = model(input_ids=nxt[:, None], attention_mask=mask[:, :n + 1], position_ids=last[:, None],
+                use_cache=True, **{key: cache})
+    return pick(out.logits[:, -1]), last
+
+# -----------------------------------------------------------------------------
+# continuous batching: the slot of a finished row takes the next prompt
+
+REFILL = 4  # prompts join when >= 1/REFILL of the slots are free: a join costs a prefill and one
+#             copy of the running cache, so prompts join in groups rather than one per step
+
+
+class Running:
+    """The rows being decoded: their cache (R, H, C, D per layer), mask (R, C) over its positions,
+    prompt index `who`, tokens made so far `count`, newest token `nxt` and its position `last`."""
+
+    def __init__(self, cache, mask, who, count, nxt, last):
+        self.cache, self.mask, self.who, self.count, self.nxt, self.last = cache, mask, who, count, nxt, last
+
+    def __len__(self):
+        return len(self.who)
+
+    def keep(self, rows):
+        self.cache.keep(rows)
+        self.mask, self.who, self.count, self.nxt, self.last = (
+            x[rows] for x in (self.mask, self.who, self.count, self.nxt, self.last))
+
+    def record(self, new, stop, N: int) -> int:
+        """new[who, count] <- each row's newest token; the rows that are done (a stop id, or N
+        tokens) leave; how many left."""
+        new[self.who, self.count] = self.nxt
+        self.count = self.count + 1
+        done = torch.isin(self.nxt, stop) | (self.count == N)
+        n = int(done.sum())
+        if n:
+            self.keep((~done).nonzero().squeeze(1))
+        return n
+
+    def longest(self) -> int:
+        """The most real tokens (prompt and new) of any row: the cache's other columns are padding."""
+        return int(self.mask.sum(-1).max()) if len(self) else 0
+
+
+def start(model, enc, idx, pad: int, N: int, device) -> Running:
+    """The prompts `idx`, left-padded and prefilled into a cache with room for N more tokens."""
+    ids, attn = lume.left_pad([enc[i] for i in idx], pad)
+    ids, attn = ids.to(device), attn.to(device)
+    B, T = ids.shape
+    cache, mask = kv_cache(T + N), attn.new_zeros(B, T + N)
+    mask[:, :T] = attn
+    nxt, last = prefill(model, ids, attn, cache)
+    return Running(cache, mask, torch.tensor(idx, device=device), torch.zeros_like(nxt), nxt, last)
+
+
+def join(a: Running, b: Running, N: int) -> Running:
+    """a's rows then b's in one batch with room for N more tokens. Each row keeps its keys, values,
+    mask and positions; only its columns move: every row's tokens end at column c (the longest
+    row's length), and a's columns that are padding for all its rows are dropped."""
+    na, nb, la = a.cache.layers[0].n, b.cache.layers[0].n, a.longest()
+    c, Ra, R = max(la, nb), len(a), len(a) + len(b)
+    cache = kv_cache(c + N)
+    for x, y in zip(a.cache.layers, b.cache.layers):
+        k = x.kbuf.new_zeros(R, x.kbuf.shape[1], c + N, x.kbuf.shape[-1])
+        v = x.vbuf.new_zeros(R, x.vbuf.shape[1], c + N, x.vbuf.shape[-1])
+        k[:Ra, :, c - la:c], v[:Ra, :, c - la:c] = x.kbuf[:, :, na - la:na], x.vbuf[:, :, na - la:na]
+        k[Ra:, :, c - nb:c], v[Ra:, :, c - nb:c] = y.kbuf[:, :, :nb], y.vbuf[:, :, :nb]
+        layer = cache.layer_class_to_replicate()
+        layer.hold(k, v, c)
+        cache.layers.append(layer)
+    mask = a.mask.new_zeros(R, c + N)
+    mask[:Ra, c - la:c], mask[Ra:, c - nb:c] = a.mask[:, na - la:na], b.mask[:, :nb]
+    cat = lambda f: torch.cat([getattr(a, f), getattr(b, f)])  # noqa: E731
+    return Running(cache, mask, cat("who"), cat("count"), cat("nxt"), cat("last"))
+
+
+def take(queue, free: int, rows: int, width: int, enc, max_tokens: int) -> list[int]:
+    """Up to `free` prompts off the (length-sorted) queue, while the batch they make with `rows`
+    running rows of `width` tokens stays within max_tokens padded positions (the cap that bounds
+    a batch's cache and prefill); at least one when nothing runs."""
+    idx = []
+    while queue and len(idx) < free and (not idx and not rows or
+                                         (rows + len(idx) + 1) * max(width, len(enc[queue[0]])) <= max_tokens):
+        idx.append(queue.popleft())
+    return idx
+
+
+@torch.inference_mode()
+def greedy_stream(model, enc, pad: int, max_new_tokens: int, stop: list[int], batch_size: int = 32,
+                  max_tokens: int = 16384, device="cpu", on_done=None) -> torch.Tensor:
+    """Prompts (lists of ids) -> (P, N) new tokens, stop[0] after a stop id: greedy() over all
+    prompts at once with continuous batching. Prompts start in length order, a finished row leaves
+    and, once a quarter of the slots are free, the next prompts are prefilled and join the running
+    rows (join: the cache is copied once, each row keeping its columns' contents). So a batch stays
+    full to the end instead of decoding its last rows alone. on_done(n) after rows finish."""
+    N, key = max_new_tokens, cache_keyword(model)
+    queue = collections.deque(sorted(range(len(enc)), key=lambda i: len(enc[i])))
+    new = torch.full((len(enc), N), stop[0], dtype=torch.long, device=device)
+    stop_t, run, done = torch.tensor(stop, device=device), None, 0
+    while True:
+        rows = len(run) if run else 0
+        idx = take(queue, batch_size - rows, rows, run.longest() if rows else 0, enc, max_tokens) \
+            if queue and batch_size - rows >= max(1, batch_size // REFILL) else []
+        if idx:
+            fresh = start(model, enc, idx, pad, N, device)
+            finished = fresh.record(new, stop_t, N)
+            if len(fresh):
+                run = join(run, fresh, N) if rows else fresh
+        elif rows:
+            run.nxt, run.last = step(model, run.cache, run.mask, run.nxt, run.last, key)
+            finished = run.record(new, stop_t, N)
+        else:
+            return new
+        done += finished
+        if finished and on_done:
+            on_done(done)
 
 # -----------------------------------------------------------------------------
 # fixed shapes: the decode step captured once per shape in a CUDA graph
@@ -212,7 +348,7 @@ class StaticStep:
         self.mask.index_fill_(3, self.cache.slot, True)
         logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                             **{self.key: self.cache}).logits  # (S, 1, V)
-        self.nxt.copy_(logits[:, -1].argmax(-1))
+        self.nxt.copy_(pick(logits[:, -1]))
         self.ids.copy_(self.nxt[:, None])
         self.pos.add_(1)
         self.cache.slot.add_(1)
@@ -339,7 +475,12 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
     enc = [tok(p).input_ids for p in prompts]
     outs = [None] * len(prompts)
     pad, stop = lume.pad_of(tok), stop_ids(model, tok)
-    done = 0
+    if not static_default(model, device):  # eager: continuous batching over all the prompts
+        on_done = (lambda n: progress(n, len(prompts))) if progress else None
+        with autocast:
+            new = greedy_stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
+        return [decode_new(tok, row, stop) for row in new.tolist()]
+    done = 0  # fixed shapes: batch by batch, each batch's steps captured once per shape
     for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
         ids, attn = lume.left_pad([enc[i] for i in idx], pad)
         with autocast:

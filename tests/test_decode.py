@@ -4,6 +4,8 @@ the pre-issue-23 path), in batches with mixed prompt lengths and rows that finis
 small memorising target and on a hub-shaped OLMo with the real tokenizer (pad != EOS). Both decode
 ways are checked: eager with finished rows leaving the batch (the CPU default) and the fixed-shape
 step that CUDA captures in a graph (run eagerly here; the GPU report counts its differences there).
+Continuous batching (generation.greedy_stream: finished rows' slots taken by the next prompts, the
+running cache and the new prompts' joined) gives each prompt what it gets alone through model.generate.
 """
 import pytest
 import torch
@@ -98,3 +100,102 @@ def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target,
     assert lines == ["generation: CUDA graph capture failed, decoding eagerly (RuntimeError: operation not "
                      "permitted when stream is capturing)"]
     assert generation.GRAPHS["off"].startswith("RuntimeError")  # later batches decode eagerly, no new attempt
+
+
+# -----------------------------------------------------------------------------
+# continuous batching
+
+
+def alone(model, tok, prompt, n):
+    """The official protocol: the prompt alone through model.generate, greedy, new tokens decoded."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=lume.pad_of(tok))
+    return generation.decode_new(tok, ref[0, ids.shape[1]:].tolist(), generation.stop_ids(model, tok))
+
+
+def spy_joins(monkeypatch):
+    """Record each join's (running rows, joining rows)."""
+    joins, real = [], generation.join
+
+    def spy(a, b, N):
+        joins.append((len(a), len(b)))
+        return real(a, b, N)
+    monkeypatch.setattr(generation, "join", spy)
+    return joins
+
+
+@pytest.mark.parametrize("batch_size,max_tokens", [(3, 16384), (4, 60)])
+def test_continuous_batching_gives_each_prompt_what_it_gets_alone(small_target, small_data, monkeypatch,
+                                                                   batch_size, max_tokens):
+    """More prompts than slots, mixed lengths, rows finishing early: prompts join running rows (a
+    tight max_tokens also holds joins back), and every output is the prompt's alone."""
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items][:14]
+    joins = spy_joins(monkeypatch)
+    got = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, max_tokens=max_tokens)
+    assert got == [alone(model, tok, p, 24) for p in prompts]
+    assert len(joins) >= 3 and all(a >= 1 and a + b <= batch_size for a, b in joins)
+    assert len(set(got)) >= 8  # varied outputs: the equality is not trivial
+
+
+def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch):  # noqa: F811
+    """pad != EOS, prompts of 10 to 60 tokens joining rows that have run for a while."""
+    model, tok = olmo
+    prompts = [it.input for it in release if it.kind == "qa" and it.task in (1, 3)][:8] + \
+        [it.input for it in release if it.kind == "sc"][:6]
+    joins = spy_joins(monkeypatch)
+    got = generation.generate(model, tok, prompts, max_new_tokens=20, batch_size=4)
+    assert len(joins) >= 2
+    assert got == [alone(model, tok, p, 20) for p in prompts]
+
+
+@torch.inference_mode()
+def test_a_join_moves_columns_but_not_what_a_row_attends_to(small_target, small_data):
+    """The running rows' next logits are the same after a join (their columns moved right, the
+    joining prompts' rows beside them) as without it, and the joining rows' the same as alone."""
+    model, tok = small_target
+    items, _ = small_data
+    qa = [tok(it.input).input_ids for it in items if it.kind == "qa"]
+    enc = qa[:3] + [qa[3] * 4, qa[4]]  # a joining prompt longer than the running rows: they shift right
+    assert len(enc[3]) > max(len(e) for e in enc[:3]) + 3
+    pad, key = lume.pad_of(tok), generation.cache_keyword(model)
+    run = generation.start(model, enc, [0, 1, 2], pad, 8, torch.device("cpu"))
+    for _ in range(3):
+        run.nxt, run.last = generation.step(model, run.cache, run.mask, run.nxt, run.last, key)
+    fresh = generation.start(model, enc, [3, 4], pad, 8, torch.device("cpu"))
+    joined = generation.join(run, fresh, 8)
+    assert joined.cache.layers[0].n == max(run.longest(), fresh.cache.layers[0].n) == len(enc[3])
+    logits = {}
+    for name, r in (("run", run), ("fresh", fresh), ("joined", joined)):
+        n = r.cache.layers[0].n
+        r.mask[:, n] = 1
+        out = model(input_ids=r.nxt[:, None], attention_mask=r.mask[:, :n + 1], position_ids=r.last[:, None] + 1,
+                    use_cache=True, **{key: r.cache})
+        logits[name] = out.logits[:, -1]
+    torch.testing.assert_close(logits["joined"], torch.cat([logits["run"], logits["fresh"]]), rtol=0, atol=1e-5)
+
+
+def test_take_keeps_a_batch_within_max_tokens():
+    """Prompts leave the length-sorted queue while (rows + taken) x the widest stays <= max_tokens;
+    one is always taken when nothing runs, whatever its length."""
+    import collections
+    enc = [[0] * n for n in (5, 8, 8, 20, 90)]
+    q = collections.deque(range(5))
+    assert generation.take(q, 4, 2, 10, enc, 40) == [0, 1]  # (2 + 2) x 10 = 40 fits; (2 + 3) x 10 would not
+    assert generation.take(q, 4, 0, 0, enc, 16) == [2]  # a second row, 2 x 20, would not fit
+    assert generation.take(q, 4, 3, 30, enc, 16) == []  # the running rows alone exceed it: nothing joins
+    assert generation.take(q, 4, 0, 0, enc, 16) == [3]  # nothing runs: one prompt, over the cap or not
+    assert generation.take(q, 1, 0, 0, enc, 10 ** 6) == [4] and not q
+
+
+def test_the_greedy_pick_is_argmax_including_ties():
+    """generation.pick (max(-1).indices, faster on CPU) returns torch.argmax's index, the first of
+    equal maxima, at every position of a 50,304-wide row."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 50304, generator=g)
+    for r, (i, j) in enumerate([(0, 1), (5, 50303), (100, 40000), (7, 8), (33333, 33334)] * 12):
+        x[r, [i, j]] = 10.0  # a tie at the maximum
+    x[60:] = 0.0  # whole rows tied
+    assert torch.equal(generation.pick(x), x.argmax(-1))
+    assert generation.pick(x)[:5].tolist() == [0, 5, 100, 7, 33333]
