@@ -203,7 +203,7 @@ def eval_model(config, device, dtype):
 def kv_bytes(model, rows: int, positions: int) -> int:
     """Bytes of keys and values a decode step reads: every layer's K and V over `positions` cache
     positions for each of `rows` rows. Beside the weights, this is a decode step's memory traffic
-    (for the 7B at batch 32 and 400 positions: 6.7 GB of keys and values against 13.5 GB of weights)."""
+    (for the 7B at batch 32 and 400 positions: 6.7 GB of keys and values against 13.8 GB of weights)."""
     c = model.config
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
