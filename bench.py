@@ -207,7 +207,8 @@ def bench_generation(model, tok, items, args, device, peak: float) -> dict:
     assert not diff, (f"generation: batched output differs from model.generate on {len(diff)}/{len(items)} "
                       f"items, first {items[diff[0]].id}: {ours[diff[0]]!r} vs {theirs[diff[0]]!r}")
     n = len(prompts)
-    prompt_s = prompt_bound(model, tok, prompts, peak)
+    # the prompts' forward matmuls at peak: what batching cannot shrink (one prompt alone is one matmul)
+    prompt_s = sum(2 * model_shape(model)["matmul_params"] * len(tok(p).input_ids) for p in prompts) / peak
     return {**strip_outputs(r), **decode_step(model, tok, prompts, args, device, peak), "items": n,
             "prompt_bound_s": prompt_s, "speedup_bound_free_decode": r["theirs_s"] / prompt_s,
             "max_new_tokens": m, "new_tokens": ntok,
@@ -229,26 +230,12 @@ def decode_step(model, tok, prompts, args, device, peak: float) -> dict:
     # (skinny: far below the peak of the training shapes), then its read of the cache's keys and
     # values (mean length over the m steps) at the copy bandwidth of a buffer that size.
     kv = gpureport.kv_bytes(model, B, ids.shape[1] + 1 + m // 2)
-    rows_peak, bw = matmul_peak(model, B, args.repeats, device)["flop_per_s"], copy_bandwidth(kv, device)
+    rows_peak, bw = matmul_peak(model, B, args.repeats, device)["flop_per_s"], gpureport.copy_bandwidth(kv, device)
     bound = flop / rows_peak + kv / bw
     return {"decode_batch": B, "decode_step_s": step, "decode_matmul_s": flop / peak,
             "decode_peak_fraction": flop / peak / step, "decode_tokens_per_s": B / step,
             "decode_rows_flop_per_s": rows_peak, "decode_kv_bytes": kv, "copy_bytes_per_s": bw,
             "decode_bound_s": bound, "decode_bound_fraction": bound / step}
-
-
-def copy_bandwidth(nbytes: int, device) -> float:
-    """Bytes/s (read + write) of copying a buffer of nbytes: the memory rate at that working-set
-    size (a large last-level cache makes it depend on the size)."""
-    x = torch.randn(max(nbytes // 4, 1 << 16), device=device)
-    y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / gpureport.timed(lambda: y.copy_(x), device, repeats=5)
-
-
-def prompt_bound(model, tok, prompts, peak: float) -> float:
-    """Seconds of the prompts' forward matmuls at the matmul peak: the part of generation that
-    batching cannot shrink (one prompt alone already runs its tokens as one matmul)."""
-    return sum(2 * model_shape(model)["matmul_params"] * len(tok(p).input_ids) for p in prompts) / peak
 
 
 def bench_mmlu(model, tok, args, device, peak: float) -> dict:

@@ -73,6 +73,14 @@ def peaks(device, dtype, n: int) -> dict:
             "copy_bytes_per_s": 2 * x.numel() * 4 / c}
 
 
+def copy_bandwidth(nbytes: int, device) -> float:
+    """Bytes/s (read + write) of copying a buffer of nbytes: the memory rate at that working-set
+    size (a large last-level cache makes it depend on the size)."""
+    x = torch.randn(max(nbytes // 4, 1 << 16), device=device)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / timed(lambda: y.copy_(x), device, repeats=5)
+
+
 def matmul_params(model) -> int:
     emb = model.get_input_embeddings().weight
     return sum(p.numel() for p in model.parameters()) - emb.numel()  # the input embedding is a lookup
