@@ -4,10 +4,13 @@ prompt (no chat template), greedy decoding, up to 256 new tokens, stopping where
 stops (generation_config's EOS ids), the new tokens decoded with special tokens skipped and the
 scorer's space clean-up.
 
-Prompts are sorted by length and left-padded into batches; positions count real tokens only, pads
-are masked out of attention, and a KV cache written in place holds keys and values, so a batched
-row gives exactly what the same prompt gives alone through model.generate (tests/test_engine.py,
-tests/test_realscale.py with the real OLMo tokenizer). bench.py measures the gain.
+Prompts are sorted by length and left-padded; positions count real tokens only, pads are masked
+out of attention, and a KV cache written in place holds keys and values, so a batched row gives
+exactly what the same prompt gives alone through model.generate (tests/test_engine.py,
+tests/test_decode.py, tests/test_realscale.py with the real OLMo tokenizer). Eagerly (the CPU
+default) the prompts are continuously batched: a finished row's slot goes to the next prompts
+(greedy_stream). On CUDA each batch runs on fixed shapes in a CUDA graph (greedy_static). bench.py
+measures the gain.
 """
 import collections
 import contextlib
@@ -160,7 +163,8 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, st
     """(B, T) left-padded prompts -> (B, N) new tokens, N <= max_new_tokens; a row that produced a
     stop id is filled with stop[0] after it.
 
-    Eager (the CPU default): a row that finishes leaves the batch (its cache rows are dropped), so
+    Eager (one batch; generate's CPU default is greedy_stream over all prompts, with the same
+    step): a row that finishes leaves the batch (its cache rows are dropped), so
     a batch costs its rows' real lengths, not B x its longest. The attention mask is one buffer of
     the final length, the cache is written in place: a step allocates nothing of its own.
     static (the CUDA default): fixed shapes, captured in a CUDA graph (greedy_static).

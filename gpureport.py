@@ -66,11 +66,8 @@ def peaks(device, dtype, n: int) -> dict:
     """Matmul FLOP/s of (n x n) @ (n x n) in dtype, and copy bytes/s (read + write) of n*n*16 bytes."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     s = timed(lambda: [torch.matmul(a, b) for _ in range(10)], device) / 10
-    x = torch.randn(n * n * 4, device=device)
-    y = torch.empty_like(x)
-    c = timed(lambda: [y.copy_(x) for _ in range(10)], device) / 10
     return {"dtype": str(dtype).replace("torch.", ""), "n": n, "matmul_flop_per_s": 2 * n ** 3 / s,
-            "copy_bytes_per_s": 2 * x.numel() * 4 / c}
+            "copy_bytes_per_s": copy_bandwidth(n * n * 16, device)}
 
 
 def copy_bandwidth(nbytes: int, device) -> float:
@@ -78,7 +75,7 @@ def copy_bandwidth(nbytes: int, device) -> float:
     size (a large last-level cache makes it depend on the size)."""
     x = torch.randn(max(nbytes // 4, 1 << 16), device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / timed(lambda: y.copy_(x), device, repeats=5)
+    return 2 * x.numel() * 4 / (timed(lambda: [y.copy_(x) for _ in range(10)], device) / 10)
 
 
 def matmul_params(model) -> int:
