@@ -199,3 +199,25 @@ def test_the_greedy_pick_is_argmax_including_ties():
     x[60:] = 0.0  # whole rows tied
     assert torch.equal(generation.pick(x), x.argmax(-1))
     assert generation.pick(x)[:5].tolist() == [0, 5, 100, 7, 33333]
+
+
+def test_continuous_batching_on_bf16_weights(small_target, small_data, monkeypatch):
+    """--eval-precision bf16 scores bf16 weights: joined caches keep their dtype (a float32 buffer
+    beside bf16 queries would fail in attention), and each row's tokens are counted against the
+    prompt alone, the rule for bf16 (batched and alone may round differently)."""
+    import copy
+    model, tok = small_target
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    items, _ = small_data
+    prompts = [it.input for it in items if it.kind == "qa"][:6]
+    dtypes, real = [], generation.join
+
+    def spy(a, b, N):
+        out = real(a, b, N)
+        dtypes.append({layer.kbuf.dtype for layer in out.cache.layers})
+        return out
+    monkeypatch.setattr(generation, "join", spy)
+    got = generation.generate(bf16, tok, prompts, max_new_tokens=8, batch_size=2)
+    assert dtypes and all(d == {torch.bfloat16} for d in dtypes)
+    alone = [generation.generate(bf16, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert sum(a != b for a, b in zip(got, alone)) <= len(prompts) // 2  # counted, and most agree
