@@ -14,6 +14,7 @@ measures the gain.
 """
 import collections
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -35,18 +36,37 @@ def kv_cache(capacity: int, static: bool = False):
       static  (fixed shapes, for CUDA graphs) every slot, the 4D mask hiding the unwritten ones;
               the step writes at `cache.slot`, a device tensor the step itself advances.
     cache.keep(rows) drops finished rows (one copy of the buffers, only when a row finishes).
+    The cache holds no reference cycle, so its buffers are freed as soon as it is dropped, not at
+    the next cyclic garbage collection (continuous batching drops one cache per join).
     """
+    BufferLayer, KV = cache_classes()
+    box = {"slot": None}  # the static step's write position, shared by the cache and its layers
+    cache = KV(layer_class_to_replicate=functools.partial(BufferLayer, capacity, static, box))
+    cache.box = box
+    return cache
+
+
+@functools.cache
+def cache_classes():
+    """(BufferLayer, KV), built once on first use (transformers is imported lazily). Defined at
+    module level rather than per cache: a class made inside kv_cache closes over the cache, and
+    that cycle kept every dropped cache's buffers alive until Python's cyclic GC ran."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class BufferLayer(DynamicLayer):
+        def __init__(self, capacity: int, static: bool, box: dict):
+            super().__init__()
+            self.capacity, self.static, self.box = capacity, static, box
+
         def update(self, k, v, *args, **kwargs):
+            capacity = self.capacity
             if not self.is_initialized:
                 B, H, _, D = k.shape  # (B, kv_heads, T, head_dim)
                 self.kbuf, self.vbuf = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
                 self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
-            if static:  # index_copy_ at a device tensor: no host value, so a CUDA graph can replay it
-                self.kbuf.index_copy_(2, cache.slot, k)
-                self.vbuf.index_copy_(2, cache.slot, v)
+            if self.static:  # index_copy_ at a device tensor: no host value, so a CUDA graph can replay it
+                self.kbuf.index_copy_(2, self.box["slot"], k)
+                self.vbuf.index_copy_(2, self.box["slot"], v)
                 self.keys, self.values = self.kbuf, self.vbuf
                 return self.keys, self.values
             n, T = self.n, k.shape[-2]
@@ -58,11 +78,12 @@ def kv_cache(capacity: int, static: bool = False):
 
         def keep(self, rows):
             self.kbuf, self.vbuf = self.kbuf[rows], self.vbuf[rows]
-            n = capacity if static else self.n
+            n = self.capacity if self.static else self.n
             self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
 
         def seed(self, k, v, B: int):
             """Start from the keys and values (1, H, P, D) of a shared prefix, for B rows."""
+            capacity = self.capacity
             kbuf, vbuf = k.new_zeros(B, k.shape[1], capacity, k.shape[-1]), v.new_zeros(B, v.shape[1], capacity, v.shape[-1])
             P = k.shape[-2]
             kbuf[:, :, :P], vbuf[:, :, :P] = k, v  # broadcast over the rows
@@ -75,13 +96,19 @@ def kv_cache(capacity: int, static: bool = False):
             self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
 
     class KV(Cache):
+        @property
+        def slot(self):
+            return self.box["slot"]
+
+        @slot.setter
+        def slot(self, value):
+            self.box["slot"] = value
+
         def keep(self, rows):
             for layer in self.layers:
                 layer.keep(rows)
 
-    cache = KV(layer_class_to_replicate=BufferLayer)
-    cache.slot = None
-    return cache
+    return BufferLayer, KV
 
 
 def seeded_cache(prefix, B: int, capacity: int):

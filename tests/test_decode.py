@@ -221,3 +221,29 @@ def test_continuous_batching_on_bf16_weights(small_target, small_data, monkeypat
     assert dtypes and all(d == {torch.bfloat16} for d in dtypes)
     alone = [generation.generate(bf16, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert sum(a != b for a, b in zip(got, alone)) <= len(prompts) // 2  # counted, and most agree
+
+
+def test_a_dropped_cache_is_freed_at_once(small_target, small_data, monkeypatch):
+    """Each join drops the running cache: its buffers must go with the last reference, not wait for
+    Python's cyclic GC (a cache class made per cache closed over its cache, a cycle; the full
+    release's peak RSS doubled). With the GC off, no cache a join or a finished batch dropped
+    survives generate."""
+    import gc
+    import weakref
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items][:10]
+    dropped, real = [], generation.join
+
+    def spy(a, b, N):
+        dropped.extend(weakref.ref(layer.kbuf) for c in (a.cache, b.cache) for layer in c.layers)
+        return real(a, b, N)
+    monkeypatch.setattr(generation, "join", spy)
+    generation.kv_cache(4)  # its first use imports transformers' cache module, whose frames live on
+    gc.collect()
+    gc.disable()
+    try:
+        generation.generate(model, tok, prompts, max_new_tokens=12, batch_size=3)
+        assert len(dropped) >= 4 and not [r for r in dropped if r() is not None]
+    finally:
+        gc.enable()
