@@ -73,3 +73,16 @@ def test_gpu_report_without_cuda_says_what_it_needs(capsys):
     assert e.value.code == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "needs a CUDA GPU" in out[0] and "--device cpu" in out[0]
+
+
+def test_the_gpu_projection_counts_the_steps_the_graph_path_runs():
+    """On CUDA a batch decodes until its longest row ends: a stage costs the release's batch-by-batch
+    steps (40,750 for 610,745 tokens at batch 32) at the step time, not its tokens at the full-rows
+    rate, which would count every row-step as a token (2.1x fewer seconds)."""
+    import gpureport
+    step, prefill = 0.005, 1e5  # a 5 ms batch-32 step (the 7B's weight read on an H100), 100k tok/s prefill
+    p = gpureport.projection({"batch_32": {"step_s": step, "tokens_per_s": 32 / step}}, prefill)
+    assert p["generation_s_per_stage"] == pytest.approx(286371 / 1e5 + 40750 * 0.005)
+    assert p["generation_s_per_stage_full_rows"] == pytest.approx(286371 / 1e5 + 610745 / 6400)
+    assert p["full_eval_s"] == pytest.approx(2 * (p["generation_s_per_stage"] + (67333 + 2099787 + 29628) / 1e5))
+    assert gpureport.projection({}, prefill) == {"skipped": "no batch-32 decode rate"}
