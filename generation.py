@@ -9,8 +9,8 @@ out of attention, and a KV cache written in place holds keys and values, so a ba
 exactly what the same prompt gives alone through model.generate (tests/test_engine.py,
 tests/test_decode.py, tests/test_realscale.py with the real OLMo tokenizer). Eagerly (the CPU
 default) the prompts are continuously batched: a finished row's slot goes to the next prompts
-(greedy_stream). On CUDA each batch runs on fixed shapes in a CUDA graph (greedy_static). bench.py
-measures the gain.
+(greedy_stream). On CUDA the same runs on fixed shapes, its step replayed as a CUDA graph
+(greedy_static_stream). bench.py measures the gain.
 """
 import collections
 import contextlib
@@ -34,13 +34,14 @@ def kv_cache(capacity: int, static: bool = False):
       views   (eager, the CPU default) views of the filled part: exactly DynamicCache's keys, and
               attention never reads the empty slots (StaticCache attends over all of them);
       static  (fixed shapes, for CUDA graphs) every slot, the 4D mask hiding the unwritten ones;
-              the step writes at `cache.slot`, a device tensor the step itself advances.
+              each row writes its one token at its own column `cache.slot[row]`, a device
+              tensor (S,) the step itself advances.
     cache.keep(rows) drops finished rows (one copy of the buffers, only when a row finishes).
     The cache holds no reference cycle, so its buffers are freed as soon as it is dropped, not at
     the next cyclic garbage collection (continuous batching drops one cache per join).
     """
     BufferLayer, KV = cache_classes()
-    box = {"slot": None}  # the static step's write position, shared by the cache and its layers
+    box = {"slot": None, "rows": None}  # the static step's write columns (S,), shared with the layers
     cache = KV(layer_class_to_replicate=functools.partial(BufferLayer, capacity, static, box))
     cache.box = box
     return cache
@@ -64,9 +65,9 @@ def cache_classes():
                 B, H, _, D = k.shape  # (B, kv_heads, T, head_dim)
                 self.kbuf, self.vbuf = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
                 self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
-            if self.static:  # index_copy_ at a device tensor: no host value, so a CUDA graph can replay it
-                self.kbuf.index_copy_(2, self.box["slot"], k)
-                self.vbuf.index_copy_(2, self.box["slot"], v)
+            if self.static:  # row r at column slot[r], device tensors: no host value, so a CUDA graph replays it
+                rows, slot = self.box["rows"], self.box["slot"]
+                self.kbuf[rows, :, slot], self.vbuf[rows, :, slot] = k[:, :, -1], v[:, :, -1]  # (S, H, D)
                 self.keys, self.values = self.kbuf, self.vbuf
                 return self.keys, self.values
             n, T = self.n, k.shape[-2]
@@ -194,12 +195,15 @@ def greedy(model, ids: torch.Tensor, attn: torch.Tensor, max_new_tokens: int, st
     step): a row that finishes leaves the batch (its cache rows are dropped), so
     a batch costs its rows' real lengths, not B x its longest. The attention mask is one buffer of
     the final length, the cache is written in place: a step allocates nothing of its own.
-    static (the CUDA default): fixed shapes, captured in a CUDA graph (greedy_static).
+    static (the CUDA default): fixed shapes, captured in a CUDA graph (greedy_static_stream).
     """
     if static is None:
         static = static_default(model, ids.device)
-    if static:
-        return greedy_static(model, ids, attn, max_new_tokens, stop)
+    if static:  # the fixed-shape stream over these rows, trimmed to the steps the batch ran
+        enc = [row[m.bool()].tolist() for row, m in zip(ids, attn)]
+        new = greedy_static_stream(model, enc, 0, max_new_tokens, stop, len(enc), attn.numel(), ids.device)
+        ended = torch.isin(new, torch.tensor(stop, device=new.device))
+        return new[:, :int(torch.where(ended.any(1), ended.int().argmax(1) + 1, new.shape[1]).max())]
     B, T = ids.shape
     cache = kv_cache(T + max_new_tokens)
     mask = attn.new_zeros(B, T + max_new_tokens)  # (B, T + N): filled one column per step
@@ -362,27 +366,28 @@ def capturable(device) -> bool:
 class StaticStep:
     """One decode step on fixed buffers: S rows, a cache of C positions. run() reads ids/pos/slot,
     writes nxt and advances them, so replaying it (a CUDA graph) is the whole step: no host work,
-    no allocation. The 4D bool mask (S, 1, 1, C) says which slots each row attends to."""
+    no allocation. Each row's tokens start at column 0 and it writes at its own column slot[row];
+    the 4D bool mask (S, 1, 1, C) says which columns each row attends to."""
 
     def __init__(self, model, S: int, C: int, device):
         self.model, self.S, self.C, self.key = model, S, C, cache_keyword(model)
         self.cache = kv_cache(C, static=True)
         self.ids = torch.zeros(S, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(S, 1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the decode step's cache position
-        self.cache.slot = self.slot
+        self.slot = torch.zeros(S, dtype=torch.long, device=device)  # each row's next cache column
+        self.cache.slot, self.cache.box["rows"] = self.slot, torch.arange(S, device=device)
         self.mask = torch.zeros(S, 1, 1, C, dtype=torch.bool, device=device)
         self.nxt = torch.zeros(S, dtype=torch.long, device=device)
         self.graph, self.warm = None, False
 
     def run(self):
-        self.mask.index_fill_(3, self.cache.slot, True)
+        self.mask.view(self.S, self.C).scatter_(1, self.slot[:, None], True)  # each row opens its column
         logits = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                             **{self.key: self.cache}).logits  # (S, 1, V)
         self.nxt.copy_(pick(logits[:, -1]))
         self.ids.copy_(self.nxt[:, None])
         self.pos.add_(1)
-        self.cache.slot.add_(1)
+        self.slot.add_(1).clamp_(max=self.C - 1)  # a free row runs on past its end: it stays in bounds
 
     def step(self):
         """Eager on the first call of a shape (the warm-up), then captured once and replayed."""
@@ -413,69 +418,96 @@ def static_step(model, S: int, C: int, device) -> StaticStep:
     return steps[key]
 
 
-def prefill_mask(attn, C: int) -> torch.Tensor:
-    """(B, T) padding mask -> (B, 1, T, C) bool: causal over real tokens, nothing beyond T; a pad
-    query attends to itself only (a row with no key would give NaN keys for later steps)."""
-    B, T = attn.shape
-    causal = torch.ones(T, T, dtype=torch.bool, device=attn.device).tril()
-    m = causal & attn.bool()[:, None, :] | torch.eye(T, dtype=torch.bool, device=attn.device)
-    return torch.cat([m, m.new_zeros(B, T, C - T)], dim=-1)[:, None]
+def capacity(s: int, N: int, round_to: int) -> int:
+    """Cache positions for rows of s tokens that may make N more, rounded up so that prompts of
+    close lengths share a step (and its graph)."""
+    return -(-(s + N) // round_to) * round_to
 
 
-def bucket(n: int) -> int:
-    return 1 << (n - 1).bit_length()
+def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: int, round_to: int):
+    """The fixed-shape step that decodes st's live rows and the freshly prefilled prompts (their
+    eager cache `fresh`, (k, T) mask `attn`, next tokens and positions), live rows first. Every row
+    keeps its columns (its tokens from column 0, its write column slot[row]); the new rows take
+    columns 0..T-1, pads masked. The same step (buffers written in place, so its graph replays)
+    while T + N fits its capacity; else a step of capacity T + N rounded up and at most
+    max_tokens // (C - N) rows. Free rows (after the new ones) decode into a sink."""
+    nl, (nk, T) = len(live), attn.shape
+    C = st.C if st is not None and T + N <= st.C else capacity(T, N, round_to)
+    S = st.S if st is not None and C == st.C else max(nl + nk, min(S0, max_tokens // (C - N)))
+    m = int(st.slot[live].max()) if nl else 0  # the columns the live rows use
+    if nl:  # copies (indexed by rows), taken before dst (which may be st) is written
+        old = [(x.kbuf[live, :, :m], x.vbuf[live, :, :m]) for x in st.cache.layers]
+        old_mask, old_ids, old_pos, old_slot = st.mask[live, :, :, :m], st.ids[live], st.pos[live], st.slot[live]
+    dst = static_step(model, S, C, attn.device)
+    if not dst.cache.layers:
+        for f in fresh.layers:
+            layer = dst.cache.layer_class_to_replicate()
+            shape = (S, f.kbuf.shape[1], C, f.kbuf.shape[-1])
+            layer.hold(f.kbuf.new_zeros(shape), f.vbuf.new_zeros(shape), C)
+            dst.cache.layers.append(layer)
+    for i, (d, f) in enumerate(zip(dst.cache.layers, fresh.layers)):
+        if nl:
+            d.kbuf[:nl, :, :m], d.vbuf[:nl, :, :m] = old[i]
+        d.kbuf[nl:nl + nk, :, :T], d.vbuf[nl:nl + nk, :, :T] = f.kbuf[:, :, :T], f.vbuf[:, :, :T]
+    for buf in (dst.mask, dst.ids, dst.pos, dst.slot):
+        buf.zero_()
+    if nl:
+        dst.mask[:nl, :, :, :m], dst.ids[:nl], dst.pos[:nl], dst.slot[:nl] = old_mask, old_ids, old_pos, old_slot
+    dst.mask[nl:nl + nk, 0, 0, :T] = attn.bool()
+    dst.ids[nl:nl + nk, 0], dst.pos[nl:nl + nk, 0], dst.slot[nl:nl + nk] = nxt, last + 1, T
+    return dst
 
 
 @torch.inference_mode()
-def greedy_static(model, ids, attn, max_new_tokens: int, stop: list[int], round_to: int = 64) -> torch.Tensor:
-    """greedy() on fixed shapes: the cache holds C = T + N positions rounded up to `round_to` (so
-    batches of close lengths share a captured step), and when half the rows have finished the live
-    ones move to a step of the next power of two rows (finished rows left in it write to a sink)."""
-    B, T = ids.shape
-    C = -(-(T + max_new_tokens) // round_to) * round_to
-    st = static_step(model, B, C, ids.device)
-    st.cache.slot = torch.arange(T, device=ids.device)  # the prefill writes T slots; the captured step
-    nxt, last = prefill(model, ids, attn, st.cache, mask=prefill_mask(attn, C))
-    st.cache.slot = st.slot  # keeps the address of st.slot, so the step writes one slot, in place
-    st.slot.fill_(T)
-    st.mask.zero_()
-    st.mask[:, 0, 0, :T] = attn.bool()
-    st.ids.copy_(nxt[:, None])
-    st.pos.copy_(last[:, None] + 1)
-    rows = Rows(B, max_new_tokens, stop, ids.device)
-    for t in range(max_new_tokens):
-        live = rows.record(nxt)
-        n_live = int(live.sum())
-        if t == max_new_tokens - 1 or n_live == 0:
-            break
-        if n_live <= st.S // 2:  # move the live rows to a smaller step
-            keep = live.nonzero().squeeze(1)
-            keep = torch.cat([keep, keep[:1].expand(bucket(n_live) - n_live)])  # pad with a copy of a live row
-            small = static_step(model, bucket(n_live), C, ids.device)
-            copy_rows(st, small, keep)
-            rows.rows = torch.cat([rows.rows[keep[:n_live]], rows.rows.new_full((len(keep) - n_live,), B)])
-            st = small
-        st.step()
-        nxt = st.nxt
-    return rows.result()
-
-
-def copy_rows(src: StaticStep, dst: StaticStep, keep) -> None:
-    """dst's buffers <- src's rows `keep` (dst has len(keep) rows); dst's cache is allocated on first use."""
-    if not dst.cache.layers:
-        for s in src.cache.layers:
-            layer = dst.cache.layer_class_to_replicate()
-            layer.kbuf, layer.vbuf = s.kbuf[keep], s.vbuf[keep]  # new tensors: dst's own buffers from now on
-            layer.keys, layer.values, layer.n, layer.is_initialized = layer.kbuf, layer.vbuf, 0, True
-            layer.dtype, layer.device = s.dtype, s.device
-            dst.cache.layers.append(layer)
-    else:
-        for s, d in zip(src.cache.layers, dst.cache.layers):
-            d.kbuf.copy_(s.kbuf[keep])
-            d.vbuf.copy_(s.vbuf[keep])
-    for name in ("ids", "pos", "mask", "nxt"):
-        getattr(dst, name).copy_(getattr(src, name)[keep])
-    dst.slot.copy_(src.slot)
+def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[int], batch_size: int = 32,
+                         max_tokens: int = 16384, device="cpu", on_done=None, round_to: int = 64) -> torch.Tensor:
+    """greedy_stream on fixed shapes (the CUDA default): one step of S rows and C cache positions,
+    captured once in a CUDA graph and replayed; each row writes its own next column. Prompts are
+    prefilled apart (an eager cache) and, once a quarter of the rows are free, `enter` the step's
+    buffers beside the live rows (the graph is kept while the shape holds). A finished row writes
+    into a sink row until a prompt takes its place; the last rows drain at S rows, once per run.
+    One host sync a step (how many rows finished). (P, N) new tokens, stop[0] after a stop id."""
+    N, P = max_new_tokens, len(enc)
+    S0 = min(batch_size, P)
+    queue = collections.deque(sorted(range(P), key=lambda i: len(enc[i])))
+    new = torch.full((P + 1, N), stop[0], dtype=torch.long, device=device)  # row P: the sink
+    stop_t, st, done = torch.tensor(stop, device=device), None, 0
+    who = torch.full((S0,), P, dtype=torch.long, device=device)  # the prompt of each row, P when free
+    count, nl = torch.zeros_like(who), 0  # tokens each row's prompt has made; live rows
+    while True:
+        S, idx, finished = st.S if st is not None else S0, [], 0
+        if queue and S - nl >= max(1, S // REFILL):
+            live = (who != P).nonzero().squeeze(1)
+            width = int(st.mask[live, 0, 0].sum(-1).max()) if nl else 0  # the longest live row's tokens
+            idx = take(queue, S - nl, nl, width, enc, max_tokens)
+        if idx:
+            ids, attn = lume.left_pad([enc[i] for i in idx], pad)
+            ids, attn, idx = ids.to(device), attn.to(device), torch.tensor(idx, device=device)
+            fresh = kv_cache(ids.shape[1])
+            nxt, last = prefill(model, ids, attn, fresh)
+            new[idx, 0] = nxt
+            stay = ~torch.isin(nxt, stop_t) if N > 1 else torch.zeros_like(nxt, dtype=torch.bool)
+            finished = len(idx) - int(stay.sum())
+            if finished < len(idx):
+                k = stay.nonzero().squeeze(1)
+                fresh.keep(k)
+                st = enter(model, st, live, fresh, attn[k], nxt[k], last[k], N, S0, max_tokens, round_to)
+                pad_rows = st.S - nl - len(k)
+                who = torch.cat([who[live], idx[k], who.new_full((pad_rows,), P)])
+                count = torch.cat([count[live], torch.ones_like(k), count.new_zeros(pad_rows)])
+                nl += len(k)
+        elif nl:
+            st.step()
+            new[who, count.clamp(max=N - 1)] = st.nxt  # free rows write into the sink row P
+            count = count + (who != P)
+            end = (who != P) & (torch.isin(st.nxt, stop_t) | (count >= N))
+            finished = int(end.sum())
+            who, nl = torch.where(end, P, who), nl - finished
+        else:
+            return new[:P]
+        done += finished
+        if finished and on_done:
+            on_done(done)
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -504,21 +536,9 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     enc = [tok(p).input_ids for p in prompts]
-    outs = [None] * len(prompts)
     pad, stop = lume.pad_of(tok), stop_ids(model, tok)
-    if not static_default(model, device):  # eager: continuous batching over all the prompts
-        on_done = (lambda n: progress(n, len(prompts))) if progress else None
-        with autocast:
-            new = greedy_stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
-        return [decode_new(tok, row, stop) for row in new.tolist()]
-    done = 0  # fixed shapes: batch by batch, each batch's steps captured once per shape
-    for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
-        ids, attn = lume.left_pad([enc[i] for i in idx], pad)
-        with autocast:
-            new = greedy(model, ids.to(device), attn.to(device), max_new_tokens, stop)
-        for i, row in zip(idx, new.tolist()):
-            outs[i] = decode_new(tok, row, stop)
-        done += len(idx)
-        if progress:
-            progress(done, len(prompts))
-    return outs
+    on_done = (lambda n: progress(n, len(prompts))) if progress else None
+    stream = greedy_static_stream if static_default(model, device) else greedy_stream  # CUDA graphs, or eager
+    with autocast:
+        new = stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
+    return [decode_new(tok, row, stop) for row in new.tolist()]

@@ -41,8 +41,9 @@ TRAIN_ROWS = {"tiny": (2, 32)}  # (batch, seq_len) of the memory and training ro
 # what one full LUME evaluation scores, counted with the OLMo tokenizer on the release (docs/performance.md)
 FULL_EVAL = dict(items=5466, prompt_tokens=286371, new_tokens=610745, mia_docs=300, mia_tokens=67333,
                  mmlu_questions=14042, mmlu_suffix_tokens=2099787, mmlu_prefix_tokens=29628,  # whole prompts: 9,633,979
-                 decode_steps=40750)  # batches of 32 by prompt length, each run to its longest row: 1,304,000
-#                 row-steps / 32 (the 13M hub-shaped OLMo's outputs; 47% of the row-steps make a token)
+                 decode_steps=26416)  # the fixed-shape stream's steps at batch 32 (the 13M hub-shaped OLMo's
+#   outputs, docs/repro/static_steps.py; 23.1 live rows a step). Batch by batch, each batch run to its
+#   longest row, took 40,750 (1,304,000 row-steps / 32: 47% of them made a token).
 GiB = 2**30
 
 
@@ -267,16 +268,26 @@ def identity_section(model, device, n: int, new_tokens: int) -> dict:
                                device=device), new_tokens, [-1]).cpu()[0] for e in enc]
     diff = [i for i in range(n) if not torch.equal(batched[i], alone[i])]
     first = [int((batched[i] != alone[i]).nonzero()[0]) for i in diff]
-    return {"prompts": n, "new_tokens": new_tokens, "rows_differing": len(diff), "first_difference_at": first}
+    # continuous batching (generate's path on this device): n prompts through n // 4 slots, a stop id
+    # taken from prompt 0's output so rows end at different steps and prompts enter beside running rows
+    stop = int(alone[0][new_tokens // 2])
+    stream = generation.greedy_static_stream if generation.static_default(model, device) else generation.greedy_stream
+    streamed = stream(model, enc, 1, new_tokens, [stop], max(1, n // 4), 16384, device).cpu()
+    want = [torch.where(torch.cumsum(a == stop, 0) > 0, stop, a) for a in alone]  # stop[0] after the stop id
+    ends = {int((w == stop).nonzero()[0]) if (w == stop).any() else new_tokens for w in want}
+    return {"prompts": n, "new_tokens": new_tokens, "rows_differing": len(diff), "first_difference_at": first,
+            "stream_rows_differing": sum(not torch.equal(streamed[i], want[i]) for i in range(n)),
+            "stream_row_ends": len(ends),
+            "stream": stream.__name__}
 
 
 def projection(decode: dict, prefill_tokens_per_s: float) -> dict:
     """Seconds of one full LUME evaluation: two stages of generation (prefill + decode), MIA and MMLU
-    (forward tokens at the prefill rate), each stage as measured here. On CUDA a stage decodes batch
-    by batch (greedy_static), each batch until its longest row ends: FULL_EVAL's decode_steps at the
-    batch-32 step time, an upper bound (as rows finish, steps move to fewer rows and cost less).
-    `generation_s_per_stage_full_rows` counts only the tokens, every step with 32 live rows: what
-    continuous batching on the graph path would approach (the eager path has it; graphs do not yet)."""
+    (forward tokens at the prefill rate), each stage as measured here. On CUDA a stage decodes with
+    continuous batching on fixed shapes (greedy_static_stream): FULL_EVAL's decode_steps at the
+    batch-32 step time measured on a cache of 320 positions, the shape of 63% of those steps (the
+    rest attend over up to 576: 12.0k row-positions a step on average against 10.2k measured).
+    `generation_s_per_stage_full_rows` counts only the tokens, every step with 32 live rows."""
     d = decode.get("batch_32", {})
     if "tokens_per_s" not in d:
         return {"skipped": "no batch-32 decode rate"}
@@ -434,7 +445,8 @@ def table(res: dict) -> str:
             if k in r:
                 i = r[k]
                 lines.append(f"| {name} | batched vs alone ({'bf16' if k == 'identity_low' else 'fp32'}) | "
-                             f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens) |")
+                             f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens); "
+                             f"{i['stream']}: {i['stream_rows_differing']}/{i['prompts']} |")
         p = r["projection"]
         if "full_eval_s" in p:
             lines.append(f"| {name} | projected full LUME evaluation | {p['full_eval_s'] / 60:.1f} min (generation "

@@ -61,6 +61,7 @@ def test_gpu_report_runs_on_a_tiny_shape_on_cpu(tmp_path, capsys):
     assert all(r["train"][m]["tokens_per_s"] > 0 for m in ("ga", "gd", "kl", "npo"))
     assert r["adamw"]["ratio"] > 0 and r["decode"]["batch_128"]["vs_official"] > 0
     assert r["identity_fp32"]["rows_differing"] == 0 and r["projection"]["full_eval_s"] > 0
+    assert r["identity_fp32"]["stream_rows_differing"] == 0 and r["identity_fp32"]["stream"] == "greedy_stream"
     assert "| tiny | decode batch 32 |" in capsys.readouterr().out
 
 
@@ -76,13 +77,13 @@ def test_gpu_report_without_cuda_says_what_it_needs(capsys):
 
 
 def test_the_gpu_projection_counts_the_steps_the_graph_path_runs():
-    """On CUDA a batch decodes until its longest row ends: a stage costs the release's batch-by-batch
-    steps (40,750 for 610,745 tokens at batch 32) at the step time, not its tokens at the full-rows
-    rate, which would count every row-step as a token (2.1x fewer seconds)."""
+    """A stage costs the steps the CUDA path runs on the release (26,416 at batch 32: rows leave and
+    enter, 23.1 live a step) at the step time, not its 610,745 tokens at the full-rows rate, which
+    would count every step as 32 tokens (1.4x fewer decode seconds)."""
     import gpureport
     step, prefill = 0.005, 1e5  # a 5 ms batch-32 step (the 7B's weight read on an H100), 100k tok/s prefill
     p = gpureport.projection({"batch_32": {"step_s": step, "tokens_per_s": 32 / step}}, prefill)
-    assert p["generation_s_per_stage"] == pytest.approx(286371 / 1e5 + 40750 * 0.005)
+    assert p["generation_s_per_stage"] == pytest.approx(286371 / 1e5 + 26416 * 0.005)
     assert p["generation_s_per_stage_full_rows"] == pytest.approx(286371 / 1e5 + 610745 / 6400)
     assert p["full_eval_s"] == pytest.approx(2 * (p["generation_s_per_stage"] + (67333 + 2099787 + 29628) / 1e5))
     assert gpureport.projection({}, prefill) == {"skipped": "no batch-32 decode rate"}

@@ -65,23 +65,33 @@ def test_decode_equals_the_reference_loop_with_the_real_tokenizer(olmo, release)
     check_identity(model, tok, prompts, 20, [EOS])
 
 
-def test_static_steps_move_to_smaller_shapes_as_rows_finish(small_target, small_data, monkeypatch):
-    """The fixed-shape path halves its rows when half have finished: a 12-row batch runs steps of
-    16, 8, ... rows, each built once, and the outputs stay the reference's."""
+@pytest.mark.parametrize("batch_size,max_tokens", [(3, 16384), (4, 60)])
+def test_continuous_batching_on_fixed_shapes_gives_each_prompt_what_it_gets_alone(small_target, small_data,
+                                                                                  monkeypatch, batch_size, max_tokens):
+    """The CUDA path (greedy_static_stream, run eagerly here): prompts enter the fixed-shape step's
+    buffers beside the live rows, and every output is the prompt's alone. The step is kept across
+    entries while its shape holds (its graph is replayed), and a tight max_tokens gives fewer rows."""
     model, tok = small_target
     items, _ = small_data
-    built = []
-    real = generation.StaticStep.__init__
+    prompts = [it.input for it in items][:14]
+    built, entries, real_init, real_enter = [], [], generation.StaticStep.__init__, generation.enter
 
-    def spy(self, model, S, C, device):
-        built.append(S)
-        real(self, model, S, C, device)
-    monkeypatch.setattr(generation.StaticStep, "__init__", spy)
+    def init(self, model, S, C, device):
+        built.append((S, C))
+        real_init(self, model, S, C, device)
+
+    def enter(*a, **k):
+        st = real_enter(*a, **k)
+        entries.append(id(st))
+        return st
+    monkeypatch.setattr(generation.StaticStep, "__init__", init)
+    monkeypatch.setattr(generation, "enter", enter)
+    monkeypatch.setattr(generation, "static_default", lambda model, device: True)
     generation.GRAPHS["steps"].clear()
-    prompts = [it.input for it in items][:12]
-    check_identity(model, tok, prompts, 24, generation.stop_ids(model, tok))
-    assert built[0] == 12 and len(built) >= 2 and all(s & (s - 1) == 0 for s in built[1:])
-    assert built[1:] == sorted(built[1:], reverse=True)
+    got = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, max_tokens=max_tokens)
+    assert got == [alone(model, tok, p, 24) for p in prompts]
+    assert len(entries) >= 4 and len(built) < len(entries)  # entries into a step already built
+    assert all(S <= batch_size for S, _ in built) and (max_tokens > 100 or min(S for S, _ in built) < batch_size)
 
 
 def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target, small_data, monkeypatch, capsys):
@@ -139,14 +149,18 @@ def test_continuous_batching_gives_each_prompt_what_it_gets_alone(small_target, 
     assert len(set(got)) >= 8  # varied outputs: the equality is not trivial
 
 
-def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch):  # noqa: F811
-    """pad != EOS, prompts of 10 to 60 tokens joining rows that have run for a while."""
+@pytest.mark.parametrize("static", [False, True])
+def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch, static):  # noqa: F811
+    """pad != EOS, prompts of 10 to 60 tokens joining rows that have run for a while; eager (join)
+    and on fixed shapes (enter)."""
     model, tok = olmo
     prompts = [it.input for it in release if it.kind == "qa" and it.task in (1, 3)][:8] + \
         [it.input for it in release if it.kind == "sc"][:6]
-    joins = spy_joins(monkeypatch)
+    joins, entries, real_enter = spy_joins(monkeypatch), [], generation.enter
+    monkeypatch.setattr(generation, "enter", lambda *a, **k: entries.append(1) or real_enter(*a, **k))
+    monkeypatch.setattr(generation, "static_default", lambda model, device: static)
     got = generation.generate(model, tok, prompts, max_new_tokens=20, batch_size=4)
-    assert len(joins) >= 2
+    assert len(entries if static else joins) >= 2
     assert got == [alone(model, tok, p, 20) for p in prompts]
 
 
