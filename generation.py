@@ -424,37 +424,41 @@ def capacity(s: int, N: int, round_to: int) -> int:
     return -(-(s + N) // round_to) * round_to
 
 
-def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: int, round_to: int):
+def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: int, round_to: int, rows=None):
     """The fixed-shape step that decodes st's live rows and the freshly prefilled prompts (their
     eager cache `fresh`, (k, T) mask `attn`, next tokens and positions), live rows first. Every row
     keeps its columns (its tokens from column 0, its write column slot[row]); the new rows take
     columns 0..T-1, pads masked. The same step (buffers written in place, so its graph replays)
     while T + N fits its capacity; else a step of capacity T + N rounded up and at most
-    max_tokens // (C - N) rows. Free rows (after the new ones) decode into a sink."""
-    nl, (nk, T) = len(live), attn.shape
+    max_tokens // (C - N) rows. Free rows (after the new ones) decode into a sink. With no new
+    prompts (fresh None) and `rows`: the live rows move to a step of that many rows."""
+    nl, (nk, T) = len(live), attn.shape if fresh is not None else (0, 0)
     C = st.C if st is not None and T + N <= st.C else capacity(T, N, round_to)
-    S = st.S if st is not None and C == st.C else max(nl + nk, min(S0, max_tokens // (C - N)))
+    S = rows or (st.S if st is not None and C == st.C else max(nl + nk, min(S0, max_tokens // (C - N))))
     m = int(st.slot[live].max()) if nl else 0  # the columns the live rows use
     if nl:  # copies (indexed by rows), taken before dst (which may be st) is written
         old = [(x.kbuf[live, :, :m], x.vbuf[live, :, :m]) for x in st.cache.layers]
         old_mask, old_ids, old_pos, old_slot = st.mask[live, :, :, :m], st.ids[live], st.pos[live], st.slot[live]
-    dst = static_step(model, S, C, attn.device)
+    dst = static_step(model, S, C, st.slot.device if st is not None else attn.device)
     if not dst.cache.layers:
-        for f in fresh.layers:
+        for f in (fresh or st.cache).layers:
             layer = dst.cache.layer_class_to_replicate()
             shape = (S, f.kbuf.shape[1], C, f.kbuf.shape[-1])
             layer.hold(f.kbuf.new_zeros(shape), f.vbuf.new_zeros(shape), C)
             dst.cache.layers.append(layer)
-    for i, (d, f) in enumerate(zip(dst.cache.layers, fresh.layers)):
+    for i, d in enumerate(dst.cache.layers):
         if nl:
             d.kbuf[:nl, :, :m], d.vbuf[:nl, :, :m] = old[i]
-        d.kbuf[nl:nl + nk, :, :T], d.vbuf[nl:nl + nk, :, :T] = f.kbuf[:, :, :T], f.vbuf[:, :, :T]
+        if nk:
+            f = fresh.layers[i]
+            d.kbuf[nl:nl + nk, :, :T], d.vbuf[nl:nl + nk, :, :T] = f.kbuf[:, :, :T], f.vbuf[:, :, :T]
     for buf in (dst.mask, dst.ids, dst.pos, dst.slot):
         buf.zero_()
     if nl:
         dst.mask[:nl, :, :, :m], dst.ids[:nl], dst.pos[:nl], dst.slot[:nl] = old_mask, old_ids, old_pos, old_slot
-    dst.mask[nl:nl + nk, 0, 0, :T] = attn.bool()
-    dst.ids[nl:nl + nk, 0], dst.pos[nl:nl + nk, 0], dst.slot[nl:nl + nk] = nxt, last + 1, T
+    if nk:
+        dst.mask[nl:nl + nk, 0, 0, :T] = attn.bool()
+        dst.ids[nl:nl + nk, 0], dst.pos[nl:nl + nk, 0], dst.slot[nl:nl + nk] = nxt, last + 1, T
     return dst
 
 
@@ -465,7 +469,8 @@ def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[i
     captured once in a CUDA graph and replayed; each row writes its own next column. Prompts are
     prefilled apart (an eager cache) and, once a quarter of the rows are free, `enter` the step's
     buffers beside the live rows (the graph is kept while the shape holds). A finished row writes
-    into a sink row until a prompt takes its place; the last rows drain at S rows, once per run.
+    into a sink row until a prompt takes its place; once no prompt waits and half the rows are
+    free, the live ones move to a step of the next power of two rows (as the run drains).
     One host sync a step (how many rows finished). (P, N) new tokens, stop[0] after a stop id."""
     N, P = max_new_tokens, len(enc)
     S0 = min(batch_size, P)
@@ -496,6 +501,13 @@ def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[i
                 who = torch.cat([who[live], idx[k], who.new_full((pad_rows,), P)])
                 count = torch.cat([count[live], torch.ones_like(k), count.new_zeros(pad_rows)])
                 nl += len(k)
+        elif not queue and 0 < nl <= S // 2:  # draining: fewer rows, fewer keys and values read
+            live = (who != P).nonzero().squeeze(1)
+            rows = 1 << (nl - 1).bit_length()  # the next power of two
+            st = enter(model, st, live, None, None, None, None, N, S0, max_tokens, round_to, rows=rows)
+            who = torch.cat([who[live], who.new_full((st.S - nl,), P)])
+            count = torch.cat([count[live], count.new_zeros(st.S - nl)])
+            continue
         elif nl:
             st.step()
             new[who, count.clamp(max=N - 1)] = st.nxt  # free rows write into the sink row P

@@ -286,7 +286,7 @@ def projection(decode: dict, prefill_tokens_per_s: float) -> dict:
     (forward tokens at the prefill rate), each stage as measured here. On CUDA a stage decodes with
     continuous batching on fixed shapes (greedy_static_stream): FULL_EVAL's decode_steps at the
     batch-32 step time measured on a cache of 320 positions, the shape of 63% of those steps (the
-    rest attend over up to 576: 12.0k row-positions a step on average against 10.2k measured).
+    rest attend over up to 576: 11.9k row-positions a step on average against 10.2k measured).
     `generation_s_per_stage_full_rows` counts only the tokens, every step with 32 live rows."""
     d = decode.get("batch_32", {})
     if "tokens_per_s" not in d:
