@@ -81,9 +81,13 @@ def test_continuous_batching_on_fixed_shapes_gives_each_prompt_what_it_gets_alon
         built.append((S, C))
         real_init(self, model, S, C, device)
 
+    def buffers(st):  # the addresses a captured graph reads and writes
+        return [t.data_ptr() for t in (st.ids, st.pos, st.slot, st.mask, st.nxt)] + \
+            [t.data_ptr() for layer in st.cache.layers for t in (layer.kbuf, layer.vbuf)]
+
     def enter(*a, **k):
         st = real_enter(*a, **k)
-        entries.append(id(st))
+        entries.append((id(st), buffers(st)))
         return st
     monkeypatch.setattr(generation.StaticStep, "__init__", init)
     monkeypatch.setattr(generation, "enter", enter)
@@ -92,6 +96,8 @@ def test_continuous_batching_on_fixed_shapes_gives_each_prompt_what_it_gets_alon
     got = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, max_tokens=max_tokens)
     assert got == [alone(model, tok, p, 24) for p in prompts]
     assert len(entries) >= 4 and len(built) < len(entries)  # entries into a step already built
+    same = [(a, b) for a, b in zip(entries, entries[1:]) if a[0] == b[0]]
+    assert same and all(a[1] == b[1] for a, b in same)  # written in place: a graph would replay them
     assert all(S <= batch_size for S, _ in built) and built[-1][0] < batch_size  # drained on fewer rows
 
 
