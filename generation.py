@@ -426,40 +426,55 @@ def capacity(s: int, N: int, round_to: int) -> int:
 
 def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: int, round_to: int, rows=None):
     """The fixed-shape step that decodes st's live rows and the freshly prefilled prompts (their
-    eager cache `fresh`, (k, T) mask `attn`, next tokens and positions), live rows first. Every row
-    keeps its columns (its tokens from column 0, its write column slot[row]); the new rows take
-    columns 0..T-1, pads masked. The same step (buffers written in place, so its graph replays)
-    while T + N fits its capacity; else a step of capacity T + N rounded up and at most
-    max_tokens // (C - N) rows. Free rows (after the new ones) decode into a sink. With no new
-    prompts (fresh None) and `rows`: the live rows move to a step of that many rows."""
+    eager cache `fresh`, (k, T) mask `attn`, next tokens and positions); (step, the live rows' rows
+    in it, the new prompts' rows). Every row keeps its columns (its tokens from column 0, its write
+    column slot[row]); a new row takes columns 0..T-1, pads masked. While T + N fits st's capacity
+    the new prompts take free rows of st in place: nothing moves, and its graph replays. Else the
+    live rows move to the first rows of a step of capacity T + N rounded up and at most
+    max_tokens // (C - N) rows, the new ones after them. With no new prompts (fresh None) and
+    `rows`: the live rows move to a step of that many rows. Free rows decode into a sink."""
     nl, (nk, T) = len(live), attn.shape if fresh is not None else (0, 0)
-    C = st.C if st is not None and T + N <= st.C else capacity(T, N, round_to)
-    S = rows or (st.S if st is not None and C == st.C else max(nl + nk, min(S0, max_tokens // (C - N))))
-    m = int(st.slot[live].max()) if nl else 0  # the columns the live rows use
-    if nl:  # copies (indexed by rows), taken before dst (which may be st) is written
-        old = [(x.kbuf[live, :, :m], x.vbuf[live, :, :m]) for x in st.cache.layers]
-        old_mask, old_ids, old_pos, old_slot = st.mask[live, :, :, :m], st.ids[live], st.pos[live], st.slot[live]
-    dst = static_step(model, S, C, st.slot.device if st is not None else attn.device)
-    if not dst.cache.layers:
-        for f in (fresh or st.cache).layers:
-            layer = dst.cache.layer_class_to_replicate()
-            shape = (S, f.kbuf.shape[1], C, f.kbuf.shape[-1])
-            layer.hold(f.kbuf.new_zeros(shape), f.vbuf.new_zeros(shape), C)
-            dst.cache.layers.append(layer)
-    for i, d in enumerate(dst.cache.layers):
+    if st is not None and T + N <= st.C and rows is None:  # in place
+        free = torch.ones(st.S, dtype=torch.bool, device=live.device)
+        free[live] = False
+        dst, lrows, jrows = st, live, free.nonzero().squeeze(1)[:nk]
+    else:
+        C = st.C if st is not None and T + N <= st.C else capacity(T, N, round_to)
+        S = rows or max(nl + nk, min(S0, max_tokens // (C - N)))
+        dst = static_step(model, S, C, st.slot.device if st is not None else attn.device)
+        lrows, jrows = torch.arange(nl, device=dst.slot.device), torch.arange(nl, nl + nk, device=dst.slot.device)
+        if not dst.cache.layers:
+            for f in (fresh or st.cache).layers:
+                layer = dst.cache.layer_class_to_replicate()
+                shape = (S, f.kbuf.shape[1], C, f.kbuf.shape[-1])
+                layer.hold(f.kbuf.new_zeros(shape), f.vbuf.new_zeros(shape), C)
+                dst.cache.layers.append(layer)
+        if nl:  # copies (indexed by rows) taken before dst, which may share st's buffers (same shape), is written
+            m = int(st.slot[live].max())  # the columns the live rows use
+            old = [(x.kbuf[live, :, :m], x.vbuf[live, :, :m]) for x in st.cache.layers]
+            state = st.mask[live, :, :, :m], st.ids[live], st.pos[live], st.slot[live]
+        for buf in (dst.mask, dst.ids, dst.pos, dst.slot):
+            buf.zero_()
         if nl:
-            d.kbuf[:nl, :, :m], d.vbuf[:nl, :, :m] = old[i]
-        if nk:
-            f = fresh.layers[i]
-            d.kbuf[nl:nl + nk, :, :T], d.vbuf[nl:nl + nk, :, :T] = f.kbuf[:, :, :T], f.vbuf[:, :, :T]
-    for buf in (dst.mask, dst.ids, dst.pos, dst.slot):
-        buf.zero_()
-    if nl:
-        dst.mask[:nl, :, :, :m], dst.ids[:nl], dst.pos[:nl], dst.slot[:nl] = old_mask, old_ids, old_pos, old_slot
+            for d, (k, v) in zip(dst.cache.layers, old):
+                d.kbuf[:nl, :, :m], d.vbuf[:nl, :, :m] = k, v
+            dst.mask[:nl, :, :, :m], dst.ids[:nl], dst.pos[:nl], dst.slot[:nl] = state
     if nk:
-        dst.mask[nl:nl + nk, 0, 0, :T] = attn.bool()
-        dst.ids[nl:nl + nk, 0], dst.pos[nl:nl + nk, 0], dst.slot[nl:nl + nk] = nxt, last + 1, T
-    return dst
+        for d, f in zip(dst.cache.layers, fresh.layers):
+            d.kbuf[jrows, :, :T], d.vbuf[jrows, :, :T] = f.kbuf[:, :, :T], f.vbuf[:, :, :T]
+        dst.mask[jrows] = False
+        dst.mask[jrows, 0, 0, :T] = attn.bool()
+        dst.ids[jrows, 0], dst.pos[jrows, 0], dst.slot[jrows] = nxt, last + 1, T
+    return dst, lrows, jrows
+
+
+def place(S: int, P: int, who, count, live, lrows, jrows, idx):
+    """The prompt of each of the step's S rows (P: free) and its tokens so far, after enter put the
+    live rows at lrows and the new prompts idx (one token made) at jrows."""
+    w, c = who.new_full((S,), P), count.new_zeros(S)
+    w[lrows], c[lrows] = who[live], count[live]
+    w[jrows], c[jrows] = idx, 1
+    return w, c
 
 
 @torch.inference_mode()
@@ -467,8 +482,8 @@ def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[i
                          max_tokens: int = 16384, device="cpu", on_done=None, round_to: int = 64) -> torch.Tensor:
     """greedy_stream on fixed shapes (the CUDA default): one step of S rows and C cache positions,
     captured once in a CUDA graph and replayed; each row writes its own next column. Prompts are
-    prefilled apart (an eager cache) and, once a quarter of the rows are free, `enter` the step's
-    buffers beside the live rows (the graph is kept while the shape holds). A finished row writes
+    prefilled apart (an eager cache) and, once a quarter of the rows are free, `enter` free rows of
+    the step in place (nothing moves; the graph is kept while the shape holds). A finished row writes
     into a sink row until a prompt takes its place; once no prompt waits and half the rows are
     free, the live ones move to a step of the next power of two rows (as the run drains).
     One host sync a step (how many rows finished). (P, N) new tokens, stop[0] after a stop id."""
@@ -496,17 +511,14 @@ def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[i
             if finished < len(idx):
                 k = stay.nonzero().squeeze(1)
                 fresh.keep(k)
-                st = enter(model, st, live, fresh, attn[k], nxt[k], last[k], N, S0, max_tokens, round_to)
-                pad_rows = st.S - nl - len(k)
-                who = torch.cat([who[live], idx[k], who.new_full((pad_rows,), P)])
-                count = torch.cat([count[live], torch.ones_like(k), count.new_zeros(pad_rows)])
+                st, lrows, jrows = enter(model, st, live, fresh, attn[k], nxt[k], last[k], N, S0, max_tokens, round_to)
+                who, count = place(st.S, P, who, count, live, lrows, jrows, idx[k])
                 nl += len(k)
         elif not queue and 0 < nl <= S // 2:  # draining: fewer rows, fewer keys and values read
             live = (who != P).nonzero().squeeze(1)
             rows = 1 << (nl - 1).bit_length()  # the next power of two
-            st = enter(model, st, live, None, None, None, None, N, S0, max_tokens, round_to, rows=rows)
-            who = torch.cat([who[live], who.new_full((st.S - nl,), P)])
-            count = torch.cat([count[live], count.new_zeros(st.S - nl)])
+            st, lrows, _ = enter(model, st, live, None, None, None, None, N, S0, max_tokens, round_to, rows=rows)
+            who, count = place(st.S, P, who, count, live, lrows, lrows[:0], who[:0])
             continue
         elif nl:
             st.step()

@@ -86,9 +86,9 @@ def test_continuous_batching_on_fixed_shapes_gives_each_prompt_what_it_gets_alon
             [t.data_ptr() for layer in st.cache.layers for t in (layer.kbuf, layer.vbuf)]
 
     def enter(*a, **k):
-        st = real_enter(*a, **k)
-        entries.append((id(st), buffers(st)))
-        return st
+        out = real_enter(*a, **k)  # (step, live rows' rows, new rows' rows)
+        entries.append((id(out[0]), buffers(out[0])))
+        return out
     monkeypatch.setattr(generation.StaticStep, "__init__", init)
     monkeypatch.setattr(generation, "enter", enter)
     monkeypatch.setattr(generation, "static_default", lambda model, device: True)
