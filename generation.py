@@ -563,6 +563,9 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
     pad, stop = lume.pad_of(tok), stop_ids(model, tok)
     on_done = (lambda n: progress(n, len(prompts))) if progress else None
     stream = greedy_static_stream if static_default(model, device) else greedy_stream  # CUDA graphs, or eager
-    with autocast:
-        new = stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
+    try:
+        with autocast:
+            new = stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
+    finally:  # the captured steps hold the model (scoring's bf16 copy: 14 GB on a 7B) and their caches;
+        GRAPHS["steps"].clear()  # kept past scoring, they would sit beside training's optimizer
     return [decode_new(tok, row, stop) for row in new.tolist()]

@@ -268,3 +268,26 @@ def test_a_dropped_cache_is_freed_at_once(small_target, small_data, monkeypatch)
         assert len(dropped) >= 4 and not [r for r in dropped if r() is not None]
     finally:
         gc.enable()
+
+
+def test_scoring_keeps_no_fixed_shape_step_or_model_alive(small_target, small_data, monkeypatch):
+    """The fixed-shape steps hold the model they run (scoring's bf16 copy of a 7B: 14 GB) and
+    their caches: generate lets them go, so the copy is freed when scoring drops it, before
+    training goes on beside it."""
+    import copy
+    import gc
+    import weakref
+    model, tok = small_target
+    items, _ = small_data
+    twin = copy.deepcopy(model)  # as lume.weights_as makes for scoring
+    ref = weakref.ref(twin)
+    monkeypatch.setattr(generation, "static_default", lambda model, device: True)
+    generation.generate(twin, tok, [it.input for it in items][:6], max_new_tokens=8, batch_size=2)
+    assert not generation.GRAPHS["steps"]
+    gc.collect()
+    gc.disable()
+    try:
+        del twin
+        assert ref() is None
+    finally:
+        gc.enable()
