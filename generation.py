@@ -66,6 +66,7 @@ def cache_classes():
                 self.kbuf, self.vbuf = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
                 self.dtype, self.device, self.n, self.is_initialized = k.dtype, k.device, 0, True
             if self.static:  # row r at column slot[r], device tensors: no host value, so a CUDA graph replays it
+                assert k.shape[-2] == 1, "a fixed-shape cache takes one token a row (prompts are prefilled apart)"
                 rows, slot = self.box["rows"], self.box["slot"]
                 self.kbuf[rows, :, slot], self.vbuf[rows, :, slot] = k[:, :, -1], v[:, :, -1]  # (S, H, D)
                 self.keys, self.values = self.kbuf, self.vbuf
@@ -139,15 +140,14 @@ def stop_ids(model, tok) -> list[int]:
     return list(dict.fromkeys(ids + ([tok.eos_token_id] if tok.eos_token_id is not None else [])))
 
 
-def prefill(model, ids, attn, cache, mask=None):
+def prefill(model, ids, attn, cache):
     """The prompts' forward that fills the cache; (B,) next tokens. Positions count real tokens only
     ((cumsum - 1) on the mask), so a left-padded row sees what the same prompt alone sees."""
     T = ids.shape[1]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     key = cache_keyword(model)
-    out = model(input_ids=ids, attention_mask=attn if mask is None else mask, position_ids=pos, use_cache=True,
-                logits_to_keep=1, **{key: cache})
-    filled = cache.layers[0].n if cache.layers and cache.slot is None else T if cache.layers else 0
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
+    filled = cache.layers[0].n if cache.layers else 0  # a views cache (the fixed-shape step is never prefilled)
     if filled != T:  # the forward ignored the cache: every decode step would see only its newest
         raise RuntimeError(  # token and every generation would be garbage, silently
             f"the KV cache holds {filled} positions after a prefill of {T}: this transformers "
@@ -165,8 +165,8 @@ def pick(logits: torch.Tensor) -> torch.Tensor:
 
 class Rows:
     """Which prompt each row of the running batch decodes, and the tokens each prompt got.
-    new: (B + 1, N) filled with stop[0], row B a sink for rows that finished but still run
-    (static shapes); a row that produced a stop id is filled with stop[0] after it, as before."""
+    new: (B + 1, N) filled with stop[0]; index B marks a row that finished (it leaves the batch
+    before the next step); a row that produced a stop id is filled with stop[0] after it, as before."""
 
     def __init__(self, B: int, N: int, stop: list[int], device):
         self.B, self.t = B, 0
