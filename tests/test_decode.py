@@ -291,3 +291,22 @@ def test_scoring_keeps_no_fixed_shape_step_or_model_alive(small_target, small_da
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_fixed_shapes_on_a_lora_model(small_target, small_data, monkeypatch):
+    """--lora-rank scores the wrapped model: the fixed-shape stream (CUDA's path) gives what the
+    eager stream gives, with a nonzero adapter update that changes the outputs."""
+    import copy
+    import lora
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items][:10]
+    wrapped = lora.add_lora(copy.deepcopy(model), rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora.lora_modules(wrapped).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.5)
+    eager = generation.generate(wrapped, tok, prompts, max_new_tokens=16, batch_size=3)
+    assert eager != generation.generate(model, tok, prompts, max_new_tokens=16, batch_size=3)  # the adapters count
+    monkeypatch.setattr(generation, "static_default", lambda model, device: True)
+    assert generation.generate(wrapped, tok, prompts, max_new_tokens=16, batch_size=3) == eager
