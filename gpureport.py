@@ -42,8 +42,8 @@ TRAIN_ROWS = {"tiny": (2, 32)}  # (batch, seq_len) of the memory and training ro
 FULL_EVAL = dict(items=5466, prompt_tokens=286371, new_tokens=610745, mia_docs=300, mia_tokens=67333,
                  mmlu_questions=14042, mmlu_suffix_tokens=2099787, mmlu_prefix_tokens=29628,  # whole prompts: 9,633,979
                  decode_steps=26416)  # the fixed-shape stream's steps at batch 32 (the 13M hub-shaped OLMo's
-#   outputs, docs/repro/static_steps.py; 23.1 live rows a step). Batch by batch, each batch run to its
-#   longest row, took 40,750 (1,304,000 row-steps / 32: 47% of them made a token).
+#   outputs, docs/repro/static_steps.py; 23.1 live rows a step). The batch-by-batch graph path before it
+#   (2b71921), each batch run to its longest row, took 43,396 (the same script on that tree).
 GiB = 2**30
 
 
