@@ -19,7 +19,9 @@ Sections, each measured in this run and printed as a table, all written to bench
   identity  batched against one-at-a-time decoding on identical prompts: rows that differ, bf16
             (counted, not hidden) and fp32 (expected 0)
   projection the full LUME evaluation of the 7B (two scoring stages, MIA, MMLU) from these rates
-A time guard skips what would not finish within the budget, saying so.
+A time guard skips what would not finish within the budget, saying so. A section that fails (an
+out-of-memory the plan did not foresee, an op this torch lacks) is one error row, and bench-gpu.json
+is rewritten after every section: one device session always yields what ran, even if killed.
 """
 import os
 import statistics
@@ -50,6 +52,27 @@ GiB = 2**30
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def one_line(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def guarded(what: str, fn, say, device):
+    """fn(), or {"error": one line} if it raises: on a GPU lent for minutes, one section's failure
+    (an out-of-memory the plan missed, an op this torch lacks) becomes a row beside the others
+    instead of a traceback that loses the report. The failed section's memory is released first."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (KeyboardInterrupt and SystemExit still end the report)
+        say(f"gpu-report: {what} failed ({one_line(e)})")
+        return {"error": one_line(e)}
+    finally:
+        if device.type == "cuda":
+            import gc
+            gc.collect()  # frames of the failed section, and cycles, hold its tensors
+            torch.cuda.empty_cache()
 
 
 def timed(fn, device, repeats: int = 3) -> float:
@@ -144,7 +167,8 @@ def memory_section(name, config, device, free: int, say, budget) -> dict:
         elif budget():
             out[setup_name] = {"skipped": "time budget"}
         else:
-            out[setup_name] = train_setup(config, "npo", setup_name, batch, seq, device, steps=2)
+            out[setup_name] = guarded(f"{name} memory {setup_name}", lambda s=setup_name: train_setup(
+                config, "npo", s, batch, seq, device, steps=2), say, device)
         say(f"gpu-report: {name} memory {setup_name}: {fmt_row(out[setup_name])}")
     return out
 
@@ -161,32 +185,49 @@ def train_section(name, config, device, free: int, peak: float, say, budget) -> 
         if budget():
             out[method] = {"skipped": "time budget"}
             continue
-        r = train_setup(config, method, pick, batch, seq, device)
-        r["peak_fraction"] = r["flops"] / r["step_s"] / peak if r["flops"] else None
+        r = guarded(f"{name} train {method}", lambda m=method, s=pick: train_setup(config, m, s, batch, seq, device),
+                    say, device)
+        if "error" not in r:
+            r["peak_fraction"] = r["flops"] / r["step_s"] / peak if r["flops"] else None
         out[method] = r
         say(f"gpu-report: {name} train {method}: {fmt_row(r)}")
     return out
 
 
 def fmt_row(r: dict) -> str:
-    if "skipped" in r:
-        return "skipped: " + r["skipped"]
+    if "skipped" in r or "error" in r:
+        return "skipped: " + r["skipped"] if "skipped" in r else "error: " + r["error"]
     frac = f", {r['peak_fraction']:.0%} of peak" if r.get("peak_fraction") else ""
     err = f" ({r['plan_error']:+.0%})" if r.get("plan_error") is not None else ""
     return (f"{r['setup']}: planned {r['planned_bytes'] / GiB:.2f} GiB, measured {r['measured_peak_bytes'] / GiB:.2f}"
             f"{err}; step {r['step_s'] * 1e3:.0f} ms, {r['tokens_per_s']:.0f} tok/s{frac}")
 
 
-def adamw_section(config, device) -> dict:
+def adamw_layers(config, free: int) -> int:
+    """Decoder layers of this shape whose fp32 AdamW step fits `free` bytes beside memory.reserve:
+    16 bytes a parameter (weights, gradients, two states; the bf16 step needs half). The step is
+    elementwise, so its time per parameter, which the ratio compares, does not depend on the layer
+    count: the 7B's fp32 step needs 103 GiB, so with 80 GiB free it runs on 22 of its 32 layers."""
+    _, meta = memory.shapes(config)
+    total, layer = (sum(p.numel() for p in m.parameters()) for m in (meta, memory.decoder_layer(meta)))
+    rest = total - config["num_hidden_layers"] * layer  # embeddings, LM head, final norm
+    return max(0, min(config["num_hidden_layers"], ((free - memory.reserve(free)) // 16 - rest) // layer))
+
+
+def adamw_section(config, device, free: int) -> dict:
     """The optimizer step alone on the shape's parameters: StochasticAdamW over bf16 weights and
-    states against torch's fused AdamW over fp32 ones (the two full-parameter setups)."""
+    states against torch's fused AdamW over fp32 ones (the two full-parameter setups), on as many
+    decoder layers as the fp32 step fits (adamw_layers)."""
     from transformers import AutoModelForCausalLM, OlmoConfig
-    out = {}
+    layers = adamw_layers(config, free)
+    if layers == 0:
+        return {"skipped": f"fp32 AdamW of one layer beside the embeddings does not fit {free / GiB:.1f} GiB free"}
+    out = {"layers": layers, "of_layers": config["num_hidden_layers"]}
     for label, dtype, make in (("stochastic_adamw_bf16", torch.bfloat16, lambda p: lume.StochasticAdamW(p, lr=1e-5)),
                                ("torch_fused_adamw_fp32", torch.float32,
                                 lambda p: torch.optim.AdamW(p, lr=1e-5, fused=True))):
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(OlmoConfig(**config), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(OlmoConfig(**{**config, "num_hidden_layers": layers}), dtype=dtype)
         params = list(model.parameters())
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
@@ -241,19 +282,22 @@ def decode_section(model, device, batches, new_tokens: int, prompt_len: int, pea
         if budget():
             out[f"batch_{B}"] = {"skipped": "time budget"}
             continue
-        ids = prompts(vocab, B, prompt_len).to(device)
-        attn = torch.ones_like(ids)
-        s = timed(lambda: generation.greedy(model, ids, attn, new_tokens, no_stop), device, repeats=1)
-        step = s / new_tokens  # the prefill is one step's worth of weight reads: folded in
-        matmul_s = 2 * N * B / peak["matmul_flop_per_s"]
-        out[f"batch_{B}"] = {"tokens_per_s": B * new_tokens / s, "step_s": step,
-                             "vs_official": B * new_tokens / s / out["official_tokens_per_s"],
-                             "decode_peak_fraction": matmul_s / step,
-                             "weight_read_fraction": wbytes / peak["copy_bytes_per_s"] / step,
-                             "bytes_fraction": (wbytes + kv_bytes(model, B, prompt_len + new_tokens // 2))
-                             / peak["copy_bytes_per_s"] / step}
-        say(f"gpu-report: decode batch {B}: {B * new_tokens / s:.0f} tok/s, step {step * 1e3:.2f} ms, "
-            f"{out[f'batch_{B}']['vs_official']:.1f}x the official loop")
+        def batch(B=B):
+            ids = prompts(vocab, B, prompt_len).to(device)
+            attn = torch.ones_like(ids)
+            s = timed(lambda: generation.greedy(model, ids, attn, new_tokens, no_stop), device, repeats=1)
+            step = s / new_tokens  # the prefill is one step's worth of weight reads: folded in
+            return {"tokens_per_s": B * new_tokens / s, "step_s": step,
+                    "vs_official": B * new_tokens / s / out["official_tokens_per_s"],
+                    "decode_peak_fraction": 2 * N * B / peak["matmul_flop_per_s"] / step,
+                    "weight_read_fraction": wbytes / peak["copy_bytes_per_s"] / step,
+                    "bytes_fraction": (wbytes + kv_bytes(model, B, prompt_len + new_tokens // 2))
+                    / peak["copy_bytes_per_s"] / step}
+        r = out[f"batch_{B}"] = guarded(f"decode batch {B}", batch, say, device)
+        generation.GRAPHS["steps"].clear()  # this batch's captured steps hold its cache
+        if "error" not in r:
+            say(f"gpu-report: decode batch {B}: {r['tokens_per_s']:.0f} tok/s, step {r['step_s'] * 1e3:.2f} ms, "
+                f"{r['vs_official']:.1f}x the official loop")
     out["graphs_off"] = generation.GRAPHS["off"]
     return out
 
@@ -281,7 +325,7 @@ def identity_section(model, device, n: int, new_tokens: int) -> dict:
             "stream": stream.__name__}
 
 
-def projection(decode: dict, prefill_tokens_per_s: float) -> dict:
+def projection(decode: dict, prefill_tokens_per_s: float | None) -> dict:
     """Seconds of one full LUME evaluation: two stages of generation (prefill + decode), MIA and MMLU
     (forward tokens at the prefill rate), each stage as measured here. On CUDA a stage decodes with
     continuous batching on fixed shapes (greedy_static_stream): FULL_EVAL's decode_steps at the
@@ -291,6 +335,8 @@ def projection(decode: dict, prefill_tokens_per_s: float) -> dict:
     d = decode.get("batch_32", {})
     if "tokens_per_s" not in d:
         return {"skipped": "no batch-32 decode rate"}
+    if not prefill_tokens_per_s:
+        return {"skipped": "no prefill rate"}
     f = FULL_EVAL
     prefill = f["prompt_tokens"] / prefill_tokens_per_s
     gen = prefill + f["decode_steps"] * d["step_s"]
@@ -393,64 +439,88 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
     say(f"gpu-report: {res['device']}, torch {res['torch']}; matmul {res['peak']['matmul_flop_per_s'] / 1e12:.3g} "
         f"TFLOP/s ({res['peak']['dtype']}), copy {res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s")
     peak = res["peak"]["matmul_flop_per_s"]
+    write = lambda: lume.write_json_atomic(out, res)  # noqa: E731  (after every section: a kill keeps what ran)
     for name in names:
         config = SHAPES[name]
         r = res["shapes"][name] = {"config": config}
-        r["memory"] = memory_section(name, config, dev, free, say, budget)
-        r["train"] = train_section(name, config, dev, free, peak, say, budget)
-        r["adamw"] = {"skipped": "time budget"} if budget() else adamw_section(config, dev)
-        model = eval_model(config, dev, low)
-        r["decode"] = decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget)
-        r["prefill_tokens_per_s"] = prefill_rate(model, dev, rows=8, length=512 if cuda else 64)
-        r["identity_low"] = identity_section(model, dev, 8, 32 if cuda else 8)
-        r["projection"] = projection(r["decode"], r["prefill_tokens_per_s"])
+
+        def section(key, fn):
+            r[key] = guarded(f"{name} {key}", fn, say, dev)
+            write()
+        section("memory", lambda: memory_section(name, config, dev, free, say, budget))
+        section("train", lambda: train_section(name, config, dev, free, peak, say, budget))
+        section("adamw", lambda: {"skipped": "time budget"} if budget() else adamw_section(config, dev, free))
+        model = guarded(f"{name} {res['peak']['dtype']} model", lambda: eval_model(config, dev, low), say, dev)
+        if isinstance(model, dict):  # it could not be built: every row that needs it says why
+            r.update(decode=model, identity_low=model)
+        else:
+            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget))
+            section("prefill", lambda: {"tokens_per_s": prefill_rate(model, dev, rows=8, length=512 if cuda else 64)})
+            section("identity_low", lambda: identity_section(model, dev, 8, 32 if cuda else 8))
+        section("projection", lambda: projection(r["decode"], r.get("prefill", {}).get("tokens_per_s")))
         generation.GRAPHS["steps"].clear()  # the captured steps hold this model and their caches
         del model
         if not budget() and name != "olmo-7b":  # fp32 identity: expected 0 rows (7B in fp32 takes 28 GB: skipped)
-            model = eval_model(config, dev, torch.float32)
-            r["identity_fp32"] = identity_section(model, dev, 8, 32 if cuda else 8)
-            del model
+            section("identity_fp32", lambda: identity_section(eval_model(config, dev, torch.float32), dev, 8,
+                                                              32 if cuda else 8))
         if cuda:
             torch.cuda.empty_cache()
     res["elapsed_s"] = time.time() - t0
-    lume.write_json_atomic(out, res)
+    write()
     print(table(res))
-    print(f"\n{res['elapsed_s']:.0f}s; written to {out}")
+    errors = errors_in(res)
+    print(f"\n{res['elapsed_s']:.0f}s; written to {out}" + (f"; {errors} section(s) failed (error rows)" if errors else ""))
+    return 1 if errors else 0
+
+
+def errors_in(x) -> int:
+    """How many error rows a report holds, at any depth."""
+    if isinstance(x, dict):
+        return ("error" in x) + sum(errors_in(v) for v in x.values())
     return 0
 
 
 def table(res: dict) -> str:
+    """The report as a Markdown table; a section that failed, was skipped or was not reached (a
+    report written before the run ended) is one row saying so."""
     lines = [f"GPU report: {res['device']}, torch {res['torch']}, transformers {res['transformers']}; matmul peak "
              f"{res['peak']['matmul_flop_per_s'] / 1e12:.3g} TFLOP/s {res['peak']['dtype']}, copy "
              f"{res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s", "", "| shape | row | figure |", "|---|---|---|"]
     for name, r in res["shapes"].items():
-        for k, v in r["memory"].items():
-            lines.append(f"| {name} | memory npo {k} | {fmt_row(v)} |")
-        for k, v in r["train"].items():
-            lines.append(f"| {name} | train step {k} | {fmt_row(v)} |")
-        a = r["adamw"]
-        if "ratio" in a:
-            lines.append(f"| {name} | StochasticAdamW bf16 vs fused AdamW fp32 | {a['stochastic_adamw_bf16']['step_s'] * 1e3:.1f}"
-                         f" ms vs {a['torch_fused_adamw_fp32']['step_s'] * 1e3:.1f} ms ({a['ratio']:.2f}x) |")
-        d = r["decode"]
-        lines.append(f"| {name} | decode, official loop | {d['official_tokens_per_s']:.0f} tok/s (batch 1, one at a time) |")
+        row = lambda what, text: lines.append(f"| {name} | {what} | {text} |")  # noqa: E731
+        get = lambda key: r.get(key, {"skipped": "not reached"})  # noqa: E731
+        for key, what in (("memory", "memory npo"), ("train", "train step")):
+            if "skipped" in get(key) or "error" in get(key):
+                row(what, fmt_row(get(key)))
+                continue
+            for k, v in r[key].items():
+                row(f"{what} {k}", fmt_row(v))
+        a = get("adamw")
+        row("StochasticAdamW bf16 vs fused AdamW fp32", fmt_row(a) if "ratio" not in a else
+            f"{a['stochastic_adamw_bf16']['step_s'] * 1e3:.1f} ms vs {a['torch_fused_adamw_fp32']['step_s'] * 1e3:.1f} ms"
+            f" ({a['ratio']:.2f}x), on {a['layers']} of {a['of_layers']} layers")
+        d = get("decode")
+        if "official_tokens_per_s" not in d:
+            row("decode", fmt_row(d))
+            d = {}
+        else:
+            row("decode, official loop", f"{d['official_tokens_per_s']:.0f} tok/s (batch 1, one at a time)")
         for k, v in d.items():
             if k.startswith("batch_"):
-                lines.append(f"| {name} | decode {k.replace('_', ' ')} | " + ("skipped: " + v["skipped"] if "skipped" in v else
-                             f"{v['tokens_per_s']:.0f} tok/s, {v['vs_official']:.1f}x official, step {v['step_s'] * 1e3:.2f} ms; "
-                             f"matmuls at peak {v['decode_peak_fraction']:.0%} of it, weight read {v['weight_read_fraction']:.0%}") + " |")
+                row(f"decode {k.replace('_', ' ')}", fmt_row(v) if "tokens_per_s" not in v else
+                    f"{v['tokens_per_s']:.0f} tok/s, {v['vs_official']:.1f}x official, step {v['step_s'] * 1e3:.2f} ms; "
+                    f"matmuls at peak {v['decode_peak_fraction']:.0%} of it, weight read {v['weight_read_fraction']:.0%}")
         if d.get("graphs_off"):
-            lines.append(f"| {name} | CUDA graphs | off: {d['graphs_off']} |")
+            row("CUDA graphs", f"off: {d['graphs_off']}")
         for k in ("identity_low", "identity_fp32"):
             if k in r:
                 i = r[k]
-                lines.append(f"| {name} | batched vs alone ({'bf16' if k == 'identity_low' else 'fp32'}) | "
-                             f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens); "
-                             f"{i['stream']}: {i['stream_rows_differing']}/{i['prompts']} |")
-        p = r["projection"]
-        if "full_eval_s" in p:
-            lines.append(f"| {name} | projected full LUME evaluation | {p['full_eval_s'] / 60:.1f} min (generation "
-                         f"{p['generation_s_per_stage']:.0f} s, MIA {p['mia_s_per_stage']:.0f} s, MMLU "
-                         f"{p['mmlu_s_per_stage']:.0f} s per stage; generation "
-                         f"{p['generation_s_per_stage_full_rows']:.0f} s with every step full) |")
+                row(f"batched vs alone ({res['peak']['dtype'] if k == 'identity_low' else 'float32'})", fmt_row(i) if "prompts" not in i else
+                    f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens); "
+                    f"{i['stream']}: {i['stream_rows_differing']}/{i['prompts']}")
+        p = get("projection")
+        row("projected full LUME evaluation", fmt_row(p) if "full_eval_s" not in p else
+            f"{p['full_eval_s'] / 60:.1f} min (generation {p['generation_s_per_stage']:.0f} s, MIA "
+            f"{p['mia_s_per_stage']:.0f} s, MMLU {p['mmlu_s_per_stage']:.0f} s per stage; generation "
+            f"{p['generation_s_per_stage_full_rows']:.0f} s with every step full)")
     return "\n".join(lines)

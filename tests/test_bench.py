@@ -87,3 +87,63 @@ def test_the_gpu_projection_counts_the_steps_the_graph_path_runs():
     assert p["generation_s_per_stage_full_rows"] == pytest.approx(286371 / 1e5 + 610745 / 6400)
     assert p["full_eval_s"] == pytest.approx(2 * (p["generation_s_per_stage"] + (67333 + 2099787 + 29628) / 1e5))
     assert gpureport.projection({}, prefill) == {"skipped": "no batch-32 decode rate"}
+
+
+def test_a_failed_gpu_report_section_is_a_row_and_the_rest_still_runs(tmp_path, capsys, monkeypatch):
+    """On a GPU lent for minutes, an out-of-memory the plan missed (here the AdamW comparison and the
+    batch-128 decode) is an error row; every other section runs, the table and bench-gpu.json hold
+    them, and the exit status says a section failed."""
+    import torch
+    import gpureport
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+    real = generation.greedy
+    monkeypatch.setattr(gpureport, "adamw_section", oom)
+    monkeypatch.setattr(generation, "greedy", lambda model, ids, *a, **k: oom() if ids.shape[0] == 128 else
+                        real(model, ids, *a, **k))
+    out = tmp_path / "gpu.json"
+    assert gpureport.run("cpu", "tiny", str(out), new_tokens=4) == 1
+    r = json.load(open(out))["shapes"]["tiny"]
+    error = "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert r["adamw"] == {"error": error} and r["decode"]["batch_128"] == {"error": error}
+    assert r["decode"]["batch_32"]["tokens_per_s"] > 0 and r["identity_fp32"]["rows_differing"] == 0
+    assert r["projection"]["full_eval_s"] > 0 and all(r["train"][m]["tokens_per_s"] > 0 for m in ("ga", "npo"))
+    printed = capsys.readouterr().out
+    assert f"| tiny | StochasticAdamW bf16 vs fused AdamW fp32 | error: {error} |" in printed
+    assert f"| tiny | decode batch 128 | error: {error} |" in printed and "2 section(s) failed" in printed
+
+
+def test_a_killed_gpu_report_keeps_what_ran(tmp_path, monkeypatch):
+    """bench-gpu.json is rewritten after every section: a report stopped midway (a device call's
+    time limit) leaves what ran on disk, and table() renders it, the rest marked as not reached."""
+    import gpureport
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpureport, "identity_section", killed)
+    out = tmp_path / "gpu.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpureport.run("cpu", "tiny", str(out), new_tokens=4)
+    res = json.load(open(out))
+    r = res["shapes"]["tiny"]
+    assert r["decode"]["batch_32"]["tokens_per_s"] > 0 and r["adamw"]["ratio"] > 0 and "identity_low" not in r
+    assert "| tiny | projected full LUME evaluation | skipped: not reached |" in gpureport.table(res)
+
+
+def test_the_adamw_comparison_runs_on_the_layers_that_fit():
+    """The fp32 AdamW step of the 7B needs 16 bytes x 6.89e9 parameters (103 GiB), more than an
+    80 GB card: it runs on the decoder layers that fit beside memory.reserve, counted here from the
+    config (OLMo-0724: untied embeddings, no norm weights, 4d^2 + 3 d ffn per layer)."""
+    import gpureport
+    GiB = 2**30
+    c = gpureport.SHAPES["olmo-7b"]
+    d, ffn, V, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+    layer, rest = 4 * d * d + 3 * d * ffn, 2 * V * d
+    assert rest + L * layer == 6_888_095_744  # the released OLMo-7B-0724's parameter count
+    for free in (80 * GiB, 24 * GiB):
+        fit = ((free - GiB - free // 20) // 16 - rest) // layer
+        assert gpureport.adamw_layers(c, free) == fit < L
+    assert gpureport.adamw_layers(c, 80 * GiB) == 22 and gpureport.adamw_layers(c, 141 * GiB) == L
+    assert gpureport.adamw_layers(gpureport.SHAPES["olmo-1b"], 80 * GiB) == 16
+    assert gpureport.adamw_layers(c, 3 * GiB) == 0
