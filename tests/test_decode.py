@@ -119,6 +119,54 @@ def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target,
     assert generation.GRAPHS["off"].startswith("RuntimeError")  # later batches decode eagerly, no new attempt
 
 
+# ops that wait for the device (a host value: .item(), bool(), nonzero's data-dependent shape) or copy
+# host data to it (torch.tensor inside the forward): inside torch.cuda.graph they raise, and scoring
+# decodes eagerly, several times slower on a 7B
+HOST_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "masked_select", "unique",
+            "_unique2", "unique_consecutive", "repeat_interleave", "equal", "lift_fresh", "lift_fresh_copy"}
+
+
+def ops_of(fn) -> set:
+    """The aten ops fn() runs (their names, without overloads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+    seen = set()
+    with Log():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_fixed_shape_step_runs_no_op_a_cuda_graph_refuses(small_target, small_data, lora_rank):
+    """CPU evidence that CUDA can capture the decode step: StaticStep.run() (the forward of the
+    installed transformers on a 4D bool mask, the per-row cache write, the pick and the advances)
+    runs no op that needs a host value or host data, plain and LoRA-wrapped (--lora-rank scores
+    the wrapped model). A transformers release that checks the mask's values on the host fails here."""
+    import copy
+    import lora
+    model, tok = small_target
+    items, _ = small_data
+    if lora_rank:
+        model = lora.add_lora(copy.deepcopy(model), rank=lora_rank, alpha=8, targets=["q_proj", "v_proj"]).eval()
+    enc = [tok(it.input).input_ids for it in items[:3]]
+    with torch.inference_mode():
+        ids, attn = lume.left_pad(enc, lume.pad_of(tok))
+        fresh = generation.kv_cache(ids.shape[1])
+        nxt, last = generation.prefill(model, ids, attn, fresh)
+        st, _, _ = generation.enter(model, None, torch.arange(0), fresh, attn, nxt, last, 8, 4, 16384, 64)
+        st.run()  # the warm-up call, eager on CUDA too
+        ops = ops_of(st.run)
+    assert {"scaled_dot_product_attention", "index_put_", "scatter_", "max"} <= ops  # the step was traced
+    assert not ops & HOST_OPS, ops & HOST_OPS
+    with torch.inference_mode():  # the check itself sees a host op where there is one
+        for host in (lambda: int(st.nxt.sum()), lambda: bool(st.mask.all()), lambda: st.slot.nonzero()):
+            assert ops_of(host) & HOST_OPS
+
+
 # -----------------------------------------------------------------------------
 # continuous batching
 
