@@ -270,7 +270,14 @@ def official_one(model, ids, new_tokens: int):
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)[0, ids.shape[1]:]
 
 
-def decode_section(model, device, batches, new_tokens: int, prompt_len: int, peak: dict, say, budget) -> dict:
+def decode_plan(model, B: int, new_tokens: int, prompt_len: int) -> int:
+    """Bytes a decode batch adds to the weights: the fixed-shape step's keys and values (B rows of
+    T + N positions rounded up to 64, as greedy_static_stream builds it) and the prefill's own cache."""
+    return kv_bytes(model, B, generation.capacity(prompt_len, new_tokens, 64)) + kv_bytes(model, B, prompt_len)
+
+
+def decode_section(model, device, batches, new_tokens: int, prompt_len: int, peak: dict, say, budget,
+                   free: int) -> dict:
     vocab, N = model.config.vocab_size, matmul_params(model)
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     no_stop = [-1]  # an id no step produces: every row runs new_tokens
@@ -279,9 +286,13 @@ def decode_section(model, device, batches, new_tokens: int, prompt_len: int, pea
     out = {"official_tokens_per_s": new_tokens / off_s, "new_tokens": new_tokens, "prompt_len": prompt_len,
            "weight_bytes": wbytes, "graphs_off": None}
     for B in batches:
-        if budget():
-            out[f"batch_{B}"] = {"skipped": "time budget"}
+        need, room = decode_plan(model, B, new_tokens, prompt_len), free - memory.reserve(free) - wbytes
+        if need > room or budget():
+            out[f"batch_{B}"] = {"skipped": "time budget" if need <= room else
+                                 f"keys and values {need / GiB:.2f} GiB > {room / GiB:.2f} GiB free beside the weights "
+                                 "and the reserve"}
             continue
+
         def batch(B=B):
             ids = prompts(vocab, B, prompt_len).to(device)
             attn = torch.ones_like(ids)
@@ -454,7 +465,8 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
         if isinstance(model, dict):  # it could not be built: every row that needs it says why
             r.update(decode=model, identity_low=model)
         else:
-            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget))
+            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget,
+                                                            free))
             section("prefill", lambda: {"tokens_per_s": prefill_rate(model, dev, rows=8, length=512 if cuda else 64)})
             section("identity_low", lambda: identity_section(model, dev, 8, 32 if cuda else 8))
         section("projection", lambda: projection(r["decode"], r.get("prefill", {}).get("tokens_per_s")))

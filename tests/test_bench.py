@@ -147,3 +147,21 @@ def test_the_adamw_comparison_runs_on_the_layers_that_fit():
     assert gpureport.adamw_layers(c, 80 * GiB) == 22 and gpureport.adamw_layers(c, 141 * GiB) == L
     assert gpureport.adamw_layers(gpureport.SHAPES["olmo-1b"], 80 * GiB) == 16
     assert gpureport.adamw_layers(c, 3 * GiB) == 0
+
+
+def test_a_decode_batch_whose_keys_and_values_do_not_fit_is_skipped_with_the_plan():
+    """A decode row whose cache would not fit beside the weights (batch 128 of a 7B on a 40 GB card)
+    is skipped with the plan's numbers before anything is allocated; the rows that fit still run."""
+    import torch
+    import gpureport
+    dev, c = torch.device("cpu"), gpureport.SHAPES["tiny"]
+    model = gpureport.eval_model(c, dev, torch.float32)
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = {B: gpureport.decode_plan(model, B, 4, 64) for B in (32, 128)}
+    # K and V of every layer: the step's 128 positions (64 + 4 rounded up to 64) and the prefill's 64
+    assert need[128] == 2 * c["num_hidden_layers"] * 128 * (128 + 64) * c["hidden_size"] * 4 == 4 * need[32]
+    free = int((2**30 + wbytes + (need[32] + need[128]) // 2) / 0.95)  # room between the two
+    d = gpureport.decode_section(model, dev, (32, 128), 4, 64, gpureport.peaks(dev, torch.float32, 64), print,
+                                 lambda: False, free)
+    assert d["batch_32"]["tokens_per_s"] > 0
+    assert d["batch_128"]["skipped"].startswith("keys and values 0.02 GiB > 0.01 GiB free beside the weights")
