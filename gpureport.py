@@ -462,11 +462,11 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
         section("train", lambda: train_section(name, config, dev, free, peak, say, budget))
         section("adamw", lambda: {"skipped": "time budget"} if budget() else adamw_section(config, dev, free))
         model = guarded(f"{name} {res['peak']['dtype']} model", lambda: eval_model(config, dev, low), say, dev)
-        if isinstance(model, dict):  # it could not be built: every row that needs it says why
-            r.update(decode=model, identity_low=model)
+        if isinstance(model, dict):  # it could not be built: one error row, the rows that need it say why
+            r.update(decode=model, identity_low={"skipped": "no model (the decode row says why)"})
         else:
-            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say, budget,
-                                                            free))
+            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say,
+                                                     budget, free))
             section("prefill", lambda: {"tokens_per_s": prefill_rate(model, dev, rows=8, length=512 if cuda else 64)})
             section("identity_low", lambda: identity_section(model, dev, 8, 32 if cuda else 8))
         section("projection", lambda: projection(r["decode"], r.get("prefill", {}).get("tokens_per_s")))
