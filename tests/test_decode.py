@@ -167,6 +167,55 @@ def test_the_fixed_shape_step_runs_no_op_a_cuda_graph_refuses(small_target, smal
             assert ops_of(host) & HOST_OPS
 
 
+def replay_steps(monkeypatch) -> list:
+    """CUDA graph semantics on CPU: each fixed-shape step runs eagerly once (the warm-up), is then
+    traced (make_fx: its aten ops on the step's own buffers, every Python value frozen as at
+    capture; the trace's own run is undone, as a capture runs nothing) and from then on replayed.
+    A buffer that enter() replaced instead of writing in place, or a Python value that should change
+    from step to step, then shows in the outputs. Returns the (rows, positions) of each trace."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    traces = []
+
+    def step(self):
+        if not self.warm:
+            self.run()
+            self.warm = True
+            return
+        if self.graph is None:
+            bufs = [self.ids, self.pos, self.slot, self.mask, self.nxt] + \
+                [t for layer in self.cache.layers for t in (layer.kbuf, layer.vbuf)]
+            saved = [t.clone() for t in bufs]
+            self.graph = make_fx(lambda _: (self.run(), self.nxt)[1])(torch.zeros(1))
+            for t, before in zip(bufs, saved):
+                t.copy_(before)
+            traces.append((self.S, self.C))
+        self.graph(torch.zeros(1))
+    monkeypatch.setattr(generation.StaticStep, "step", step)
+    monkeypatch.setattr(generation, "static_default", lambda model, device: True)
+    generation.GRAPHS["steps"].clear()
+    return traces
+
+
+@pytest.mark.parametrize("batch_size,max_tokens", [(3, 16384), (4, 60)])
+def test_continuous_batching_through_replayed_steps_gives_each_prompt_what_it_gets_alone(
+        small_target, small_data, monkeypatch, batch_size, max_tokens):
+    """The CUDA path as CUDA runs it, a trace of each step replayed (replay_steps): prompts enter
+    the rows of a step whose trace is already made, and every output is still the prompt's alone."""
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items][:14]
+    traces, into_traced, real_enter = replay_steps(monkeypatch), [], generation.enter
+
+    def enter(*a, **k):
+        out = real_enter(*a, **k)
+        into_traced.append(out[0].graph is not None)
+        return out
+    monkeypatch.setattr(generation, "enter", enter)
+    got = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=batch_size, max_tokens=max_tokens)
+    assert got == [alone(model, tok, p, 24) for p in prompts]
+    assert traces and sum(into_traced) >= 2  # prompts entered steps already traced, which were replayed
+
+
 # -----------------------------------------------------------------------------
 # continuous batching
 
@@ -204,18 +253,19 @@ def test_continuous_batching_gives_each_prompt_what_it_gets_alone(small_target, 
     assert len(set(got)) >= 8  # varied outputs: the equality is not trivial
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("static", [False, True, "replay"])
 def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch, static):  # noqa: F811
     """pad != EOS, prompts of 10 to 60 tokens joining rows that have run for a while; eager (join)
-    and on fixed shapes (enter)."""
+    and on fixed shapes (enter), run eagerly and replayed as CUDA replays them (replay_steps)."""
     model, tok = olmo
+    traces = replay_steps(monkeypatch) if static == "replay" else None
     prompts = [it.input for it in release if it.kind == "qa" and it.task in (1, 3)][:8] + \
         [it.input for it in release if it.kind == "sc"][:6]
     joins, entries, real_enter = spy_joins(monkeypatch), [], generation.enter
     monkeypatch.setattr(generation, "enter", lambda *a, **k: entries.append(1) or real_enter(*a, **k))
-    monkeypatch.setattr(generation, "static_default", lambda model, device: static)
+    monkeypatch.setattr(generation, "static_default", lambda model, device: bool(static))
     got = generation.generate(model, tok, prompts, max_new_tokens=20, batch_size=4)
-    assert len(entries if static else joins) >= 2
+    assert len(entries if static else joins) >= 2 and (traces is None or traces)
     assert got == [alone(model, tok, p, 20) for p in prompts]
 
 
