@@ -398,7 +398,7 @@ class StaticStep:
                     self.run()
                 self.graph = graph
             except Exception as e:  # noqa: BLE001  an op that cannot be captured: eager from here on
-                GRAPHS["off"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                GRAPHS["off"] = lume.first_line(e)
                 print(f"generation: CUDA graph capture failed, decoding eagerly ({GRAPHS['off']})", flush=True)
         if self.graph is not None:
             self.graph.replay()
@@ -416,6 +416,9 @@ def static_step(model, S: int, C: int, device) -> StaticStep:
             del steps[k]
         steps[key] = StaticStep(model, S, C, device)
     return steps[key]
+
+
+ROUND_TO = 64  # cache positions of a fixed-shape step are a multiple of this: close lengths share a graph
 
 
 def capacity(s: int, N: int, round_to: int) -> int:
@@ -479,7 +482,7 @@ def place(S: int, P: int, who, count, live, lrows, jrows, idx):
 
 @torch.inference_mode()
 def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[int], batch_size: int = 32,
-                         max_tokens: int = 16384, device="cpu", on_done=None, round_to: int = 64) -> torch.Tensor:
+                         max_tokens: int = 16384, device="cpu", on_done=None, round_to: int = ROUND_TO) -> torch.Tensor:
     """greedy_stream on fixed shapes (the CUDA default): one step of S rows and C cache positions,
     captured once in a CUDA graph and replayed; each row writes its own next column. Prompts are
     prefilled apart (an eager cache) and, once a quarter of the rows are free, `enter` free rows of

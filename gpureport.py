@@ -54,11 +54,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def one_line(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def guarded(what: str, fn, say, device):
     """fn(), or {"error": one line} if it raises: on a GPU lent for minutes, one section's failure
     (an out-of-memory the plan missed, an op this torch lacks) becomes a row beside the others
@@ -66,8 +61,8 @@ def guarded(what: str, fn, say, device):
     try:
         return fn()
     except Exception as e:  # noqa: BLE001  (KeyboardInterrupt and SystemExit still end the report)
-        say(f"gpu-report: {what} failed ({one_line(e)})")
-        return {"error": one_line(e)}
+        say(f"gpu-report: {what} failed ({lume.first_line(e)})")
+        return {"error": lume.first_line(e)}
     finally:
         if device.type == "cuda":
             import gc
@@ -272,8 +267,9 @@ def official_one(model, ids, new_tokens: int):
 
 def decode_plan(model, B: int, new_tokens: int, prompt_len: int) -> int:
     """Bytes a decode batch adds to the weights: the fixed-shape step's keys and values (B rows of
-    T + N positions rounded up to 64, as greedy_static_stream builds it) and the prefill's own cache."""
-    return kv_bytes(model, B, generation.capacity(prompt_len, new_tokens, 64)) + kv_bytes(model, B, prompt_len)
+    T + N positions rounded up to ROUND_TO, as greedy_static_stream builds it) and the prefill's own cache."""
+    return (kv_bytes(model, B, generation.capacity(prompt_len, new_tokens, generation.ROUND_TO))
+            + kv_bytes(model, B, prompt_len))
 
 
 def decode_section(model, device, batches, new_tokens: int, prompt_len: int, peak: dict, say, budget,
