@@ -99,9 +99,7 @@ def parse_args(argv=None):
 # timing: interleaved repeats, medians
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+sync = gpureport.sync  # waits for the device's queued work before a clock is read
 
 
 def compare(ours, theirs, repeats: int, device, warm_ours=None, warm_theirs=None) -> dict:
@@ -148,6 +146,13 @@ def bench_items(pool, n: int, seed: int):
     k = min(n // 2, len(sc))
     pick = sorted(rng.sample(sc, k) + rng.sample(qa, min(n - k, len(qa))))
     return [pool[i] for i in pick]
+
+
+def setup(args, device):
+    """(pool, source, items, model, tok): the bench's release pool, its items and model, as main and docs/repro/ load them."""
+    pool, source = load_pool(args.data, max(2, args.items // 6 + 1), args.seed)
+    items = bench_items(pool, args.items, args.seed)
+    return (pool, source, items, *load_model(args, items, device))
 
 
 def load_model(args, items, device):
@@ -555,9 +560,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = lume.pick_device(args.device)
-    pool, source = load_pool(args.data, max(2, args.items // 6 + 1), args.seed)
-    items = bench_items(pool, args.items, args.seed)
-    model, tok = load_model(args, items, device)
+    pool, source, items, model, tok = setup(args, device)
     shape = model_shape(model)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"bench: {len(items)} items from {source}; model {shape_str(shape)}; {device}, "

@@ -9,9 +9,7 @@ sys.path.insert(0, str(ROOT))
 import bench, lume
 args = bench.parse_args([])
 lume.seed_everything(0)
-pool, _ = bench.load_pool(args.data, max(2, args.items // 6 + 1), 0)
-items = bench.bench_items(pool, args.items, 0)
-model, tok = bench.load_model(args, items, torch.device("cpu"))
+_, _, items, model, tok = bench.setup(args, torch.device("cpu"))
 tree = str(Path(sys.argv[1]).resolve())
 sys.path.insert(0, tree)
 for name in ("generation", "lume"):  # the other tree's modules from here on

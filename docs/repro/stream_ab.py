@@ -8,9 +8,7 @@ sys.path.insert(0, str(ROOT))
 import bench, generation, lume
 args = bench.parse_args([])
 lume.seed_everything(0)
-pool, source = bench.load_pool(args.data, max(2, args.items // 6 + 1), 0)
-items = bench.bench_items(pool, args.items, 0)
-model, tok = bench.load_model(args, items, torch.device("cpu"))
+_, _, items, model, tok = bench.setup(args, torch.device("cpu"))
 prompts = [it.input for it in items]
 enc = [tok(p).input_ids for p in prompts]; pad = lume.pad_of(tok); stop = generation.stop_ids(model, tok)
 def per_batch():
