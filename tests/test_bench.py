@@ -165,3 +165,7 @@ def test_a_decode_batch_whose_keys_and_values_do_not_fit_is_skipped_with_the_pla
                                  lambda: False, free)
     assert d["batch_32"]["tokens_per_s"] > 0
     assert d["batch_128"]["skipped"].startswith("keys and values 0.02 GiB > 0.01 GiB free beside the weights")
+    from transformers import AutoModelForCausalLM, OlmoConfig
+    with torch.device("meta"):  # the 7B in bf16, shapes only: 128 rows x (320 + 64) positions x 32 layers x 8 KiB
+        olmo7b = AutoModelForCausalLM.from_config(OlmoConfig(**gpureport.SHAPES["olmo-7b"]), dtype=torch.bfloat16)
+    assert gpureport.decode_plan(olmo7b, 128, 256, 64) == 24 * 2**30  # docs/performance.md's figure
