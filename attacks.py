@@ -53,25 +53,35 @@ MIN_K = (20, 40)  # percent of a document's tokens that Min-K% and Min-K%++ aver
 SIGMA_FLOOR = 1e-6  # Min-K%++ divides by sigma: a (numerically) one-hot next-token distribution has 0
 
 
-def next_token_moments(logits: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, V) next-token logits -> (mu, sigma), each (N,) fp32: mean and standard deviation of
-    log p(z) for z drawn from the model's own next-token distribution p (Min-K%++, eq. 2):
-        mu = sum_z p_z log p_z,   sigma^2 = sum_z p_z (log p_z)^2 - mu^2.
-    Chunks of `chunk` positions bound the extra (chunk, V) fp32 memory."""
-    mus, sigmas = [], []
-    for part in logits.split(chunk):
+STATS_ROWS = 64  # positions per log-softmax block: (64, V) fp32 temporaries stay in cache (64 x 50,304 = 12.9 MB)
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool = True, rows: int = STATS_ROWS):
+    """(n, V) next-token logits, (n,) labels -> (nll, mu, sigma), each (n,) fp32, from one
+    log-softmax per position (the official loss and the Min-K%++ moments share it):
+        nll   = -log p(label)                       F.cross_entropy(reduction="none"): nll_loss(log_softmax)
+        mu    = sum_z p_z log p_z                   Min-K%++ (eq. 2): mean of log p(z), z ~ p
+        sigma = sqrt(sum_z p_z (log p_z - mu)^2)    its standard deviation
+    mu and sigma are None when moments=False. The work goes `rows` positions at a time, so each
+    pass over a (rows, V) block reads it from cache, not memory; every value is per position, so
+    the block size changes no bit."""
+    nll, mus, sigmas = [], [], []
+    for part, y in zip(logits.split(rows), labels.split(rows)):
         logp = F.log_softmax(part.float(), dim=-1)  # finite for finite logits; p may underflow to 0
+        nll.append(-logp.gather(1, y[:, None])[:, 0])
+        if not moments:
+            continue
         p = logp.exp()
-        mu = (p * logp).sum(-1)
-        # the centred form sum_z p_z (log p_z - mu)^2 (equal to the one above): in fp32 the
-        # difference E[(log p)^2] - mu^2 cancels catastrophically when p is near uniform (a
-        # random or ascended-into-noise model: mu^2 ~ 30, sigma^2 ~ 1e-3), measured 5e-5 off
-        var = (p * (logp - mu[:, None]).square()).sum(-1)
+        tmp = torch.mul(p, logp)
+        mu = tmp.sum(-1)
+        # the centred form sum_z p_z (log p_z - mu)^2, not E[(log p)^2] - mu^2: in fp32 that
+        # difference cancels catastrophically when p is near uniform (a random or ascended-into-noise
+        # model: mu^2 ~ 30, sigma^2 ~ 1e-3), measured 5e-5 off. In place in tmp: no more (rows, V) buffers
+        var = torch.sub(logp, mu[:, None], out=tmp).square_().mul_(p).sum(-1)
         mus.append(mu)
         sigmas.append(var.sqrt())
-    if not mus:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(mus), torch.cat(sigmas)
+    cat = lambda xs: torch.cat(xs) if xs else logits.new_zeros(0, dtype=torch.float32)  # noqa: E731
+    return cat(nll), (cat(mus) if moments else None), (cat(sigmas) if moments else None)
 
 
 def min_k(x: torch.Tensor, pct: int) -> float:
@@ -92,7 +102,7 @@ def zlib_bytes(text: str) -> int:
 def doc_scores(text: str, loss: float, logp: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict:
     """The extra MIA statistics of one document (its mia.jsonl columns) from its official mean
     token NLL `loss` and, per predicted token t (every token but the first; (n,) each):
-    logp = log p(x_t | x_<t), mu / sigma the moments of next_token_moments at that position.
+    logp = log p(x_t | x_<t), mu / sigma the moments of token_stats at that position.
       zlib        = loss / zlib_bytes(text)                  lower = member
       min_k_K     = mean of the lowest K% of logp            higher = member
       min_k_pp_K  = mean of the lowest K% of (logp - mu) / sigma   higher = member

@@ -19,7 +19,6 @@ Named evaluation.py, not evaluate.py, which would shadow the `evaluate` package.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 import attacks
 import generation
@@ -59,6 +58,8 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
     moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)
     logits (16,384 x 50,304 fp32 = 3.3 GB, and as much again for their log-softmax); chunk 0 = one
     chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
+    Within a chunk, attacks.token_stats takes one log-softmax per position for the NLL and the
+    moments (two before), over blocks of rows that stay in cache: the same bits, less memory traffic.
     """
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
@@ -80,10 +81,9 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
         for part, y in zip(h.split(chunk or len(h)), labels[valid].split(chunk or len(h))):
             with autocast:
                 logits = split[1](part) if split else part  # (n, V)
-            # cross_entropy over a contiguous (n, V) block, as HF's loss does
-            nll.append(F.cross_entropy(logits.float(), y, reduction="none"))
+            n, m, s = attacks.token_stats(logits, y, moments=extra)  # one log-softmax for all three
+            nll.append(n)
             if extra:
-                m, s = attacks.next_token_moments(logits)
                 mu.append(m), sigma.append(s)
         full = torch.zeros(labels.shape, device=device)  # (B, T) NLL, 0 where not predicted: summed per
         full[valid] = torch.cat(nll)  # row in the same order as before the chunks

@@ -16,7 +16,14 @@ import data
 import evaluation
 import lume
 import metrics
-from test_realscale import olmo, olmo_dir  # noqa: F401  (module fixtures)
+
+
+def reference_moments(logits):
+    """The Min-K%++ moments as doc_stats computed them before the fused pass: their own log-softmax."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    return mu, (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
 
 
 @torch.inference_mode()
@@ -31,7 +38,7 @@ def reference_doc_stats(model, tok, docs, batch_size=16):
         nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none")
         loss = nll.view(labels.shape).sum(-1) / b.target_mask[:, 1:].sum(-1)
         valid = labels != -100
-        mu, sigma = attacks.next_token_moments(logits[valid])
+        mu, sigma = reference_moments(logits[valid])
         counts = valid.sum(-1).tolist()
         logp = (-nll.view(labels.shape)[valid]).split(counts)
         for i, v, lp, m, s in zip(idx, loss.tolist(), logp, mu.split(counts), sigma.split(counts)):
@@ -52,14 +59,31 @@ def test_chunked_mia_statistics_equal_the_whole_logits_ones(small_target, small_
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (chunk, k)
 
 
+def test_one_log_softmax_gives_the_loss_and_moments_bit_for_bit():
+    """token_stats (one log-softmax, blocks of rows) equals F.cross_entropy and the two-pass moments
+    exactly: the fused pass changes no bit of mia.jsonl."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 777, generator=g) * 4
+    logits[0] = 0.0  # uniform: sigma 0
+    logits[1, 5] = 80.0  # one-hot to fp32 precision: p underflows to 0 elsewhere
+    y = torch.randint(0, 777, (300,), generator=g)
+    mu, sigma = reference_moments(logits)
+    for rows in (64, 7, 1000):
+        nll, m, s = attacks.token_stats(logits, y, rows=rows)
+        assert torch.equal(nll, F.cross_entropy(logits, y, reduction="none"))
+        assert torch.equal(m, mu) and torch.equal(s, sigma), rows
+    nll, m, s = attacks.token_stats(logits, y, moments=False)
+    assert m is None and s is None and torch.equal(nll, F.cross_entropy(logits, y, reduction="none"))
+
+
 def test_mia_peak_memory_does_not_grow_with_the_batch(small_target, small_data, monkeypatch):
     """The largest logits block the statistics see is `chunk` rows, however many tokens a batch has."""
     model, tok = small_target
     items, _ = small_data
     docs = [it.input + " " + it.output for it in items][:8]
     seen = []
-    real = attacks.next_token_moments
-    monkeypatch.setattr(attacks, "next_token_moments", lambda x, *a: seen.append(x.shape[0]) or real(x, *a))
+    real = attacks.token_stats
+    monkeypatch.setattr(attacks, "token_stats", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
     evaluation.doc_stats(model, tok, docs, batch_size=8, chunk=16)
     assert max(seen) == 16 and sum(seen) > 64  # many tokens, never more than 16 at once
 
@@ -69,7 +93,7 @@ def mmlu(shared):
     return data.load_mmlu(shared / "mmlu")
 
 
-def test_mmlu_shared_prefix_picks_what_whole_prompts_pick(olmo, mmlu, monkeypatch):  # noqa: F811
+def test_mmlu_shared_prefix_picks_what_whole_prompts_pick(olmo, mmlu, monkeypatch):
     model, tok = olmo
     dev, test = mmlu
     rng = random.Random(0)
@@ -91,7 +115,7 @@ def test_mmlu_shared_prefix_picks_what_whole_prompts_pick(olmo, mmlu, monkeypatc
         torch.testing.assert_close(torch.stack([a[i] for i in range(len(enc))]), b, rtol=1e-4, atol=1e-4)
 
 
-def test_mmlu_questions_whose_cap_dropped_shots_take_the_whole_prompt_path(olmo, mmlu, monkeypatch):  # noqa: F811
+def test_mmlu_questions_whose_cap_dropped_shots_take_the_whole_prompt_path(olmo, mmlu, monkeypatch):
     model, tok = olmo
     dev, test = mmlu
     subject = "high_school_biology"
