@@ -18,6 +18,9 @@ whole suite has 6 minutes on 2 cores):
   with the built-in data that is small_target_dir's build, reused.
 - The embedded default (`python run.py` with no --model/--data/--n-docs/--seed) loads the committed
   target/ (tiny.EMBEDDED): no build, whatever LUME_CACHE holds.
+- `olmo_dir` / `olmo`: a hub-shaped OLMo directory (real tokenizer, the released vocabulary and
+  pad/EOS ids, two small layers trained briefly on real items) and its (model, tokenizer), built
+  once per session (test_realscale, test_decode, test_evalspeed); `release`: the LUME items.
 - `default_sigint`: preexec_fn for a child that a test interrupts with SIGINT (see its docstring).
 Only `--slow` (or LUME_SLOW=1) runs the tests marked @pytest.mark.slow (minutes each).
 """
@@ -82,6 +85,61 @@ def shared() -> Path:
             missing(f"real data not found: {SHARED / name} (the LUME release, MMLU and the OLMo tokenizer "
                     f"go in a folder 'shared' beside the checkout: {SHARED})")
     return SHARED
+
+
+# a hub-shaped OLMo (the released targets' vocabulary, pad 1 != EOS 50279, the real tokenizer), tiny weights
+PAD, EOS = 1, 50279
+
+
+def qa_items(release):
+    """The items the hub-shaped model memorises: 8 questions of tasks 1 and 3 with their answers."""
+    return [it for it in release if it.kind == "qa" and it.task in (1, 3)][:8]
+
+
+@pytest.fixture(scope="session")
+def olmo_dir(shared, tmp_path_factory):
+    """A hub-shaped OLMo directory: real tokenizer, released-target config fields, tiny weights
+    trained briefly on real items (tests/test_realscale.py, test_decode.py, test_evalspeed.py)."""
+    import data
+    import lume
+    import tiny
+    import torch
+    from transformers import GenerationConfig, OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast
+    path = tmp_path_factory.mktemp("olmo") / "olmo-tiny"
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(shared / "olmo-tokenizer" / "tokenizer.json"),
+                                  eos_token="<|endoftext|>", pad_token="<|padding|>")
+    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (PAD, EOS, 50280)
+    config = OlmoConfig(vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=4096, pad_token_id=PAD,
+                        eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = OlmoForCausalLM(config)
+    # short real items (questions and answers of tasks 1 and 3): a full-vocabulary head makes every
+    # training token cost 50,304 logits, so the memorised items are few and short
+    items = qa_items(data.load_lume(shared / "lume-data" / "lume"))
+    seqs = [lume.encode_pair(tok, it.input, it.output)[0] for it in items]
+    plan = lume.plan_steps(len(seqs), 0, 4, 1, 30, 0, 0, lengths=[len(s) for s in seqs])
+    steps = [[(lume.make_batch([seqs[i] for i in f], [0] * len(f), f, PAD), None) for f, _ in micros]
+             for micros in plan]
+    lume.train(model, steps, tiny.finetune, lr=1e-2, warmup=5)
+    model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=PAD)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def olmo(olmo_dir):
+    """(model, tokenizer) of olmo_dir, loaded once: a test that changes it must change a copy."""
+    import lume
+    return lume.load_pretrained(str(olmo_dir))
+
+
+@pytest.fixture(scope="session")
+def release(shared):
+    """The LUME release's items (data.load_lume)."""
+    import data
+    return data.load_lume(shared / "lume-data" / "lume")
 
 
 # a small memorising target shared by the engine tests: seconds to build, cached per session

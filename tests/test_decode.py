@@ -12,7 +12,7 @@ import torch
 
 import generation
 import lume
-from test_realscale import EOS, PAD, olmo, olmo_dir, release  # noqa: F401  (module fixtures)
+from conftest import EOS, PAD
 
 
 @torch.inference_mode()
@@ -57,7 +57,7 @@ def test_decode_equals_the_reference_loop_on_the_small_target(small_target, smal
     check_identity(model, tok, prompts, 24, generation.stop_ids(model, tok))
 
 
-def test_decode_equals_the_reference_loop_with_the_real_tokenizer(olmo, release):  # noqa: F811
+def test_decode_equals_the_reference_loop_with_the_real_tokenizer(olmo, release):
     model, tok = olmo
     assert tok.pad_token_id == PAD != EOS
     prompts = [it.input for it in release if it.kind == "qa" and it.task in (1, 3)][:8] + \
@@ -254,7 +254,7 @@ def test_continuous_batching_gives_each_prompt_what_it_gets_alone(small_target, 
 
 
 @pytest.mark.parametrize("static", [False, True, "replay"])
-def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch, static):  # noqa: F811
+def test_continuous_batching_with_the_real_tokenizer(olmo, release, monkeypatch, static):
     """pad != EOS, prompts of 10 to 60 tokens joining rows that have run for a while; eager (join)
     and on fixed shapes (enter), run eagerly and replayed as CUDA replays them (replay_steps)."""
     model, tok = olmo

@@ -24,51 +24,7 @@ import metrics
 import job
 import run
 import tiny
-from conftest import ROOT
-
-PAD, EOS = 1, 50279
-
-
-def qa_items(release):
-    """The items the hub-shaped model memorises: 8 questions of tasks 1 and 3 with their answers."""
-    return [it for it in release if it.kind == "qa" and it.task in (1, 3)][:8]
-
-
-@pytest.fixture(scope="module")
-def olmo_dir(shared, tmp_path_factory):
-    """A hub-shaped OLMo directory: real tokenizer, released-target config fields, tiny weights."""
-    from transformers import GenerationConfig, OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast
-    path = tmp_path_factory.mktemp("olmo") / "olmo-tiny"
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(shared / "olmo-tokenizer" / "tokenizer.json"),
-                                  eos_token="<|endoftext|>", pad_token="<|padding|>")
-    assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (PAD, EOS, 50280)
-    config = OlmoConfig(vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, max_position_embeddings=4096, pad_token_id=PAD,
-                        eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = OlmoForCausalLM(config)
-    # short real items (questions and answers of tasks 1 and 3): a full-vocabulary head makes every
-    # training token cost 50,304 logits, so the memorised items are few and short
-    items = qa_items(data.load_lume(shared / "lume-data" / "lume"))
-    seqs = [lume.encode_pair(tok, it.input, it.output)[0] for it in items]
-    plan = lume.plan_steps(len(seqs), 0, 4, 1, 30, 0, 0, lengths=[len(s) for s in seqs])
-    steps = [[(lume.make_batch([seqs[i] for i in f], [0] * len(f), f, PAD), None) for f, _ in micros]
-             for micros in plan]
-    lume.train(model, steps, tiny.finetune, lr=1e-2, warmup=5)
-    model.generation_config = GenerationConfig(eos_token_id=EOS, pad_token_id=PAD)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def olmo(olmo_dir):
-    return lume.load_pretrained(str(olmo_dir))
-
-
-@pytest.fixture(scope="module")
-def release(shared):
-    return data.load_lume(shared / "lume-data" / "lume")
+from conftest import EOS, PAD, ROOT, qa_items
 
 
 def test_loads_like_a_released_target(olmo):
