@@ -46,7 +46,7 @@ def arg(default, help: str, **extra):
 class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
-    method: str = arg("npo", "unlearning method (methods.py); none scores the target as it is",
+    method: str = arg(methods.DEFAULT, "unlearning method (methods.py); none scores the target as it is",
                       choices=lambda: [*methods.METHODS, "none"])
     model: str = arg("tiny", "tiny (the committed target/ on the default built-in data, else built once, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
