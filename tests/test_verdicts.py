@@ -64,14 +64,14 @@ def test_lora_quantisation_equals_quantising_the_merged_model(bits):
     assert same_as(model, before) and all(m.adapters_on for m in lora.lora_modules(model).values())
 
 
-@pytest.mark.parametrize("name", ["quant8", "quant4", "relearn"])
+@pytest.mark.parametrize("name", ["quant8", "quant4", "nf4", "fp4", "int8-outlier", "relearn"])
 def test_every_weight_attack_of_a_lora_run_is_scored_on_the_deployed_model(name):
     model, ids = with_lora(2), torch.randint(2, 258, (2, 12))
     merged = lora.merge(copy.deepcopy(model))
     items = [it for it in data.builtin(n_docs=2, seed=0)[0] if it.split == "forget" and it.task == 1]
     recipe = {"lr": 1e-2, "steps": 2, "batch_size": 2}
-    if name.startswith("quant"):
-        attacks.quantise_(merged, int(name[-1]))
+    if name != "relearn":
+        attacks.quantise_(merged, name)
     else:  # the same full fine-tune on the plain merged model, every weight trainable
         merged.requires_grad_(True)
         attacks.relearn_(merged, ByteTok(), attacks.split_halves([it for it in items if it.kind == "qa"], 0)[0],
