@@ -504,9 +504,9 @@ def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, set
             if len(grid) > 1:  # the sweep, then the best point again: that model is the one scored
                 points = sweep_(model, tok, T, V, grid, data["probe"], seed=seed, device=device,
                                 precision=setup["precision"], record=record, dist=dist)
-                best = best_point(points)
+                best, base = best_point(points), {"lr": recipe["lr"], "steps": recipe["steps"]}  # base: today's
                 recipe = {**recipe, "lr": best["lr"], "steps": best["steps"]}
-                extra = {"sweep": {"grid": data["grid"], "points": points, "best": best,
+                extra = {"sweep": {"grid": data["grid"], "points": points, "best": best, "base": base,
                                    "rule": "highest V exact match, then lowest V answer NLL, then earliest"}}
             relearn_(model, tok, T, recipe, seed=seed, device=device, precision=setup["precision"], record=record,
                      dist=dist)
@@ -572,6 +572,9 @@ def summary(robustness: dict) -> str:
             parts.append(f"V knowledge {fmt(vk['before'])} -> {fmt(vk['after'])} -> relearned {fmt(vk['relearned'])}")
         for t, k in entry.get("knowledge", {}).items():  # fewshot
             parts.append(f"{t} knowledge with {entry['k']} shots {fmt(k['with_shots'])} (without {fmt(k['after'])})")
+        if "sweep" in entry:
+            parts.append(f"best of {len(entry['sweep']['points'])} (lr {entry['sweep']['best']['lr']:.0e}, "
+                         f"{entry['sweep']['best']['steps']} steps)")
         if "attacker" in entry:
             parts.append(f"attacker trained {entry['attacker']['trainable_params']:,} parameters "
                          f"({entry['attacker']['setup']})")

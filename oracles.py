@@ -115,7 +115,7 @@ def compare(results: dict, oracle: dict, losses: dict, gen_rows, mia_rows, forge
     after, ores = results["after"], oracle["results"]
     au, ao = after.get("mia_attacks", {}), ores.get("mia_attacks", {})
     d, p = ks_2samp(losses["after"], oracle["losses"])
-    out = {"model": oracle["model"],
+    out = {"model": oracle["model"], "results": ores,
            "scores": {k: {"unlearned": v, "oracle": flat_scores(ores).get(k)} for k, v in flat_scores(after).items()},
            "mia_auc": {k: {"unlearned": au.get(k), "oracle": v} for k, v in ao.items()},
            "privleak": {k: privleak(au.get(k), v) for k, v in ao.items()},
