@@ -333,7 +333,7 @@ def attack_problems(cfg) -> list[str]:
         single = [a for a in asked if a == "fewshot" or (partial and a in ("relearn", "unrelated"))
                   or (getattr(cfg, "lora_rank", 0) and a in ("quant8", "quant4"))
                   or a in ("nf4", "fp4", "int8-outlier")  # blocks / forwards across shards: untested
-                  or (a == "relearn" and getattr(cfg, "relearn_grid", "single") != "single")]  # probes generate
+                  or (a == "relearn" and getattr(cfg, "relearn_grid", "auto") not in ("auto", "single"))]  # probes generate
         if single:
             out.append(f"--attacks {','.join(single)} is not supported under torchrun here (fewshot generates outside "
                        "the sharded loops; the full-weight attacker and LoRA's merge are tested on shards only for "

@@ -512,7 +512,7 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
         lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist), generate,
         tasks=sorted({it.task for it in forget}), seed=cfg.seed,
         recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device, dist=dist,
-        grid=cfg.relearn_grid)
+        grid={"auto": "single" if dist else "small"}.get(cfg.relearn_grid, cfg.relearn_grid))
     return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
             "results": {**scored["results"], "robustness": robustness}}
 

@@ -158,7 +158,7 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
     key = fingerprint(items, {"recipe": recipe, "config": config, **({"tokenizer": target_key(tok_dir)} if oracle else {})})
     where, prefix = (ORACLE, "oracle") if oracle else (EMBEDDED, "tiny")
     if committed and embedded(key, log, where) is not None:
-        log(f"tiny {prefix}: {where} (committed, checksums verified)")
+        log(f"tiny {'oracle' if oracle else 'target'}: {where} (committed, checksums verified)")
         return where
     path = Path(cache_dir) / f"{prefix}-{key}"
     path.parent.mkdir(parents=True, exist_ok=True)

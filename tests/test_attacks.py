@@ -217,7 +217,9 @@ def test_attacks_flag_is_checked_at_argument_time(monkeypatch, capsys):
     for argv, says in [(["--attacks", "fewshot"], "fewshot"),
                        (["--attacks", "relearn", "--method", "rmu"], "relearn"),
                        (["--attacks", "unrelated", "--train-layers", "2"], "unrelated"),
-                       (["--attacks", "quant4", "--lora-rank", "4"], "quant4")]:
+                       (["--attacks", "quant4", "--lora-rank", "4"], "quant4"),
+                       (["--attacks", "relearn", "--relearn-grid", "small"], "relearn"),  # its probes generate
+                       (["--attacks", "nf4"], "nf4")]:
         with pytest.raises(SystemExit):
             run.parse_args(argv)
         err = capsys.readouterr().err
