@@ -300,7 +300,8 @@ GRIDS = {"single": ((1.0,), (10,)), "small": ((0.3, 1.0, 3.0), (10, 30)),
 def relearn_grid(recipe: dict, grid: str) -> list[dict]:
     """The recipes of the sweep, in order (lr, then steps); the recipe itself is among them."""
     scales, steps = GRIDS[grid]
-    return [{**recipe, "lr": recipe["lr"] * s, "steps": n} for s in scales for n in steps]
+    # lr rounded to 6 digits: 3e-4, not 3.0000000000000003e-4
+    return [{**recipe, "lr": float(f"{recipe['lr'] * s:.6g}"), "steps": n} for s in scales for n in steps]
 
 
 def best_point(points: list[dict]) -> dict:

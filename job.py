@@ -477,7 +477,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
             write_scores(out, scored)
     if rank0:
         status.write_status(out, "complete")
-    results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
+    results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness", "oracle")}
     if results:  # --method none --no-eval-before --save exports the target and scores nothing
         lume.print0(report.table(results))
         lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
