@@ -351,6 +351,15 @@ def read_manifest(where: Path) -> dict:
     return manifest
 
 
+def listed(manifest: dict, where: Path, *names) -> None:
+    """CheckpointError unless every file in names is in the manifest (so checked by its sha256):
+    nothing of a checkpoint is read by name alone."""
+    missing = [n for n in names if n not in manifest["files"]]
+    if missing:
+        raise CheckpointError(f"{where / 'manifest.json'}: does not list {', '.join(missing)}: refused (every file "
+                              "a checkpoint is read from is listed with its sha256)")
+
+
 def tensors_of(where: Path, rel: str) -> dict:
     """A safetensors file of the checkpoint (checked by read_manifest), opened through rundir.open_in
     and read from that very descriptor (/proc/self/fd on Linux)."""
@@ -379,6 +388,7 @@ def read(where: Path, manifest: dict | None = None) -> dict:
     """One checkpoint directory -> {'weights', 'optimizer', 'state', 'best', 'step', 'fingerprint', 'dir'}
     (manifest: read_manifest(where), when the caller has checked it already)."""
     manifest = manifest or read_manifest(where)
+    listed(manifest, where, "state.json", "state.safetensors", "weights.safetensors")
     plain = json_of(where, "state.json")
     try:
         state = decode(plain, tensors_of(where, "state.safetensors"))

@@ -427,7 +427,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
           if cfg.method != "none" and (cfg.save_every or cfg.resume) else None)
     resume = resume_checkpoint(cfg, fp, model, len(split_items(cfg, items)[0])) if cfg.resume and cfg.method != "none" \
         else None
-    prior = rundir.read_prior(Path(cfg.resume), resume) if cfg.resume else None  # before anything is written there
+    prior = rundir.read_prior(Path(cfg.resume), resume, report.table) if cfg.resume else None  # before anything is written there
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
     if rank0 and where is not None and "lock" not in where:
         where["lock"] = checkpoint.lock_run(out)

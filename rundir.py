@@ -26,7 +26,6 @@ import stat
 from pathlib import Path
 
 import lume
-import report
 
 MARKER = ".lume-run"  # {"lume": "run", "version": VERSION}, written first into every run directory
 VERSION = 3  # run directories of this layout: checkpoints FORMAT 3, sha256-checked (checkpoint.py)
@@ -252,10 +251,11 @@ def read_run_config(run_dir) -> tuple[dict, bool]:
     return config, "after" in done
 
 
-def read_prior(out: Path, resume: dict | None) -> dict:
+def read_prior(out: Path, resume: dict | None, table=None) -> dict:
     """What a resumed run keeps, read before anything is written: the stages its directory already
     holds (not scored again) and the log.jsonl rows before its checkpoint's step (all of them are
-    dropped without one). Each file one `error:` line when it is not what a run writes."""
+    dropped without one). Each file one `error:` line when it is not what a run writes; table:
+    report.table, which the results must go through at the end of the run."""
     def rows(name):
         return read_jsonl(out, name) if os.path.lexists(out / name) else []
     try:
@@ -264,7 +264,7 @@ def read_prior(out: Path, resume: dict | None) -> dict:
             scored = {"generations": rows("generations.jsonl"), "mia": rows("mia.jsonl"),
                       "results": read_json(out, "results.json")}
             try:  # what the run prints from it at the end
-                report.table({k: v for k, v in scored["results"].items() if k in ("before", "after")})
+                (table or (lambda r: r))({k: v for k, v in scored["results"].items() if k in ("before", "after")})
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise BadFile(out / "results.json", f"not a run's results ({lume.first_line(e)})") from None
         log = [r for r in rows("log.jsonl") if type(r.get("step")) is int and r["step"] < (resume or {}).get("step", 0)]
@@ -331,9 +331,9 @@ STATUS_BYTES = 4096  # status.json's reserved size
 
 def _status_text(obj: dict, size: int | None) -> str:
     """obj as JSON padded with spaces to `size` (JSON allows trailing spaces); when it is longer, its
-    longest strings are shortened (never cut mid-string) until it fits; size None: as it is."""
+    longest strings are shortened (never cut mid-string) until it fits."""
     text = json.dumps(obj, indent=2)
-    while size is not None and len(text.encode()) > size - 1:
+    while len(text.encode()) > size - 1:
         key = max((k for k, v in obj.items() if isinstance(v, str)), key=lambda k: len(obj[k]), default=None)
         if key is None or len(obj[key]) < 8:
             obj = {k: v for k, v in obj.items() if k in ("status", "time")}
@@ -341,14 +341,15 @@ def _status_text(obj: dict, size: int | None) -> str:
             break
         obj = {**obj, key: obj[key][: len(obj[key]) // 2] + "..."}
         text = json.dumps(obj, indent=2)
-    return text + " " * max(0, (size or 0) - 1 - len(text.encode())) + "\n"
+    return text + " " * max(0, size - 1 - len(text.encode())) + "\n"
 
 
 def write_status(path, obj: dict) -> None:
     """status.json, written atomically in full and padded to at least STATUS_BYTES; when the disk is
     full, rewritten in place (opened without following a link) in the blocks reserved by the first
     write, its longest strings shortened to fit, so a run can still say it failed and why."""
-    text = _status_text(obj, STATUS_BYTES)
+    text = json.dumps(obj, indent=2)
+    text += " " * max(0, STATUS_BYTES - 1 - len(text.encode())) + "\n"  # whole, however long
     try:
         lume.write_atomic(path, lambda tmp: tmp.write_text(text), len(text))
     except OSError as e:

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import warnings
-from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageInfo
+from torch.futures import Future
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorProperties, TensorStorageMetadata)
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -126,9 +126,9 @@ class Reader(FileSystemReader):
     opened through checkpoint.tensors_of (no link followed), each tensor checked against the chunk
     it fills. No pickle and no torch.load."""
 
-    def __init__(self, where: Path):
+    def __init__(self, where: Path, files: dict):
         super().__init__(str(where / "dcp"))
-        self.where = where
+        self.where, self.files = where, files  # files: the manifest's, each sha256-checked
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         path = self.where / "dcp" / META
@@ -141,6 +141,7 @@ class Reader(FileSystemReader):
         for req in plan.items:
             file = self.storage_data[req.storage_index].relative_path
             if file not in shards:
+                checkpoint.listed({"files": self.files}, self.where, f"dcp/{file}")
                 shards[file] = checkpoint.tensors_of(self.where, f"dcp/{file}")
             fqn = req.storage_index.fqn
             saved = shards[file].get(fqn)
@@ -252,9 +253,13 @@ def read(where: Path) -> dict:
     manifest = checkpoint.read_manifest(where)
     if f"dcp/{META}" not in manifest["files"]:
         return {**checkpoint.read(where, manifest), "layout": "single", "world": 1}
+    mine_listed = f"rank-{rank()}.json" in manifest["files"]
+    checkpoint.listed(manifest, where, "state.json", "state.safetensors",
+                      *([f"rank-{rank()}.safetensors"] if mine_listed else []))
     state = read_pair(where, "state")
-    mine = read_pair(where, f"rank-{rank()}") if f"rank-{rank()}.json" in manifest["files"] else None
-    meta = Reader(where).read_metadata()  # refused now, before any training, if it does not hold
+    mine = read_pair(where, f"rank-{rank()}") if mine_listed else None
+    meta = Reader(where, manifest["files"]).read_metadata()  # refused now, before any training, if it does not hold
+    checkpoint.listed(manifest, where, *sorted({f"dcp/{i.relative_path}" for i in meta.storage_data.values()}))
     world = state.get("world")
     if type(world) is not int or not 1 <= world <= 1 << 16 or state.get("step") != manifest["step"]:
         raise CheckpointError(f"{where / 'state.json'}: world {world!r}, step {state.get('step')!r}: not the state "
@@ -269,7 +274,7 @@ def read(where: Path) -> dict:
     best = (mine or {}).get("best") if same else None
     return {"layout": "dcp", "dir": where, "step": manifest["step"], "fingerprint": manifest["fingerprint"],
             "state": state, "mine": mine if same else None, "world": world, "best": best,
-            "weights": None, "optimizer": None, "metadata": meta}
+            "weights": None, "optimizer": None, "metadata": meta, "files": manifest["files"]}
 
 
 def fits(got: dict, model, n_forget: int | None = None) -> None:
@@ -327,7 +332,14 @@ def restore(model, opt, scaler, got: dict, dist=None) -> None:
         msd, (ost, _) = model_state(model), optim_state(model, opt)
         with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": msd, "optim": ost}, storage_reader=Reader(got["dir"]))
+            try:
+                dcp.load({"model": msd, "optim": ost}, storage_reader=Reader(got["dir"], got["files"]))
+            except Exception as e:  # DCP wraps a rank's error (Reader's CheckpointError) in its own
+                inner = next(iter(getattr(e, "failures", {}).values()), None)
+                inner = getattr(inner, "exception", inner)
+                if isinstance(inner, CheckpointError):
+                    raise CheckpointError(str(inner)) from None
+                raise
         set_model_state_dict(model, msd, options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, opt, {"state": ost, "param_groups": got["state"]["param_groups"]})
         rng = got["mine"]["rng"] if got["mine"] else None

@@ -76,10 +76,10 @@ def runs(small_target_dir, tmp_path_factory):
     return {"single": single, "dcp": as_sharded(single, tmp / "dcp", small_target_dir), "target": small_target_dir}
 
 
-def tree_hash(root) -> str:
+def tree_hash(root, skip=()) -> str:
     """Every name, kind, size and content under root (links by their target, not followed)."""
     h = hashlib.sha256()
-    for p in sorted(pathlib.Path(root).rglob("*")):
+    for p in sorted(q for q in pathlib.Path(root).rglob("*") if q.name not in skip):
         st = p.lstat()
         h.update(f"{p.relative_to(root)} {stat.S_IFMT(st.st_mode)} {st.st_size}\n".encode())
         if stat.S_ISREG(st.st_mode):
@@ -166,6 +166,9 @@ def test_a_symlinked_checkpoints_directory_is_refused(runs, place, capsys):
 def test_state_json_as_a_fifo_is_refused_without_hanging(runs, place, capsys):
     d, canary, before = place(runs["single"])
     state = next((d / "checkpoints").glob("step-*/state.json"))
+    manifest = json.loads((state.parent / "manifest.json").read_text())  # the sender's manifest lists it not
+    manifest["files"].pop("state.json")
+    (state.parent / "manifest.json").write_text(json.dumps(manifest))
     state.unlink()
     os.mkfifo(state)
     signal.signal(signal.SIGALRM, lambda *a: pytest.fail("--resume hung on a FIFO"))
@@ -290,7 +293,7 @@ class Light:
             inputs = self.inputs[key]
             fp = job.run_fingerprint(cfg, inputs, self.model, self.tok, None, "fp32")
             got = job.resume_checkpoint(cfg, fp, self.model, len(job.split_items(cfg, inputs[0])[0]))
-            job.rundir.read_prior(d, got)
+            job.rundir.read_prior(d, got, job.report.table)
             return got
         finally:
             os.close(fd)
@@ -343,3 +346,94 @@ def test_every_mutation_of_every_file_is_one_line_or_a_correct_resume(runs, tmp_
                 shutil.rmtree(case, ignore_errors=True)
     print(f"mutation harness: {counts}")
     assert counts["cases"] >= 250 and counts["error"] > counts["ok"] > 0, counts
+
+
+# -----------------------------------------------------------------------------
+# a handful of full resumes, and the one-line errors of the other entry points
+
+
+def test_a_handful_of_cases_resume_fully_and_give_the_same_results(runs, tmp_path):
+    """The sharded layout in one process (sharded.Reader: JSON metadata, safetensors shards), and a
+    one-process run whose latest.json is gone and whose status.json and .lock are damaged: both
+    complete, with the same results."""
+    results = []  # (the pristine one-process resume: tests/test_faults.py's SIGTERM test)
+    for layout, damage in (("dcp", None), ("single", "latest.json+status+lock")):
+        d = tmp_path / f"{layout}-{damage}"
+        shutil.copytree(runs[layout], d)
+        if damage:
+            (d / "checkpoints" / "latest.json").unlink()
+            (d / "status.json").write_bytes(b"\0" * 10)
+            (d / ".lock").write_bytes(b"12345\n")
+        assert resume(d) == 0, (layout, damage)
+        results.append(json.loads((d / "results.json").read_text()))
+        assert json.loads((d / "status.json").read_text())["status"] == "complete"
+    assert all(r == results[0] for r in results[1:])
+
+
+def test_sigterm_during_a_resumes_model_load_says_nothing_changed(runs, tmp_path, capsys, monkeypatch):
+    d = tmp_path / "run"
+    shutil.copytree(runs["single"], d)
+    before = tree_hash(d, skip=(".lock",))  # the lock is taken first: its PID changes
+
+    def killed(*a, **k):
+        raise checkpoint.Terminated("terminated (SIGTERM)")
+    monkeypatch.setattr(job, "load_model", killed)
+    assert resume(d) == 143
+    line = one_line(capsys.readouterr().err)
+    assert "before the run directory was made" not in line and f"--resume {d}" in line
+    assert tree_hash(d, skip=(".lock",)) == before
+
+
+def test_status_json_is_whole_with_a_long_path_and_on_a_full_disk(tmp_path, monkeypatch):
+    import rundir
+    path = tmp_path / "status.json"
+    long = "/very/long/" + "x" * 6000
+    rundir.write_status(path, {"status": "failed", "reason": f"cannot write {long}", "next": f"see {long}"})
+    assert json.loads(path.read_text())["reason"].endswith("x" * 100)  # whole: never cut mid-string
+    rundir.write_status(path, {"status": "running"})
+    size = path.stat().st_size
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(lume, "write_atomic", full)  # the disk fills: rewritten in place, shortened to fit
+    rundir.write_status(path, {"status": "failed", "reason": f"cannot write {long}"})
+    assert path.stat().st_size == size and json.loads(path.read_text())["status"] == "failed"
+
+
+def test_a_full_disk_in_safetensors_is_the_usual_one_line(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path, 3, {"a": torch.ones(2)}, {}, {})
+    assert e.value.errno == 28 and "no space left on device" in str(e.value) and "step-000003" in str(e.value)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name,content", [("adapter_config.json", b"[1, 2]"), ("adapter_config.json", b"{\"r\": \"8\"}"),
+                                          ("adapter_config.json", b"[" * 100000),
+                                          ("adapter_model.safetensors", b"\xff" * 64)],
+                         ids=["list", "wrong-type", "nested", "not-safetensors"])
+def test_merge_of_a_malformed_adapter_is_one_line(runs, tmp_path, capsys, name, content):
+    import merge
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16,
+                                                             "base_model_name_or_path": str(runs["target"])}))
+    (adapter / name).write_bytes(content)
+    assert merge.main([str(adapter), "--base", str(runs["target"]), "--out", str(tmp_path / "out")]) == 2
+    assert name in one_line(capsys.readouterr().err) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("results", [b"[1]", b"{\"before\": 5}", b"{\"before\": {\"forget-set\": []}}", b"[" * 100000],
+                         ids=["list", "wrong-type", "wrong-inner-type", "nested"])
+def test_report_compare_of_malformed_results_is_one_line(runs, tmp_path, capsys, results):
+    import report
+    d = tmp_path / "run"
+    shutil.copytree(runs["single"], d)
+    (d / "results.json").write_bytes(results)
+    assert report.main(["compare", str(d), str(runs["single"]), "--png", ""]) == 2
+    assert "results.json" in one_line(capsys.readouterr().err)
