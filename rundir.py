@@ -234,9 +234,10 @@ def check_marker(run_dir) -> None:
     except BadFile as e:
         if e.why != "missing":
             raise
-        raise BadFile(Path(run_dir), f"not a run directory LUME made (no {MARKER} marker there; a model directory "
-                                     "or an older LUME's run is never written into): start a new run with --out"
-                      ) from None
+        if not os.path.lexists(Path(run_dir) / "config.json"):
+            raise BadFile(Path(run_dir) / MARKER, "missing, and no config.json there (not a run directory)") from None
+        raise BadFile(Path(run_dir) / MARKER, "missing: not a run directory LUME made (a model directory or an older "
+                                              "LUME's run is never written into): start a new run with --out") from None
     if marker.get("lume") != "run" or marker.get("version") != VERSION:
         raise BadFile(Path(run_dir) / MARKER, f"a run directory of layout {marker.get('version')!r}, this LUME resumes "
                                               f"layout {VERSION}: start it again with a new --out")
