@@ -213,13 +213,17 @@ def resumed_config(run_dir: str, argv) -> Config:
         fail(str(e))
     if complete:
         fail("the run is complete (results.json has its after-unlearning scores)")
-    for f in dataclasses.fields(Config):  # config.json's values as argparse would have made them
-        v = saved.get(f.name, f.default)
-        want = f.metadata.get("type") or (bool if f.type in (bool, "bool") else type(f.default))
-        ok = (v is None and f.default is None) or (type(v) is want) or (want is float and type(v) is int)
-        if not ok or v not in f.metadata.get("choices", [v]):
+    for f in dataclasses.fields(Config):  # config.json's values as argparse (or resolve_auto) would have made them
+        v, choices = saved.get(f.name, f.default), f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        if f.default is dataclasses.MISSING:  # resolved: {option: {value, why}}, recorded, not read back
+            want, ok = dict, isinstance(v, dict)
+        else:
+            want = f.metadata.get("type") or (bool if f.type in (bool, "bool") else type(f.default))
+            ok = (v is None and f.default is None) or (type(v) is want) or (want is float and type(v) is int)
+        if not ok or (choices and v not in choices):
             fail(f"{Path(run_dir) / 'config.json'}: {f.name} is {json.dumps(v)[:80]}, not a {want.__name__}"
-                 + (f" in {f.metadata['choices']}" if "choices" in f.metadata else ""))
+                 + (f" in {choices}" if choices else ""))
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{**{k: v for k, v in saved.items() if k in names}, "resume": run_dir, "out": run_dir})
 

@@ -372,6 +372,6 @@ def rows_state(resume: dict, key: str, n: int) -> list | None:
     out = [None] * n
     for j, t in part.items():
         if int(j) >= n:  # checkpoint.check_state took the keys as digits: the range is checked here
-            raise CheckpointError(f"{resume['dir']}: RMU's cache names retain item {j}, but there are {n}: refused")
+            raise CheckpointError(f"{resume['dir']}: its {key} names retain item {j}, but there are {n}: refused")
         out[int(j)] = t
     return out

@@ -203,7 +203,7 @@ def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_targe
     kill_after_checkpoint(torchrun_argv(2, *argv, "--out", killed), killed)
     ckpt = killed / "checkpoints" / json.loads((killed / "checkpoints" / "latest.json").read_text())["dir"]
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank-0.json", "rank-1.json"} <= files.keys()
+    assert {"dcp/.metadata.json", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank-0.json", "rank-1.json"} <= files.keys()
     if method == "rmu":  # each rank holds the frozen activations of the retain rows it trains on
         parts = [load_file(str(ckpt / f"rank-{r}.safetensors")) for r in (0, 1)]
         assert all(any("rmu" in k for k in p) for p in parts)
