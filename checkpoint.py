@@ -419,16 +419,19 @@ def check_rng(rng, where) -> None:
         set_rng_state(before)
 
 
+PLAIN = ("scaler", "ref_logps", "track", "rng", "step", "optimizer", "param_groups", "world", "generators", "best")
+
+
 def check_state(state: dict, where, shapes: dict | None = None, n_forget: int | None = None) -> None:
     """CheckpointError naming `where` unless the state holds what restore() and the run read from it,
     of the right types: scaler numbers, NPO's reference (one log-prob per forget item), the
-    trajectory bookkeeping, RMU's cache, and (shapes: {index: parameter shape}, the optimizer's
+    trajectory bookkeeping, a method's per-row state, and (shapes: {index: parameter shape}, the optimizer's
     parameters in order) torch's optimizer state with moments shaped like their parameters. A
     matching fingerprint says which run wrote the checkpoint; this says its files hold what such a
     run writes (a hand-made checkpoint can carry any fingerprint)."""
     def bad(why):
         raise CheckpointError(f"{where}: {why}: refused (not what LUME writes)")
-    scaler, ref, track, rmu = state.get("scaler"), state.get("ref_logps"), state.get("track"), state.get("rmu")
+    scaler, ref, track = state.get("scaler"), state.get("ref_logps"), state.get("track")
     if not isinstance(scaler, dict) or not all(_number(v) for v in scaler.values()):
         bad("scaler is not an object of numbers")
     if ref is not None and (not isinstance(ref, torch.Tensor) or ref.dim() != 1 or not ref.is_floating_point()
@@ -438,9 +441,10 @@ def check_state(state: dict, where, shapes: dict | None = None, n_forget: int | 
             or not all(isinstance(r, dict) and type(r.get("step")) is int for r in track["rows"])
             or not (track.get("best") is None or type(track["best"]) is int)):
         bad("track is not {rows: [{step, ...}], best: step or null}")
-    if rmu is not None and (not isinstance(rmu, dict) or not all(
-            isinstance(k, str) and k.isdigit() and len(k) < 10 and isinstance(v, torch.Tensor) for k, v in rmu.items())):
-        bad("rmu is not {retain index: activations}")
+    for key, rows in state.items():  # a method's state (methods.Method.state): tensors, by name or by row
+        if key not in PLAIN and isinstance(rows, dict) and not all(
+                isinstance(k, str) and (v is None or isinstance(v, torch.Tensor)) for k, v in rows.items()):
+            bad(f"{key} is not {{name or retain index: tensor}}")
     if shapes is None:
         return
     opt = state.get("optimizer")

@@ -269,7 +269,7 @@ def read(where: Path) -> dict:
     checkpoint.check_state(state, where / "state.json")
     same = world == int(os.environ.get("WORLD_SIZE", "1"))
     if mine is not None and same:
-        checkpoint.check_state({**state, "rmu": mine.get("rmu")}, where / f"rank-{rank()}.json")
+        checkpoint.check_state({**state, **mine}, where / f"rank-{rank()}.json")
         checkpoint.check_rng(mine.get("rng"), where / f"rank-{rank()}.json")
     best = (mine or {}).get("best") if same else None
     return {"layout": "dcp", "dir": where, "step": manifest["step"], "fingerprint": manifest["fingerprint"],
@@ -371,7 +371,7 @@ def rows_state(resume: dict, key: str, n: int) -> list | None:
         return None
     out = [None] * n
     for j, t in part.items():
-        if int(j) >= n:  # checkpoint.check_state took the keys as digits: the range is checked here
+        if not (isinstance(j, str) and j.isdigit() and len(j) < 10) or int(j) >= n:  # checkpoint.check_state took the keys as digits: the range is checked here
             raise CheckpointError(f"{resume['dir']}: its {key} names retain item {j}, but there are {n}: refused")
         out[int(j)] = t
     return out
