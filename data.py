@@ -89,6 +89,8 @@ def _read_jsonl(path):
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path} line {n}: JSON nested too deep") from None
             if not isinstance(rec, dict):
                 raise DataError(f"{path} line {n}: expected a JSON object, got {type(rec).__name__}")
             out.append((n, rec))
@@ -241,6 +243,8 @@ def _read_mmlu_dir(folder, split):
     out = {}
     for file in sorted(folder.glob(f"*_{split}.csv")):
         subject, qs = file.name[: -len(f"_{split}.csv")], []
+        if not file.is_file():  # a FIFO would block the read forever, a directory cannot be read
+            raise DataError(f"{file}: not a regular file")
         raw = file.read_bytes()
         try:
             text = raw.decode("utf-8")

@@ -163,8 +163,13 @@ def _resolve(name: str, cache: Path, log) -> tuple[Path, dict]:
         how = "fetched"
     sums = verify_dir(dest, src)
     meta = dest / "source.json"  # absent when the files were placed there by hand
-    rec = json.loads(meta.read_text()) if meta.is_file() else {"source": name, "url": None,
-                                                              "revision": src.revision}
+    try:
+        rec = json.loads(meta.read_text()) if meta.is_file() else {"source": name, "url": None,
+                                                                  "revision": src.revision}
+        rec = {**rec}  # an object, or TypeError below
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise SystemExit(f"error: {meta}: not the record a fetch writes ({_one_line(e)}); remove {dest} to fetch "
+                         "it again") from None
     log(f"data: {name} {how}: {dest} ({len(sums)} files, sha256 verified)")
     return dest, {**rec, "path": str(dest), "sha256": sums}
 

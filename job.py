@@ -25,6 +25,7 @@ import data
 import dist as distributed
 import evaluation
 import fetch
+import identity
 import generation
 import lora
 import lume
@@ -33,6 +34,7 @@ import methods
 import oracles
 import progress
 import report
+import rundir
 import sharded
 import status
 import tiny
@@ -61,6 +63,7 @@ def make_out_dir(cfg) -> Path:
             k += 1
             out = Path(f"{base}-{k}")
     out.mkdir(parents=True, exist_ok=True)
+    rundir.mark(out)  # recognised as a run directory before --resume writes anything into it
     return out
 
 
@@ -315,22 +318,6 @@ def write_scores(out: Path, scored: dict) -> None:
     lume.write_json_atomic(out / "results.json", scored["results"])
 
 
-def read_scores(out: Path) -> dict:
-    """The stages a run directory already holds (a resumed run does not score them again)."""
-    if not (out / "results.json").is_file():
-        return {"generations": [], "mia": [], "results": {}}
-    rows = lambda name: [json.loads(line) for line in open(out / name)]  # noqa: E731
-    return {"generations": rows("generations.jsonl"), "mia": rows("mia.jsonl"),
-            "results": json.loads((out / "results.json").read_text())}
-
-
-def read_jsonl_until(path: Path, steps_done: int) -> list[dict]:
-    """The rows of log.jsonl with step < steps_done: what a resumed run keeps of it."""
-    if not path.is_file():
-        return []
-    return [r for r in map(json.loads, open(path)) if r["step"] < steps_done]
-
-
 def step_logger(logf, total: int, start: int = 0):
     """log(rec) for lume.train: one line of log.jsonl (rank 0, logf not None) and the progress line."""
     bar = progress.Progress("unlearning: step", total, start=start)
@@ -374,8 +361,11 @@ def main(cfg) -> Path:
             if dist is not None:  # a failing rank leaves at once (no barrier): torchrun stops the others
                 dist.close(together=False)
             if "out" not in where:  # nothing was created: a user's error (one line) or a bug (traceback)
-                if isinstance(e, checkpoint.Terminated):
-                    raise SystemExit("error: terminated (SIGTERM) before the run directory was made") from None
+                if isinstance(e, checkpoint.Terminated):  # exit 143, as after any SIGTERM
+                    print(f"error: terminated (SIGTERM) before {cfg.resume} was changed: continue it with: "
+                          f"python run.py --resume {cfg.resume}" if cfg.resume else
+                          "error: terminated (SIGTERM) before the run directory was made", file=sys.stderr)
+                    raise SystemExit(143) from None
                 raise
             raise status.failed(where["out"], e, cfg, rank0=dist is None or dist.rank == 0) from None
         finally:
@@ -408,9 +398,11 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if cfg.resume and rank0 and where is not None:  # one process per run directory, checked before any work
         where["lock"] = checkpoint.lock_run(cfg.resume)
     model, tok = load_model(cfg, items, device, lume.weight_dtype(precision), precision, dist)
-    fp = (run_fingerprint(cfg, items, model, dist, precision)
+    fp = (run_fingerprint(cfg, inputs, model, tok, dist, precision)
           if cfg.method != "none" and (cfg.save_every or cfg.resume) else None)
-    resume = resume_checkpoint(cfg, fp) if cfg.resume and cfg.method != "none" else None
+    resume = resume_checkpoint(cfg, fp, model, len(split_items(cfg, items)[0])) if cfg.resume and cfg.method != "none" \
+        else None
+    prior = rundir.read_prior(Path(cfg.resume), resume, report.table) if cfg.resume else None  # before anything is written there
     out = dist.on_rank0(lambda: make_out_dir(cfg)) if dist else make_out_dir(cfg)
     if rank0 and where is not None and "lock" not in where:
         where["lock"] = checkpoint.lock_run(out)
@@ -423,7 +415,8 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")
                 + (" (resumed)" if cfg.resume else ""))
     eval_precision = lume.resolve_eval_precision(cfg.eval_precision, device)
-    scored = read_scores(out) if cfg.resume else {"generations": [], "mia": [], "results": {}}
+    scored = ({k: prior[k] for k in ("generations", "mia", "results")} if cfg.resume
+              else {"generations": [], "mia": [], "results": {}})
     if (cfg.method == "none" or cfg.eval_before) and "before" not in scored["results"]:
         scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", eval_precision, dist))
         if rank0:
@@ -431,7 +424,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     kept, losses = None, oracles.target_losses(cfg, model, tok, items, device)  # --oracle: the target's
     if cfg.method != "none":
         kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
-                                        resume=resume, fingerprint=fp)
+                                        resume=resume, fingerprint=fp, log_rows=prior["log"] if prior else [])
     if cfg.save:
         (distributed.save_sharded(model, tok, out / "model", dist) if dist is not None
          else lora.save(model, tok, out))  # with LoRA: merged <out>/model and PEFT's <out>/adapter
@@ -491,26 +484,35 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
             "results": {**scored["results"], "robustness": robustness}}
 
 
-def run_fingerprint(cfg, items, model, dist, precision: str) -> dict:
-    """What this run's checkpoints depend on (checkpoint.fingerprint): config, data, model, world size."""
-    return checkpoint.fingerprint(dataclasses.asdict(cfg), items, checkpoint.model_identity(model.name_or_path),
-                                  dist.world if dist else 1, precision)
+read_run_config = rundir.read_run_config  # run.resumed_config's reader (run.py imports job, not rundir)
 
 
-def resume_checkpoint(cfg, fp: dict) -> dict | None:
+def run_fingerprint(cfg, inputs, model, tok, dist, precision: str) -> dict:
+    """What this run's checkpoints depend on (identity.fingerprint): config, data, model, tokenizer,
+    MIA and MMLU contents, world size."""
+    items, mia, mmlu = inputs
+    return identity.fingerprint(dataclasses.asdict(cfg), items, identity.model_identity(model.name_or_path),
+                                dist.world if dist else 1, precision, identity.tokenizer_identity(tok),
+                                identity.contents_sha256(mia, mmlu))
+
+
+def resume_checkpoint(cfg, fp: dict, model=None, n_forget: int | None = None) -> dict | None:
     """The checkpoint --resume continues from (None: the run had none yet, it starts at step 0); one
-    `error:` line, before the run directory is touched, when none is usable or it does not fit."""
+    `error:` line, before the run directory is touched, when none is usable or it does not fit the
+    run (fingerprint) or the model (shapes, state: sharded.fits)."""
     try:
         got = checkpoint.load(cfg.resume, log=lume.print0, read=sharded.read)  # either layout
         if got is not None:  # the fingerprint, another world size resharding (one line says so)
             sharded.check(got, fp, cfg.method, lume.print0)
+            if model is not None:
+                sharded.fits(got, model, n_forget)
         return got
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: --resume {cfg.resume}: {e}") from None
 
 
 def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
-                             resume=None, fingerprint=None):
+                             resume=None, fingerprint=None, log_rows=()):
     """unlearn() with what long runs need between steps: the trajectory rows (--eval-every), the
     best step's weights (--keep best) and training checkpoints (--save-every, stamped with
     `fingerprint`); a resumed run continues from `resume` (resume_checkpoint). Returns results.json's
@@ -554,7 +556,7 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
 
     done_before = resume["step"] if resume else 0
     if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
-        lume.write_jsonl_atomic(out / "log.jsonl", read_jsonl_until(out / "log.jsonl", done_before))
+        lume.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # job.read_prior: those before done_before
         lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:

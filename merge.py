@@ -47,6 +47,7 @@ import torch
 from safetensors import safe_open
 
 import lume
+import rundir
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -71,9 +72,12 @@ class Weights:
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            shards = json.loads(index.read_text())["weight_map"]
+            shards = read_json(index).get("weight_map")
+            if not isinstance(shards, dict) or not all(isinstance(v, str) and "/" not in v and v not in (".", "..")
+                                                       for v in shards.values()):
+                raise MergeError(f"{index}: weight_map is not {{parameter: file name in {path}}}")
         elif (path / "model.safetensors").is_file():
-            with safe_open(str(path / "model.safetensors"), "pt") as f:
+            with opened(path / "model.safetensors") as f:
                 shards = {k: "model.safetensors" for k in f.keys()}
         else:
             raise MergeError(f"{path}: no model.safetensors (nor an index of shards); merge.py reads "
@@ -86,7 +90,7 @@ class Weights:
     def handle(self, key: str):
         name = self.file_of[key]
         if name not in self.handles:
-            self.handles[name] = safe_open(str(self.path / name), "pt")
+            self.handles[name] = opened(self.path / name)
         return self.handles[name]
 
     def meta(self, key: str) -> tuple[list[int], str]:
@@ -103,13 +107,14 @@ class Adapter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.config = json.loads((path / "adapter_config.json").read_text())
-        c = self.config
+        self.config = c = read_json(path / "adapter_config.json")
         if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("rank_pattern") or c.get("alpha_pattern"):
             raise MergeError(f"{path}: only plain LoRA adapters merge here (no DoRA, rank_pattern or alpha_pattern)")
-        r = c["r"]
-        self.scale = c["lora_alpha"] / (math.sqrt(r) if c.get("use_rslora") else r)
-        self.file = safe_open(str(path / "adapter_model.safetensors"), "pt")
+        r, alpha = c.get("r"), c.get("lora_alpha")
+        if type(r) is not int or r <= 0 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+            raise MergeError(f"{path / 'adapter_config.json'}: r {r!r} and lora_alpha {alpha!r}: a rank > 0 and a number")
+        self.scale = alpha / (math.sqrt(r) if c.get("use_rslora") else r)
+        self.file = opened(path / "adapter_model.safetensors")
         self.modules = {}  # base weight key -> (A key, B key)
         for key in self.file.keys():
             if key.endswith(".lora_A.weight"):
@@ -122,6 +127,22 @@ class Adapter:
             return None
         a, b = (self.file.get_tensor(k).float() for k in self.modules[key])  # (r, in), (out, r)
         return self.scale * (b @ a)  # shapes checked by open_inputs
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file of an input directory; MergeError naming it when it is not one."""
+    try:
+        return rundir.read_json(path.parent, path.name)
+    except rundir.BadFile as e:
+        raise MergeError(str(e)) from None
+
+
+def opened(path: Path):
+    """safe_open of a safetensors file of an input; MergeError naming it when it cannot be read."""
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # safetensors' own error type: a damaged header, not a safetensors file
+        raise MergeError(f"{path}: not a readable safetensors file ({lume.first_line(e)})") from None
 
 
 def is_adapter(path: Path) -> bool:
@@ -144,7 +165,7 @@ def open_inputs(base_dir: str, model_dirs: list[str]):
     if not (base_path / "config.json").is_file():
         raise MergeError(f"--base {base_dir}: no config.json (not a save_pretrained directory)")
     base = Weights(base_path)
-    base_cfg = json.loads((base_path / "config.json").read_text())
+    base_cfg = read_json(base_path / "config.json")
     base_meta = {k: base.meta(k) for k in base.keys()}
     models = []
     for d in model_dirs:
@@ -168,7 +189,7 @@ def open_inputs(base_dir: str, model_dirs: list[str]):
         if not (path / "config.json").is_file():
             raise MergeError(f"{d}: neither a save_pretrained directory (config.json) nor an adapter "
                              "(adapter_config.json)")
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = read_json(path / "config.json")
         for field in ("model_type", "architectures"):
             if cfg.get(field) != base_cfg.get(field):
                 raise MergeError(f"{d}: {field} {cfg.get(field)} differs from the base's {base_cfg.get(field)}")

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import metrics
+import rundir
 
 SCORES = (("regurgitation-score", "regurgitation"), ("knowledge-score", "knowledge"))
 
@@ -137,7 +138,7 @@ def run_label(config: dict) -> str:
 
 def read_run(d) -> tuple[dict, dict]:
     """(results.json, config.json) of a run directory."""
-    return json.loads((Path(d) / "results.json").read_text()), json.loads((Path(d) / "config.json").read_text())
+    return rundir.read_json(d, "results.json"), rundir.read_json(d, "config.json")
 
 
 def scored(results: dict) -> dict:
@@ -288,8 +289,20 @@ def main(argv=None) -> int:
     if labels and len(labels) != len(a.runs):
         print(f"error: --labels gives {len(labels)} names for {len(a.runs)} runs", file=sys.stderr)
         return 2
-    bench = json.loads(Path(a.bench).read_text()) if a.bench else None
-    print(compare_table(a.runs, bench, labels))
+    try:  # every file one line naming it: unreadable, not JSON, or not what a run (or bench.py) writes
+        bench = rundir.read_json(Path(a.bench).parent, Path(a.bench).name) if a.bench else None
+        for d in a.runs:
+            try:
+                read_run(d) and compare_table([d])
+            except rundir.BadFile:
+                raise
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                raise rundir.BadFile(Path(d), f"results.json or config.json is not a run's ({e!r:.200})") from e
+        table = compare_table(a.runs, bench, labels)
+    except rundir.BadFile as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
     if a.png:
         note = compare_plot(a.runs, a.png, labels)
         print(note or f"picture: {a.png}", file=sys.stderr)

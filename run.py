@@ -214,13 +214,23 @@ def resumed_config(run_dir: str, argv) -> Config:
         raise SystemExit(2)
     if len([a for a in argv if a.startswith("--")]) > 1:
         fail("a resumed run continues with its own config.json: give no other flag")
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        fail("no config.json there (not a run directory)")
-    saved = json.loads(path.read_text())
-    done = Path(run_dir) / "results.json"
-    if done.is_file() and "after" in json.loads(done.read_text()):
+    try:  # the marker first: nothing of a directory LUME did not make is read or written (job.read_run_config)
+        saved, complete = job.read_run_config(run_dir)
+    except ValueError as e:  # rundir.BadFile: the file and what is wrong with it
+        fail(str(e))
+    if complete:
         fail("the run is complete (results.json has its after-unlearning scores)")
+    for f in dataclasses.fields(Config):  # config.json's values as argparse (or resolve_auto) would have made them
+        v, choices = saved.get(f.name, f.default), f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
+        if f.default is dataclasses.MISSING:  # resolved: {option: {value, why}}, recorded, not read back
+            want, ok = dict, isinstance(v, dict)
+        else:
+            want = f.metadata.get("type") or (bool if f.type in (bool, "bool") else type(f.default))
+            ok = (v is None and f.default is None) or (type(v) is want) or (want is float and type(v) is int)
+        if not ok or (choices and v not in choices):
+            fail(f"{Path(run_dir) / 'config.json'}: {f.name} is {json.dumps(v)[:80]}, not a {want.__name__}"
+                 + (f" in {choices}" if choices else ""))
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{**{k: v for k, v in saved.items() if k in names}, "resume": run_dir, "out": run_dir})
 

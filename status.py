@@ -17,6 +17,7 @@ import torch
 
 import checkpoint
 import lume
+import rundir
 
 
 @contextlib.contextmanager
@@ -37,8 +38,8 @@ def on_sigterm():
 
 def write_status(out: Path, status: str, **fields) -> None:
     """status.json: running, complete or failed (with the reason and what to do next); reserved at
-    its full size, so that a full disk cannot keep it from saying failed (checkpoint.write_status)."""
-    checkpoint.write_status(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    its full size, so that a full disk cannot keep it from saying failed (rundir.write_status)."""
+    rundir.write_status(out / "status.json", {"status": status, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                   **fields})
 
 
@@ -66,10 +67,14 @@ def failed(out: Path, e: BaseException, cfg, rank0: bool = True) -> SystemExit:
                  "`python memory.py`; " + again)
     elif isinstance(e, SystemExit):
         reason = str(e.code).removeprefix("error: ") if isinstance(e.code, str) else f"exit {e.code}"
+    elif isinstance(e, (checkpoint.CheckpointError, rundir.BadFile)):  # a file of the run, not a bug
+        reason, again = lume.first_line(e).split(": ", 1)[1], "start it again with a new --out"
     else:  # not something a user caused: keep the traceback for the report
         import traceback
         traceback.print_exception(e)
-        reason, again = lume.first_line(e), "this is a bug: please report it with the traceback above; " + again
+        reason = lume.first_line(e)
+        again = ("this is a bug: please report it with the traceback above; "
+                 + (again if not cfg.resume else "run it again with a new --out"))  # a resume would fail again
     done = [name for name in ("results.json", "trajectory.jsonl", "log.jsonl") if (out / name).is_file()]
     if rank0:
         write_status(out, "failed", reason=reason, next=again, completed=done)

@@ -59,14 +59,12 @@ def test_a_crafted_pickle_never_runs(tmp_path):
     except Exception as e:  # refused, as it should be; what matters is that nothing ran
         assert "no usable checkpoint" in str(e) and "manifest.json: missing" in str(e)
     assert not sentinel.exists()
-    # nowhere in the project may a file be unpickled, but for DCP's .metadata through sharded.py's
-    # restricted unpickler (tests/test_scale.py: a crafted .metadata is refused)
+    # nowhere in the project is a file unpickled: not even DCP's metadata (sharded.py writes it as JSON)
     for py in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]:
-        if py.name not in ("test_faults.py", "test_scale.py"):  # these files name them
+        if py.name not in ("test_faults.py", "test_scale.py", "test_hostile.py"):  # these files name them
             text = py.read_text()
             assert "weights_only=False" not in text and "torch.load(" not in text, py
-            assert "pickle.load" not in text or (py.name == "sharded.py" and "SafeUnpickler(f).load()" in text
-                                                 and text.count("pickle.load") == 1), py
+            assert "pickle.load" not in text and "Unpickler" not in text, py
 
 
 def test_a_path_outside_the_run_is_refused(tmp_path):
@@ -133,7 +131,7 @@ def test_a_bad_latest_json_falls_back_to_the_directories(tmp_path, pointer):
     (root / "latest.json").write_text(pointer)
     notes = []
     assert checkpoint.load(tmp_path, log=notes.append)["step"] == 6
-    assert not notes or "step-000009/manifest.json: missing" in notes[0]
+    assert not notes or ("step-000009" in notes[0] and "missing" in notes[0])
 
 
 def test_only_the_last_two_checkpoints_are_kept(tmp_path):

@@ -203,7 +203,7 @@ def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_targe
     kill_after_checkpoint(torchrun_argv(2, *argv, "--out", killed), killed)
     ckpt = killed / "checkpoints" / json.loads((killed / "checkpoints" / "latest.json").read_text())["dir"]
     files = json.loads((ckpt / "manifest.json").read_text())["files"]
-    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank-0.json", "rank-1.json"} <= files.keys()
+    assert {"dcp/.metadata.json", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rank-0.json", "rank-1.json"} <= files.keys()
     if method == "rmu":  # each rank holds the frozen activations of the retain rows it trains on
         parts = [load_file(str(ckpt / f"rank-{r}.safetensors")) for r in (0, 1)]
         assert all(any("rmu" in k for k in p) for p in parts)
@@ -219,20 +219,18 @@ def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_targe
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
 def test_dcp_metadata_is_read_without_running_code(tmp_path):
-    import pickle
-
     import torch.distributed.checkpoint as dcp
 
     import sharded
-    dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}}, checkpoint_id=str(tmp_path / "ok"))
-    meta = sharded.SafeReader(str(tmp_path / "ok")).read_metadata()  # DCP's own metadata: admitted
-    assert list(meta.state_dict_metadata) == ["model.w"]
-    dcp.save({"groups": [{"lr": 0.1}]}, checkpoint_id=str(tmp_path / "bytes"))  # a pickled object inside
-    (tmp_path / "evil").mkdir()
-    (tmp_path / "evil" / ".metadata").write_bytes(pickle.dumps(os.getcwd))  # any callable could run
-    for name in ("bytes", "evil"):
-        with pytest.raises(sharded.CheckpointError, match=r"\.metadata: refused .* not part of a tensor-only"):
-            sharded.SafeReader(str(tmp_path / name)).read_metadata()
+    dcp.save({"model": {"w": torch.arange(6.0).reshape(2, 3)}}, storage_writer=sharded.Writer(str(tmp_path / "ok")))
+    assert not (tmp_path / "ok" / ".metadata").exists()  # no pickle: DCP's metadata is JSON beside the shards
+    meta = sharded.metadata_of(json.loads((tmp_path / "ok" / sharded.META).read_text()), tmp_path / "ok")
+    assert list(meta.state_dict_metadata) == ["model.w"] and meta.state_dict_metadata["model.w"].size == (2, 3)
+    for bad in ({"version": 1, "tensors": {"w": {"dtype": "Tensor", "size": [1], "chunks": []}}, "planner_data": {},
+                 "storage": []},  # a class where a dtype belongs
+                {"version": 1, "tensors": {}, "planner_data": {}, "storage": [{"fqn": "w", "file": "../x"}]}):
+        with pytest.raises(sharded.CheckpointError, match="refused"):
+            sharded.metadata_of(bad, tmp_path / "ok")
 
 
 # --- two "nodes" of one rank each on this machine: torchrun --nnodes 2 with a c10d rendezvous endpoint
