@@ -60,7 +60,7 @@ def kl_sum(model, ref, b) -> torch.Tensor:
     """
     logits = model(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1].float()  # (B, T-1, V)
     with torch.no_grad():
-        ref_logits = ref(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1].float()
+        ref_logits = ref(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[:, :-1].float()
     logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T-1)
     return (kl * b.target_mask[:, 1:]).sum()
@@ -149,7 +149,7 @@ def layer_output(model, b, layer: int, stop: bool) -> torch.Tensor:
                 raise _Stop
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=b.ids, attention_mask=b.attn)
+        model(input_ids=b.ids, attention_mask=b.attn, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -321,7 +321,7 @@ def undial(model, forget, retain, totals, *, gamma: float, retain_weight: float,
     """
     logits = model(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1].float()  # (B, T-1, V)
     with torch.no_grad():
-        ref_logits = ref(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1]
+        ref_logits = ref(input_ids=forget.ids, attention_mask=forget.attn, use_cache=False).logits[:, :-1]
         q = undial_targets(ref_logits, forget.ids[:, 1:], gamma)  # (B, T-1, V)
     ce = -(q * F.log_softmax(logits, -1)).sum(-1)  # (B, T-1)
     f = (ce * forget.target_mask[:, 1:]).sum() / totals["forget_tokens"]
