@@ -122,8 +122,8 @@ def first_line(e: BaseException) -> str:
 
 def hub_fix(*repos) -> str:
     """What to do when hub repos cannot be loaded: the end of a one-line `error:` message."""
-    return (f"Fix: fetch {' and '.join(dict.fromkeys(repos))} where there is network (`hf download REPO`, or snapshot_download), then run with "
-            "HF_HUB_OFFLINE=1 and the same HF_HOME; for the gated SemEval repos accept their terms on the hub and set HF_TOKEN")
+    return (f"Fix: fetch {' and '.join(dict.fromkeys(repos))} where there is network (`hf download REPO` or snapshot_download), then run with "
+            "HF_HUB_OFFLINE=1 and the same HF_HOME, or pass a local directory; gated SemEval repos: accept their terms, set HF_TOKEN")
 
 
 def quiet_transformers() -> None:
