@@ -363,9 +363,9 @@ def main(argv=None) -> int:
         return 2
     bench = json.loads(Path(a.bench).read_text()) if a.bench else None
     print(compare_table(a.runs, bench, labels))
-    print("\nWhat produced each run (config.json's provenance):")
+    print("what produced each run (config.json's provenance):", file=sys.stderr)  # stdout: the table alone
     for d, name in zip(a.runs, labels or [run_label(read_run(d)[1]) for d in a.runs]):
-        print(f"- {name} ({d}): {provenance_line(read_run(d)[1])}")
+        print(f"- {name} ({d}): {provenance_line(read_run(d)[1])}", file=sys.stderr)
     if a.png:
         note = compare_plot(a.runs, a.png, labels)
         print(note or f"picture: {a.png}", file=sys.stderr)
