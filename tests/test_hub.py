@@ -81,8 +81,9 @@ def in_process(hub, out, *flags):
 def test_headline_command_in_a_subprocess(hub_env, out_root):
     """`python run.py --task 1 --method npo --model olmo-7b` as a user types it, offline."""
     out = out_root / "npo"
-    p = subprocess.run([sys.executable, "run.py", "--task", "1", "--method", "npo", *map(str, quick(hub_env, out))],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    argv = ["--task", "1", "--method", "npo", *map(str, quick(hub_env, out))]
+    want = run.parse_args(argv)  # the defaults as they resolve for a user (methods.py's real-model column)
+    p = subprocess.run([sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Traceback" not in p.stderr and "Warning" not in p.stderr + p.stdout, p.stderr[-3000:]
     well_formed(out, ("before", "after"))
@@ -91,7 +92,7 @@ def test_headline_command_in_a_subprocess(hub_env, out_root):
     m = config["provenance"]["model"]
     assert m["revision"] == snap.read_text() and set(m["sha256"]) == {"config.json", "model.safetensors"}
     assert config["data_sources"]["data"]["path"] == str(hub_env / "lume-cache" / "data" / "lume")
-    assert (config["beta"], config["retain_weight"], config["lr"], config["epochs"]) == (0.1, 3.0, 1e-5, 5.0)
+    assert all(config[k] == getattr(want, k) for k in ("beta", "retain_weight", "lr", "epochs", "max_steps"))
     assert "Forget Task1: regurgitation" in p.stdout and "MMLU" in p.stdout
     RUNS["NPO"] = out
 
@@ -100,7 +101,8 @@ def test_headline_command_in_a_subprocess(hub_env, out_root):
 def test_every_method_with_its_real_model_defaults(hub_env, out_root, method, capsys):
     out = out_root / method
     cfg = in_process(hub_env, out, "--task", "1", "--method", method, "--no-eval-before")
-    assert cfg.lr == (5e-5 if method == "rmu" else 1e-5) and cfg.epochs == 5.0
+    for name, d in methods.METHODS[method].defaults.items():  # each "auto" took its real-model value
+        assert getattr(cfg, name) == d.real, name
     if method == "rmu":
         assert (cfg.rmu_layer, cfg.rmu_params) == (7, "down")  # WMDP's layer, which the 8-layer cache has
     log = [json.loads(line) for line in open(out / "log.jsonl")]
