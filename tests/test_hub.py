@@ -140,7 +140,8 @@ def test_ails_ntua_recipe_as_documented(hub_env, out_root):
 def test_attacks_all_and_keep_best(hub_env, out_root):
     out = out_root / "attacks"
     cfg = in_process(hub_env, out, "--task", "1", "--method", "npo", "--attacks", "all", "--no-eval-before",
-                     "--eval-every", "1", "--keep", "best", "--max-steps", "2")  # the last --max-steps wins
+                     "--eval-every", "1", "--keep", "best", "--max-steps", "2",  # the last flag wins:
+                     "--n-docs", "2")  # relearn splits task 1's forget QA items into T and V: 2 documents
     assert cfg.max_steps == 2
     results = well_formed(out)
     assert set(results["robustness"]) == {"quant8", "quant4", "relearn", "unrelated", "fewshot"}
