@@ -492,7 +492,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The memory plan of one unlearning step; the setup a run picks.")
     p.add_argument("--model", default="", help="olmo-1b, olmo-7b, tiny, a hub id or a save_pretrained directory "
                                                 "(none: the README's full-parameter table)")
-    p.add_argument("--method", default="npo", choices=exact_methods())
+    p.add_argument("--method", default=methods.DEFAULT, choices=exact_methods())
     p.add_argument("--batch", type=int, default=4, help="forget rows per micro-batch (run.py --batch-size)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory in GiB")

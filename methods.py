@@ -542,6 +542,7 @@ METHODS = {
                          "retain_weight": Default(0.0, 0.0, f"{OPEN_UNLEARNING}, configs/trainer/UNDIAL.yaml, "
                                                             "alpha: 0.0 (the paper uses no retain set)")}),
 }
+DEFAULT = "npo"  # run.py's --method when none is given: the LUME paper's strongest baseline
 # What every method shares, where its own declaration says nothing (run.py's resolution reads both).
 SHARED_DEFAULTS = {
     "lr": Default(1e-4, 1e-5, f"{NPO_REPO}, config/forget.yaml, lr: 1e-5 (also {UNLEARN_SIMPLE}, "
