@@ -230,15 +230,15 @@ def hub_problems(name: str, repos: list[str]) -> list[str]:
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
         return [] if cached else [f"--model {name}: HF_HUB_OFFLINE is set and {', '.join(dict.fromkeys(repos))} "
-                                  "is not in the local hub cache; unset it, or pass a local directory"]
+                                  f"is not in the local hub cache. {lume.hub_fix(*repos)}"]
     why = hub_reachable()
     if why is None:
         return []
     if cached:  # use the cache without waiting on the network again
         os.environ["HF_HUB_OFFLINE"] = "1"
         return []
-    return [f"--model {name}: the hub is unreachable ({why}) and the model is not in the local cache; "
-            "download it on a connected machine (docs/data.md) or pass a local save_pretrained directory"]
+    return [f"--model {name}: the hub is unreachable ({why}) and the model is not in the local cache. "
+            f"{lume.hub_fix(*repos)}"]
 
 
 def device_problems(cfg) -> list[str]:

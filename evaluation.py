@@ -74,9 +74,9 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
         valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
         with autocast:
             if split:
-                h = split[0](input_ids=b.ids, attention_mask=b.attn).last_hidden_state[valid]  # (N, H)
+                h = split[0](input_ids=b.ids, attention_mask=b.attn, use_cache=False).last_hidden_state[valid]  # (N, H)
             else:
-                h = model(input_ids=b.ids, attention_mask=b.attn).logits[valid]  # (N, V)
+                h = model(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[valid]  # (N, V)
         nll, mu, sigma = [], [], []
         for part, y in zip(h.split(chunk or len(h)), labels[valid].split(chunk or len(h))):
             with autocast:
@@ -136,7 +136,7 @@ def mmlu_choice_logits(model, tok, encoded, batch_size: int = 8, autocast=None) 
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         with autocast:
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1).logits
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=1, use_cache=False).logits
         out[idx] = logits[:, -1, choice_ids].float().cpu()
     return out
 

@@ -376,13 +376,15 @@ def main(cfg) -> Path:
     return out
 
 
-def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None) -> None:
-    """config.json: the resolved arguments and what they resolved to, before any work."""
+def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None, model=None) -> None:
+    """config.json: the resolved arguments, what they resolved to and what produced the run
+    (report.provenance of `model`, its name_or_path), before any work."""
     lume.write_json_atomic(out / "config.json", {
         **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
         "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
         "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__,
-        "memory_plan": memory_plan, **trajectory.config_record(cfg)})
+        "memory_plan": memory_plan, "provenance": report.provenance(model or cfg.model, device, sources),
+        **trajectory.config_record(cfg)})
 
 
 def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
@@ -409,7 +411,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if where is not None:
         where["out"] = out
     if rank0 and not cfg.resume:
-        write_config(cfg, out, device, precision, dist, sources, plan)
+        write_config(cfg, out, device, precision, dist, sources, plan, getattr(model, "name_or_path", cfg.model))
     if rank0:
         status.write_status(out, "running")
     lume.print0(f"run directory: {out}" + (f" ({dist.world} ranks, FSDP2 on {device.type})" if dist else "")

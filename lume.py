@@ -34,9 +34,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16-pure")
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -103,12 +101,10 @@ def seed_everything(seed: int) -> None:
 # model and tokenizer loading
 
 # name -> (model repo, tokenizer repo). The released targets memorised all three tasks.
-ALIASES = {
-    "olmo-7b": ("llmunlearningsemeval2025organization/olmo-finetuned-semeval25-unlearning",
-                "allenai/OLMo-7B-0724-Instruct-hf"),
-    "olmo-1b": ("llmunlearningsemeval2025organization/olmo-1B-model-semeval25-unlearning",
-                "allenai/OLMo-1B-0724-hf"),
-}
+ALIASES = {"olmo-7b": ("llmunlearningsemeval2025organization/olmo-finetuned-semeval25-unlearning",
+                       "allenai/OLMo-7B-0724-Instruct-hf"),
+           "olmo-1b": ("llmunlearningsemeval2025organization/olmo-1B-model-semeval25-unlearning",
+                       "allenai/OLMo-1B-0724-hf")}
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -122,6 +118,12 @@ def first_line(e: BaseException) -> str:
     """'ErrorType: first line of its message' (at most 300 characters): one line for a user."""
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     return f"{type(e).__name__}: {lines[0][:300].rstrip('.')}" if lines else type(e).__name__
+
+
+def hub_fix(*repos) -> str:
+    """What to do when hub repos cannot be loaded: the end of a one-line `error:` message."""
+    return (f"Fix: fetch {' and '.join(dict.fromkeys(repos))} where there is network (`hf download REPO` or snapshot_download), then run with "
+            "HF_HUB_OFFLINE=1 and the same HF_HOME, or pass a local directory; gated SemEval repos: accept their terms, set HF_TOKEN")
 
 
 def quiet_transformers() -> None:
@@ -148,11 +150,9 @@ def load_pretrained(name: str, dtype: torch.dtype = torch.float32):
         tok = AutoTokenizer.from_pretrained(tok_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     except (OSError, ValueError) as e:  # hub errors subclass OSError; bad repo ids, ValueError
-        where = "this local directory" if is_local else "the hub"
-        raise SystemExit(
-            f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}) from {where}: {first_line(e)}. "
-            "Fix: pass a local directory written by save_pretrained (--model PATH); for the gated SemEval "
-            "repos, accept their terms on the hub and log in (`hf auth login`) or set HF_TOKEN.") from None
+        fix = "Fix: pass a directory written by save_pretrained" if is_local else hub_fix(model_path, tok_path)
+        raise SystemExit(f"error: cannot load model {name!r} ({model_path}, tokenizer {tok_path}) from "
+                         f"{'this local directory' if is_local else 'the hub'}: {first_line(e)}. {fix}.") from None
     if tok.pad_token_id is None:  # the official scorer pads with EOS
         tok.pad_token = tok.eos_token
     return model, tok
@@ -246,7 +246,7 @@ def length_batches(lengths, max_batch: int, max_tokens: int):
 
 def token_logps(model, b: Batch) -> torch.Tensor:
     """(B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), zero where target_mask[:, 1:] is 0. fp32 softmax."""
-    logits = model(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1]  # (B, T-1, V)
+    logits = model(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[:, :-1]  # (B, T-1, V); no KV cache
     logp = -F.cross_entropy(logits.float().transpose(1, 2), b.ids[:, 1:], reduction="none")
     return logp * b.target_mask[:, 1:]
 

@@ -353,7 +353,7 @@ def model_config(name: str):
     if name == "tiny":
         return {**tiny.TINY, "tie_word_embeddings": False}
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(lume.resolve_model(name)[0])
+    return from_hub(lambda: AutoConfig.from_pretrained(lume.resolve_model(name)[0]), "config", lume.resolve_model(name)[0])
 
 
 def plan_seq_len(name: str, items) -> int:
@@ -363,8 +363,19 @@ def plan_seq_len(name: str, items) -> int:
         return max((len((it.input + " " + it.output).encode()) + 2 for it in items), default=1)
     from transformers import AutoTokenizer
     path = lume.resolve_model(name)[1]
-    tok = AutoTokenizer.from_pretrained(path if not Path(path).expanduser().exists() else str(Path(path).expanduser()))
+    tok = from_hub(lambda: AutoTokenizer.from_pretrained(path if not Path(path).expanduser().exists()
+                                                         else str(Path(path).expanduser())), "tokenizer", path)
     return max((len(lume.encode_pair(tok, it.input, it.output)[0]) for it in items), default=1)
+
+
+def from_hub(load, what: str, repo: str):
+    """load() of a config or tokenizer the plan reads before lume.load_pretrained; a hub or cache
+    that cannot give it is one `error:` line (SystemExit), as load_pretrained's, not a traceback."""
+    try:
+        return load()
+    except (OSError, ValueError) as e:  # offline with nothing cached, unreachable, gated, no such repo
+        raise SystemExit(f"error: cannot load the {what} of {repo} for the memory plan: {lume.first_line(e)}. "
+                         f"{lume.hub_fix(repo)}.") from None
 
 
 def explicit_flags(cfg) -> list[str]:

@@ -1,17 +1,21 @@
 """
 Merge models that share a base: TIES (Yadav et al. 2023, "TIES-Merging: Resolving Interference
-When Merging Models", NeurIPS 2023, arXiv 2306.01708) or linear task arithmetic (Ilharco et al.
-2023, arXiv 2212.04089), the baseline TIES is measured against.
+When Merging Models", NeurIPS 2023, arXiv 2306.01708), PEFT's factor-wise TIES of LoRA adapters
+(what ZJUKLAB ran) or linear task arithmetic (Ilharco et al. 2023, arXiv 2212.04089), the baseline.
 
     python merge.py --base BASE --method ties --density 0.2 --lambda 1.0 --out DIR A B ...
+    python merge.py --base olmo-7b --method peft-ties --density 0.8 --out DIR RUN1/adapter RUN2/adapter
     python merge.py --base BASE --method linear --weights 1,0.5 --out DIR A B
     python run.py --method none --model DIR ...        # score the merged model
 
-BASE is a save_pretrained directory; each of A, B, ... is a save_pretrained directory of the same
-architecture or a PEFT LoRA adapter directory (a run's <out>/adapter, lora.py), whose task vector is
-(alpha/r) B A on each adapted weight (alpha/sqrt(r) with rsLoRA) and 0 elsewhere. DIR is a new
-save_pretrained directory (one model.safetensors in the base's dtypes, the base's config and
-tokenizer files), written atomically.
+BASE is what run.py's --model takes: an alias (olmo-7b, olmo-1b), a hub id (its snapshot in the
+local Hugging Face cache, downloaded if it is not there and the hub is reachable) or a
+save_pretrained directory. Each of A, B, ... is a save_pretrained directory of the same architecture
+or a PEFT LoRA adapter directory (a run's <out>/adapter, lora.py), whose task vector is (alpha/r) B A
+on each adapted weight (alpha/sqrt(r) with rsLoRA) and 0 elsewhere; an adapter records its base as
+the hub id it was trained from or a directory, and either must be BASE. DIR is a new save_pretrained
+directory (one model.safetensors in the base's dtypes, the base's config, and the tokenizer: the
+base's files, or for a hub target that ships none, the one run.py loads for it), written atomically.
 
 Task vectors tau_i = theta_i - theta_base, weighted by w_i (--weights, default 1 each). TIES, eq. 1-3
 of the paper, for each parameter entry p:
@@ -21,7 +25,15 @@ of the paper, for each parameter entry p:
               A_p = {i : sign(tau_i[p]) = gamma_p}                   (the disjoint mean)
     out       theta[p] = theta_base[p] + lambda * tau_m[p]
 An entry whose summed mass is exactly 0 (or that every model trims away) keeps the base's value.
-Linear: theta = theta_base + lambda * sum_i w_i tau_i.
+Linear: theta = theta_base + lambda * sum_i w_i tau_i. k is an exact integer: density is read as the
+decimal it is written as (0.07 of 100 entries keeps 7, not the 8 that ceil(0.07 * 100.0) gives).
+
+peft-ties (adapters only): PEFT's add_weighted_adapter(..., combination_type="ties") runs TIES on
+the adapters' factors, not on their products: A_m = TIES_f({A_i}, sqrt(w_i s_i)), B_m = TIES_f({B_i},
+sqrt(w_i s_i)) (s_i = alpha_i / r_i), and tau = B_m A_m, cross terms B_i A_j included. TIES_f is
+PEFT's variant: keep floor(density * n) entries of each factor, elect the sign of the unweighted sum
+(+ where it is 0), average the agreeing weighted entries over their count. docs/methods.md measures
+how far it is from TIES on the full deltas.
 
 Trim granularity: the paper keeps the top-k% of each task vector over ALL its parameters; here the
 top-k% is taken per parameter tensor. One pass, one parameter of each model in memory at a time
@@ -30,10 +42,11 @@ task vector is small overall (an embedding, a norm) is not trimmed to nothing by
 The two coincide at density 1 and for a model of one tensor; at density < 1 they differ in which
 entries survive (docs/methods.md).
 
-Bad input (different architectures, keys or shapes, an adapter whose base is not BASE, a density
-outside (0, 1], a weight count that does not match) is one `error:` line naming the model and the
-parameter, exit 2, before anything is written. A full model records no base: for it, the
-architecture, the keys and the shapes are what is checked.
+Bad input (different architectures, keys or shapes, an adapter whose base is not BASE, a base that
+is neither a directory nor in the hub cache and the hub unreachable, a density outside (0, 1], a
+weight count that does not match) is one `error:` line naming the model and the parameter, exit 2,
+before anything is written. A full model records no base: for it, the architecture, the keys and
+the shapes are what is checked.
 """
 import argparse
 import json
@@ -41,6 +54,7 @@ import math
 import shutil
 import struct
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -54,6 +68,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 NAMES = {v: k for k, v in DTYPES.items()}
+METHODS = ("ties", "peft-ties", "linear")
 
 
 class MergeError(Exception):
@@ -149,18 +164,54 @@ def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def same_base(named: str, base: Path) -> bool:
-    """Whether an adapter's base_model_name_or_path names the directory `base` (or its hub id)."""
+def same_base(named: str, base: Path, names=()) -> bool:
+    """Whether an adapter's base_model_name_or_path names the directory `base`: that directory, one of
+    `names` (the alias or hub id --base was given as), or a hub id whose cached snapshot is `base`."""
     p = Path(named).expanduser()
-    return (p.exists() and p.resolve() == base.resolve()) or named.rstrip("/") == str(base).rstrip("/")
+    if named.rstrip("/") in names or named.rstrip("/") == str(base).rstrip("/"):
+        return True
+    if p.exists():
+        return p.resolve() == base.resolve()
+    snap = cached_snapshot(named)
+    return snap is not None and snap.resolve() == base.resolve()
+
+
+def cached_snapshot(repo: str) -> Path | None:
+    """The local Hugging Face cache's snapshot directory of a hub repo (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo, "config.json")
+    except (ImportError, ValueError):  # ValueError: not a repo id
+        return None
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def resolve_base(name: str) -> tuple[Path, tuple[str, ...], str | None]:
+    """(the base's directory, the names an adapter may record for it, where its tokenizer loads
+    from) for what run.py's --model takes: a directory as it is; an alias or a hub id through
+    lume.resolve_model to its snapshot in the local hub cache, downloaded when absent (the hub must
+    be reachable: HF_HUB_OFFLINE=1 means the cache only)."""
+    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return Path(name).expanduser(), (name,), None  # its tokenizer files are copied as they are
+    repo, tok_repo = lume.resolve_model(name)
+    snap = cached_snapshot(repo)
+    if snap is None:
+        try:
+            from huggingface_hub import snapshot_download
+            snap = Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as e:  # offline, unreachable, gated, no such repo: all one line
+            raise MergeError(f"--base {name}: {repo} is not in the local hub cache and cannot be downloaded "
+                             f"({lume.first_line(e)}). {lume.hub_fix(repo, tok_repo)}") from None
+    return snap, (name, repo), tok_repo
 
 
 # -----------------------------------------------------------------------------
 # checks: everything before anything is written
 
 
-def open_inputs(base_dir: str, model_dirs: list[str]):
-    """(base Weights, [Weights | Adapter]) with every architecture, key, shape and base checked."""
+def open_inputs(base_dir: str, model_dirs: list[str], names=()):
+    """(base Weights, [Weights | Adapter]) with every architecture, key, shape and base checked;
+    names: what else an adapter may call the base (resolve_base)."""
     base_path = Path(base_dir)
     if not (base_path / "config.json").is_file():
         raise MergeError(f"--base {base_dir}: no config.json (not a save_pretrained directory)")
@@ -175,7 +226,7 @@ def open_inputs(base_dir: str, model_dirs: list[str]):
         if is_adapter(path):
             m = Adapter(path)
             named = m.config.get("base_model_name_or_path") or ""
-            if not same_base(named, base_path):
+            if not same_base(named, base_path, names):
                 raise MergeError(f"{d}: an adapter of base {named!r}, not of --base {base_dir}")
             for key, (a, b) in m.modules.items():
                 if key not in base_meta:
@@ -217,10 +268,17 @@ def task_vector(model, key: str, base_t: torch.Tensor) -> torch.Tensor:
 # the merges, one parameter at a time
 
 
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+def keep_count(density: float, n: int, rounding=math.ceil) -> int:
+    """How many of n entries a trim keeps, an exact integer: density is read as the decimal it is
+    written as (str: the shortest repr), so 0.07 of 100 is 7, where ceil(0.07 * 100) in floating
+    point is ceil(7.000000000000001) = 8."""
+    return int(rounding(Fraction(str(density)) * n))
+
+
+def trim(tau: torch.Tensor, density: float, k: int | None = None) -> torch.Tensor:
     """tau with all but its k = ceil(density * numel) largest magnitudes set to 0 (ties broken by
     position, as torch.topk does: exactly k entries survive)."""
-    k = math.ceil(density * tau.numel())
+    k = keep_count(density, tau.numel()) if k is None else k
     if k >= tau.numel():
         return tau
     flat = tau.flatten()
@@ -238,6 +296,34 @@ def ties(taus: list[torch.Tensor], weights: list[float], density: float) -> torc
     return (t * agree).sum(0) / (w * agree).sum(0).clamp(min=1e-300) * agree.any(0)
 
 
+def ties_factor(factors: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """PEFT's TIES of one LoRA factor (peft.utils.merge_utils.ties, majority_sign_method "total"):
+    keep floor(density * n) magnitudes of each factor (all at density 1), elect the sign of the
+    UNweighted trimmed sum (+ where it is 0), then the weighted agreeing entries summed and divided
+    by their count (not by their weights, as the paper's disjoint mean does)."""
+    t = torch.stack([trim(f, density, keep_count(density, f.numel(), math.floor)) if density < 1 else f
+                     for f in factors])  # (n, *shape)
+    sign = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # (shape)
+    agree = torch.sign(t) == sign  # (n, *shape); a trimmed (zero) entry never agrees
+    w = torch.tensor(weights, dtype=t.dtype).view(-1, *[1] * (t.dim() - 1))
+    return (t * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def peft_ties(adapters: list, key: str, weights: list[float], density: float) -> torch.Tensor | None:
+    """The factor-wise TIES delta of one weight (fp64), as PEFT's add_weighted_adapter(...,
+    combination_type="ties") and merge_and_unload give it: A_m = ties_factor({A_i}, sqrt(w_i s_i)),
+    B_m = ties_factor({B_i}, sqrt(w_i s_i)) (the sign of w_i s_i on A's side), delta = B_m A_m (the
+    merged adapter's scaling is 1). Only the adapters that adapt `key` take part; None if none does."""
+    pairs = [(m, w * m.scale) for m, w in zip(adapters, weights) if key in m.modules]
+    if not pairs:
+        return None
+    a = [m.file.get_tensor(m.modules[key][0]).double() for m, _ in pairs]  # (r, in) each
+    b = [m.file.get_tensor(m.modules[key][1]).double() for m, _ in pairs]  # (out, r) each
+    root = [math.sqrt(abs(ws)) for _, ws in pairs]
+    a_m = ties_factor(a, [math.copysign(r, ws) for r, (_, ws) in zip(root, pairs)], density)  # (r, in)
+    return ties_factor(b, root, density) @ a_m  # (out, r) @ (r, in)
+
+
 def linear(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Task arithmetic: sum_i w_i tau_i."""
     return sum(w * tau for tau, w in zip(taus, weights))
@@ -252,6 +338,9 @@ def merge_one(key: str, base, models, method: str, weights, density: float, lam:
     # fp64: the difference of two fp32 (or bf16) values is exact in it, so base + tau gives a model
     # back bit for bit (a model merged with itself at density 1, lambda 1 returns it)
     b = base_t.double()
+    if method == "peft-ties":
+        tau = peft_ties(models, key, weights, density)
+        return base_t if tau is None else (b + lam * tau).to(base_t.dtype)
     taus = [task_vector(m, key, b) for m in models]
     tau = ties(taus, weights, density) if method == "ties" else linear(taus, weights)
     return (b + lam * tau).to(base_t.dtype)
@@ -289,31 +378,56 @@ def merge(base_dir: str, model_dirs: list[str], out: str, method: str = "ties", 
     problems = arg_problems(model_dirs, out, method, density, lam, weights)
     if problems:
         raise MergeError(problems[0])
-    base, models = open_inputs(base_dir, model_dirs)
+    base_path, names, tok_source = resolve_base(base_dir)
+    base, models = open_inputs(str(base_path), model_dirs, names)
+    if method == "peft-ties":
+        adapter_problems(models, model_dirs)
     specs = [(k, *base.meta(k)) for k in base.keys()]
 
     def write(tmp: Path):
         tmp.mkdir()  # a failure inside leaves only this .tmp directory, never `out`
-        for f in Path(base_dir).iterdir():  # config, generation config, tokenizer: the base's
+        for f in base_path.iterdir():  # config, generation config, tokenizer: the base's (a snapshot's links followed)
             if f.is_file() and f.name not in ("lume_target.json", "merge.json") and not f.name.startswith(
                     ("model.safetensors", "model-", "pytorch_model")):
                 shutil.copy2(f, tmp / f.name)
+        if tok_source and not any((tmp / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            save_tokenizer(tok_source, tmp)  # a hub target ships none: the one run.py loads for it
         write_streaming(tmp / "model.safetensors", specs,
                         lambda key: merge_one(key, base, models, method, weights, density, lam))
         (tmp / "merge.json").write_text(json.dumps({
-            "method": method, "density": density if method == "ties" else None, "lambda": lam,
-            "weights": weights, "base": str(base_dir), "models": list(model_dirs),
-            "trim": "per parameter tensor" if method == "ties" else None}, indent=2) + "\n")
+            "method": method, "density": density if "ties" in method else None, "lambda": lam,
+            "weights": weights, "base": str(base_dir), "base_path": str(base_path), "models": list(model_dirs),
+            "trim": {"ties": "per parameter tensor", "peft-ties": "per LoRA factor"}.get(method)}, indent=2) + "\n")
     lume.write_atomic(Path(out), write)
     log(f"merged {len(models)} models ({method}) over {base_dir}: {len(specs)} parameters -> {out}")
     return Path(out)
 
 
+def save_tokenizer(source: str, where: Path) -> None:
+    """The tokenizer run.py loads for the base (lume.resolve_model's), saved into `where`."""
+    from transformers import AutoTokenizer
+    try:
+        AutoTokenizer.from_pretrained(source).save_pretrained(where)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"the base has no tokenizer and {source} cannot be loaded ({lume.first_line(e)}). "
+                         f"{lume.hub_fix(source)}") from None
+
+
+def adapter_problems(models, model_dirs) -> None:
+    """peft-ties merges LoRA factors: every model an adapter, all of one rank (PEFT stacks them)."""
+    for m, d in zip(models, model_dirs):
+        if not isinstance(m, Adapter):
+            raise MergeError(f"{d}: --method peft-ties merges LoRA adapters (adapter_config.json), not full models")
+    ranks = {m.config["r"] for m in models}
+    if len(ranks) > 1:
+        raise MergeError(f"--method peft-ties: the adapters have ranks {sorted(ranks)}; PEFT's factor-wise TIES needs one")
+
+
 def arg_problems(model_dirs, out, method, density, lam, weights) -> list[str]:
     """The command line's own mistakes, before any file is opened."""
     out_problems = []
-    if method not in ("ties", "linear"):
-        out_problems.append(f"--method {method}: ties or linear")
+    if method not in METHODS:
+        out_problems.append(f"--method {method}: {', '.join(METHODS)}")
     if not model_dirs:
         out_problems.append("give at least one model to merge (A B ...)")
     if not (density == density and 0 < density <= 1):
@@ -332,8 +446,10 @@ def arg_problems(model_dirs, out, method, density, lam, weights) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("models", nargs="+", help="save_pretrained directories or PEFT adapter directories")
-    p.add_argument("--base", required=True, help="the save_pretrained directory every model was trained from")
-    p.add_argument("--method", default="ties", choices=["ties", "linear"])
+    p.add_argument("--base", required=True, help="what every model was trained from, as run.py's --model takes it: "
+                   "olmo-7b, olmo-1b, a hub id (its local cache snapshot) or a save_pretrained directory")
+    p.add_argument("--method", default="ties", choices=METHODS, help="ties: TIES on each full task vector; peft-ties: "
+                   "PEFT's TIES on the LoRA factors (ZJUKLAB's); linear: task arithmetic")
     p.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each task vector kept, in (0, 1]")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="scale of the merged task vector")
     p.add_argument("--weights", default="", help="comma-separated weight of each model (default: 1 each)")

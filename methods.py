@@ -61,9 +61,9 @@ def kl_sum(model, ref, b) -> torch.Tensor:
     Only answer tokens count, unlike several peers that average KL over every position,
     prompt and padding included. The reference runs frozen under no_grad.
     """
-    logits = model(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1].float()  # (B, T-1, V)
+    logits = model(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
     with torch.no_grad():
-        ref_logits = ref(input_ids=b.ids, attention_mask=b.attn).logits[:, :-1].float()
+        ref_logits = ref(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[:, :-1].float()
     logp, ref_logp = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T-1)
     return (kl * b.target_mask[:, 1:]).sum()
@@ -180,7 +180,7 @@ def layer_output(model, b, layer: int, stop: bool) -> torch.Tensor:
                 raise _Stop
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=b.ids, attention_mask=b.attn)
+        model(input_ids=b.ids, attention_mask=b.attn, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -375,9 +375,9 @@ def undial(model, forget, retain, totals, *, gamma: float, retain_weight: float,
     gradient w.r.t. the logits of answer token t is (p_t - q_t) / N, zero except through gamma: the
     label's probability is lowered to p_y e^-gamma / (1 - p_y + p_y e^-gamma), the rest rescaled.
     """
-    logits = model(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1].float()  # (B, T-1, V)
+    logits = model(input_ids=forget.ids, attention_mask=forget.attn, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
     with torch.no_grad():
-        ref_logits = ref(input_ids=forget.ids, attention_mask=forget.attn).logits[:, :-1]
+        ref_logits = ref(input_ids=forget.ids, attention_mask=forget.attn, use_cache=False).logits[:, :-1]
         q = undial_targets(ref_logits, forget.ids[:, 1:], gamma)  # (B, T-1, V)
     ce = -(q * F.log_softmax(logits, -1)).sum(-1)  # (B, T-1)
     f = (ce * forget.target_mask[:, 1:]).sum() / totals["forget_tokens"]

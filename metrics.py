@@ -16,7 +16,6 @@ References: Ramakrishna et al. 2025, "LUME: LLM Unlearning with Multitask Evalua
 import functools
 import re
 import statistics
-import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -337,7 +336,7 @@ def aggregate(rows, mia_auc=None, mmlu_average=None) -> dict:
         if mmlu_average < MMLU_THRESHOLD:
             notes.append(f"mmlu_average {mmlu_average:.4f} < {MMLU_THRESHOLD}: below the SemEval "
                          "threshold, such a run would not be considered in the final ranking")
-            warnings.warn(notes[-1])
+            # a note, not warnings.warn: the run says it in its own words (report.explain)
     results["aggregated-terms"] = terms
     task_aggregate = float(statistics.harmonic_mean(terms))  # 0 if any term is 0
     results["harmonic-mean-task-aggregate"] = task_aggregate

@@ -13,7 +13,11 @@ the picture compare.png: forget against retain per run):
     python report.py compare runs/m1-ga runs/m1-npo ... [--bench bench.json] [--png compare.png]
 """
 import argparse
+import hashlib
+import importlib.metadata
 import json
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,7 +83,9 @@ def explain(results: dict, tasks: list[int]) -> str:
     """What happened, in words, from the first and the last stage of `results`."""
     if "before" not in results or len(results) < 2:
         after = results[list(results)[-1]]
-        return "\n".join(["Scored once (no unlearning).", *aggregate_notes(after)])
+        head = ("Scored once (no unlearning)." if list(results) == ["before"] else
+                f"Scored {' and '.join(results)} unlearning only (--no-eval-before): no scores before it to compare with.")
+        return "\n".join([head, *gate_line(after), *aggregate_notes(after)])
     before, after = results["before"], results[list(results)[-1]]
     lines = []
     for t in tasks:
@@ -103,6 +109,15 @@ def explain(results: dict, tasks: list[int]) -> str:
     return "\n".join(lines + aggregate_notes(after))
 
 
+def gate_line(result: dict) -> list[str]:
+    """The MMLU gate in a line of the run's own (metrics.aggregate's note), when MMLU was scored."""
+    if "mmlu_average" not in result:
+        return []
+    ok = result["mmlu_average"] >= metrics.MMLU_THRESHOLD
+    return [f"MMLU {result['mmlu_average']:.3f}: {'passes' if ok else 'FAILS'} the SemEval gate (>= {metrics.MMLU_THRESHOLD})"
+            + ("." if ok else ": such a run would not be considered in the final ranking.")]
+
+
 def aggregate_notes(result: dict) -> list[str]:
     """Why aggregate-score is -1 and why the harmonic mean is 0, when they are."""
     notes = []
@@ -116,6 +131,71 @@ def aggregate_notes(result: dict) -> list[str]:
         notes.append("harmonic-mean-task-aggregate is 0 because a harmonic mean is 0 when any of its 12 terms is 0; "
                      f"zero here: {'; '.join(zeros)}.")
     return notes
+
+
+# -----------------------------------------------------------------------------
+# provenance: what produced a run (config.json's "provenance"; compare prints it under the table)
+
+
+def provenance(model: str, device, sources: dict | None) -> dict:
+    """The versions (transformers, peft when installed, torch, CUDA), the device's name, the model
+    (model_provenance), one digest per data source over fetch's per-file sha256 records, and the
+    code's git commit (None without git or outside a checkout)."""
+    import torch
+
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    data = {k: {"files": len(r["sha256"]), "sha256": hashlib.sha256("".join(
+        f"{d}  {f}\n" for f, d in sorted(r["sha256"].items())).encode()).hexdigest()}
+        for k, r in (sources or {}).items() if r and r.get("sha256")}
+    return {"transformers": version("transformers"), "peft": version("peft"), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "device_name": name, "model": model_provenance(model), "data": data,
+            "git": git_commit()}
+
+
+def model_provenance(name_or_path: str) -> dict:
+    """checkpoint.model_identity (a directory's sha256 of config.json and the weights, the tiny
+    target's fingerprint, a hub id's cached snapshot revision) and, for a hub snapshot, the sha256
+    of its config and weights too (the cache names a weight's blob by it: nothing is re-read)."""
+    import checkpoint
+    ident = checkpoint.model_identity(name_or_path)
+    if ident.get("hub") and ident.get("revision"):
+        from huggingface_hub import try_to_load_from_cache
+        snap = Path(try_to_load_from_cache(ident["hub"], "config.json")).parent
+        ident["sha256"] = {p.name: checkpoint._file_sha256(p) for p in sorted(snap.iterdir())
+                           if p.name == "config.json" or p.suffix in (".safetensors", ".bin")}
+    return ident
+
+
+def git_commit() -> dict | None:
+    """{"commit", "dirty"} of the checkout this file is in, or None (no git, not a checkout)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance_line(config: dict) -> str:
+    """One line of a run's config.json provenance (older runs have none: '-')."""
+    p = config.get("provenance")
+    if not p:
+        return "-"
+    m, g = p["model"], p.get("git")
+    model = (f"{m['hub']}@{(m.get('revision') or '?')[:12]}" if "hub" in m else f"tiny {m['tiny']}" if "tiny" in m
+             else f"revision {m['revision'][:12]}" if "revision" in m else
+             "sha256 " + ",".join(f"{k}:{v[:12]}" for k, v in m.get("sha256", {}).items()))
+    data = ", ".join(f"{k} {v['sha256'][:12]}" for k, v in p["data"].items()) or "built-in"
+    code = f"{g['commit'][:12]}{' (dirty)' if g['dirty'] else ''}" if g else "no git"
+    return (f"model {model}; data {data}; code {code}; transformers {p['transformers']}, torch {p['torch']}"
+            f"{', peft ' + p['peft'] if p.get('peft') else ''}, CUDA {p['cuda'] or '-'}, {p['device_name']}")
 
 
 # -----------------------------------------------------------------------------
@@ -303,6 +383,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table)
+    print("what produced each run (config.json's provenance):", file=sys.stderr)  # stdout: the table alone
+    for d, name in zip(a.runs, labels or [run_label(read_run(d)[1]) for d in a.runs]):
+        print(f"- {name} ({d}): {provenance_line(read_run(d)[1])}", file=sys.stderr)
     if a.png:
         note = compare_plot(a.runs, a.png, labels)
         print(note or f"picture: {a.png}", file=sys.stderr)

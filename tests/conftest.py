@@ -186,3 +186,53 @@ def small_tiny(monkeypatch, small_cache):
     monkeypatch.setattr(tiny, "TINY", {**tiny.TINY, **SMALL_CONFIG})
     monkeypatch.setattr(tiny, "TINY_RECIPE", {**tiny.TINY_RECIPE, **SMALL_RECIPE})
     monkeypatch.setattr(tiny, "tiny_target", lambda items, cache_dir, **kw: build(items, small_cache, **kw))
+
+
+# -----------------------------------------------------------------------------
+# a Hugging Face cache laid down by the tests: `--model olmo-7b` offline, as after a download
+
+
+@pytest.fixture(scope="session")
+def hub_cache(shared, tmp_path_factory) -> Path:
+    """A directory with hf/ (HF_HOME: a hub-shaped tiny OLMo under the real repo ids of olmo-7b and
+    olmo-1b and their tokenizer repos, docs/repro/hub_cache.py, the real OLMo-0724 tokenizer copied
+    in from ../shared), lume-cache/ (--cache-dir / LUME_CACHE: data/lume, data/mia and data/mmlu as
+    fetch.py leaves them, copies of ../shared, verified against the pinned sha256 on every read),
+    and the small inputs a quick run scores: mia-small/ (the first 4 official members and
+    nonmembers) and mmlu-small/ (2 subjects). Never write into it."""
+    import importlib.util
+    import shutil
+    spec = importlib.util.spec_from_file_location("hub_cache_repro", ROOT / "docs" / "repro" / "hub_cache.py")
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    root = tmp_path_factory.mktemp("hub")
+    repro.lay_down(root / "hf", shared / "olmo-tokenizer" / "tokenizer.json")
+    copy = lambda src, dst: shutil.copytree(src, dst, copy_function=shutil.copyfile)  # noqa: E731 (not ../shared's modes)
+    copy(shared / "lume-data" / "lume", root / "lume-cache" / "data" / "lume")
+    copy(shared / "lume-data" / "semeval25" / "mia_data", root / "lume-cache" / "data" / "mia")
+    copy(shared / "mmlu", root / "lume-cache" / "data" / "mmlu")
+    (root / "mia-small").mkdir()
+    for name in ("member", "nonmember"):
+        lines = (shared / "lume-data" / "semeval25" / "mia_data" / f"{name}.jsonl").read_text().splitlines()
+        (root / "mia-small" / f"{name}.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    for split in ("dev", "test"):
+        (root / "mmlu-small" / split).mkdir(parents=True)
+        for subject in ("astronomy", "virology"):
+            shutil.copyfile(shared / "mmlu" / split / f"{subject}_{split}.csv", root / "mmlu-small" / split / f"{subject}_{split}.csv")
+    return root
+
+
+@pytest.fixture
+def hub_env(hub_cache, monkeypatch) -> Path:
+    """This process and its children see hub_cache as a user's machine after a download, offline:
+    HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE=1 in the environment (subprocesses), and in
+    huggingface_hub's constants, which it reads once at import (in-process runs); LUME_CACHE at
+    its data. Returns hub_cache."""
+    from huggingface_hub import constants
+    env = {"HF_HOME": str(hub_cache / "hf"), "HF_HUB_CACHE": str(hub_cache / "hf" / "hub"), "HF_HUB_OFFLINE": "1",
+           "LUME_CACHE": str(hub_cache / "lume-cache")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub_cache

@@ -1,7 +1,9 @@
 """merge.py: TIES and linear merging against hand computation, identities (a model merged with
 itself; LoRA adapters merged like their merged checkpoints), one parameter per model in memory,
 and bad input as one error line."""
+import copy
 import json
+import math
 import weakref
 
 import pytest
@@ -160,3 +162,66 @@ def test_bad_input_is_one_error_line_naming_model_and_parameter(tmp_path, capsys
     rc, err = run_main(["--base", base, "--density", "1", fake_adapter(tmp_path / "ok", base), "--out",
                         str(tmp_path / "good")], capsys)
     assert rc == 0 and load_file(str(tmp_path / "good" / "model.safetensors"))["lin.weight"].eq(2.0).all()  # (2/1) B A
+
+
+# -----------------------------------------------------------------------------
+# exact trim counts; PEFT's factor-wise TIES (what ZJUKLAB ran) against PEFT and against full-delta TIES
+
+
+def test_trim_counts_are_exact_integers():
+    assert merge.keep_count(0.07, 100) == 7  # ceil(0.07 * 100.0) = ceil(7.000000000000001) = 8
+    assert merge.keep_count(0.29, 100, math.floor) == 29  # int(0.29 * 100) = 28
+    assert merge.keep_count(2 / 3, 3) == 2 and merge.keep_count(1.0, 5) == 5 and merge.keep_count(0.01, 10) == 1
+    assert int((merge.trim(torch.arange(1.0, 101.0), 0.07) != 0).sum()) == 7
+
+
+def random_factors(seed, n=64, r=8, k=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(r, n, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64))
+            for _ in range(k)]
+
+
+def test_factor_wise_ties_is_not_ties_of_the_deltas():
+    """PEFT's TIES on the stacked factors is TIES(B) TIES(A), cross terms B_i A_j included: on random
+    rank-8 adapters (64 x 64, ZJUKLAB's density 0.8, weights 1, 1) it is ~110% (relative norm) away
+    from TIES on the full deltas B_i A_i (docs/methods.md). With one adapter at density 1 they agree."""
+    pairs = random_factors(0)
+    full = merge.ties([b @ a for a, b in pairs], [1.0, 1.0], 0.8)
+    factor = merge.ties_factor([b for _, b in pairs], [1.0, 1.0], 0.8) @ merge.ties_factor([a for a, _ in pairs], [1.0, 1.0], 0.8)
+    rel = ((factor - full).norm() / full.norm()).item()
+    assert 0.9 < rel < 1.4, rel
+    (a, b), = random_factors(1, k=1)
+    s = 2.0  # alpha / r: each factor weighted sqrt(s)
+    one = merge.ties_factor([b], [math.sqrt(s)], 1.0) @ merge.ties_factor([a], [math.sqrt(s)], 1.0)
+    torch.testing.assert_close(one, s * b @ a)
+
+
+def test_peft_ties_equals_peft_add_weighted_adapter(tmp_path):
+    from conftest import oracle
+    peft = oracle("peft")
+    from transformers import OlmoConfig, OlmoForCausalLM
+    torch.manual_seed(0)
+    base = OlmoForCausalLM(OlmoConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=64)).eval()
+    base.save_pretrained(tmp_path / "base")
+    adapters = []
+    for i, (r_alpha, targets) in enumerate([(8.0, ["q_proj", "v_proj", "down_proj"]), (16.0, ["q_proj", "up_proj"])]):
+        m = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=r_alpha, target_modules=targets))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.3)
+        m.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+        m.save_pretrained(tmp_path / f"a{i}")
+        adapters.append(str(tmp_path / f"a{i}" if (tmp_path / f"a{i}" / "adapter_config.json").is_file() else
+                            tmp_path / f"a{i}" / "default"))
+    ours = load_file(str(merge.merge(str(tmp_path / "base"), adapters, str(tmp_path / "ours"), method="peft-ties",
+                                     density=0.8, weights=[1.0, 0.5], log=lambda s: None) / "model.safetensors"))
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), adapters[0], adapter_name="a0")
+    pm.load_adapter(adapters[1], adapter_name="a1")
+    pm.add_weighted_adapter(["a0", "a1"], [1.0, 0.5], "m", combination_type="ties", density=0.8)
+    pm.set_adapter("m")
+    theirs = pm.merge_and_unload().state_dict()
+    assert any(not torch.equal(ours[k], base.state_dict()[k]) for k in ours)
+    for k, v in ours.items():
+        torch.testing.assert_close(v, theirs[k], rtol=0, atol=1e-6)
