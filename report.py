@@ -374,6 +374,7 @@ def main(argv=None) -> int:
         for d in a.runs:
             try:
                 read_run(d) and compare_table([d])
+                provenance_line(read_run(d)[1])
             except rundir.BadFile:
                 raise
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
