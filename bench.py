@@ -369,7 +369,7 @@ def method_fns(fb, rb, fenc, model, device):
 
 
 def rmu_setup(model, rb, device) -> dict:
-    """RMU's options on this model as job.rmu_options sets them (l = 7 for 7B, half the layers for
+    """RMU's options on this model as methods.rmu_prepare sets them (l = 7 for 7B, half the layers for
     small models), its frozen cache of the retain batch computed here, once."""
     layer = min(7, model.config.num_hidden_layers // 2)
     frozen = methods.rmu_reference(model, [rb.to(device)], int(rb.idx.max()) + 1, layer, contextlib.nullcontext(),

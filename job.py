@@ -223,7 +223,8 @@ def method_options(cfg, model, tok, items, spec, p: dict) -> dict:
         raise SystemExit(f"error: {e}") from None
 
 
-def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None):
+def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None,
+            out=None):
     """Run the chosen method on the chosen task's forget items (retain items when its methods.Spec
     asks for them); under torchrun on this rank's rows of every micro-batch (dist.shard_steps).
     make_log(total steps) -> lume.train's log. resume: a training checkpoint (checkpoint.load) to
@@ -264,6 +265,10 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
 
     if resume and resume["step"] > len(steps):
         raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
+    setup = memory.training_setup(cfg, model, spec, precision, len(steps), bool(retain_encoded))
+    if out is not None and (dist is None or dist.rank == 0):
+        setup = memory.record_setup(out, setup)
+    lume.print0(memory.setup_line(setup))
 
     def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
         if dist is not None or resume["layout"] == "dcp":  # torchrun's DCP layout, or resharding
@@ -563,7 +568,7 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
         unlearn(cfg, model, tok, items, device, precision, lambda total: step_logger(logf, total, done_before),
-                dist, resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None)
+                dist, resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None, out=out)
     checkpoint.TERM["defer"] = False
     if cfg.eval_every and rank0:
         note = trajectory.plot(track["rows"], out / "trajectory.png")

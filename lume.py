@@ -308,7 +308,7 @@ def plan_steps(n_forget: int, n_retain: int, batch_size: int, grad_accum: int, e
     that many steps per chunk instead); the last partial step of an epoch is kept (its loss is
     normalised by its own totals). A row thus always meets the same batch partners and padding,
     which is what lets NPO's reference log-probs be computed once, in exactly the shapes training
-    uses (job.npo_reference). Each forget micro-batch of b rows is paired with retain_ratio * b
+    uses (methods.npo_prepare). Each forget micro-batch of b rows is paired with retain_ratio * b
     retain rows drawn at random, grouped by forget row (empty when n_retain is 0).
     With `lengths` (building the tiny target; one chunk), the forget set is reshuffled every epoch
     instead, and each window of 16 micro-batches is sorted by length before it is cut, so rows of

@@ -11,13 +11,15 @@ Weights, gradients, AdamW states, KL's reference copy, activations saved for bac
 workspace and compute-dtype copies, for fp32, bf16 autocast over fp32 master weights, or pure bf16
 (weights and AdamW states in bf16, updated with stochastic rounding by lume.StochasticAdamW: no
 more bytes), on one GPU or FSDP-sharded over N (dist.shard); on one GPU also for LoRA adapters or
-the last K decoder layers training over a frozen base. Checked at tiny scale against measured
+the last K decoder layers training over a frozen base; and the setup a run reports (`setup:`,
+config.json's "setup"). Checked at tiny scale against measured
 bytes in tests/test_dist.py and tests/test_plan.py. The engine (lume.py) never calls it; job.py
 asks it for the setup on CUDA (auto_setup) before any weight is loaded.
 """
 import argparse
 import contextlib
 import copy
+import json
 import math
 import sys
 import time
@@ -43,7 +45,8 @@ OLMO_CONFIGS = {
 # autocast keeps the residual stream in fp32. Eager attention would add ~heads * T * 2 bytes.
 # A layer training over a frozen bf16 embedding (LoRA, last K) has a bf16 residual stream: bf16-pure's.
 ACT_COEF = {"fp32": (36, 16), "bf16": (28, 8), "bf16-pure": (22, 8)}
-FULL_LR, LORA_LR = 1e-5, 1e-4  # run.py's auto lr for a released target: full parameters, LoRA
+# run.py's auto lr for a released target, full parameters and LoRA: declared once in methods.py
+FULL_LR, LORA_LR = methods.SHARED_DEFAULTS["lr"].real, methods.SHARED_DEFAULTS["lora_lr"].real
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # lora.py's default --lora-targets
 GiB = 2**30
 
@@ -401,16 +404,64 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
         name, setup, plan = pick_setup(model_config(cfg.model), cfg.method, cfg.batch_size, seq_len, free)
     except NoSetupFits as e:
         raise SystemExit(f"error: --model {cfg.model} on {device}: {e}") from None
+    why = f"memory plan: {name}, {plan['total'] / GiB:.1f} GiB planned of {free / GiB:.1f} GiB free"
+    resolved = getattr(cfg, "resolved", {})  # run.resolve_auto's record of each auto value (config.json)
     for key, value in setup.items():
         setattr(cfg, key, value)
+        resolved[key] = {"value": value, "why": why}
     if setup["lora_rank"] and cfg.lr == FULL_LR:  # the auto lr of full fine-tuning: LoRA's instead (run.py)
         cfg.lr, cfg.lora_alpha = LORA_LR, 2.0 * setup["lora_rank"]
+        for key in ("lr", "lora_alpha"):
+            resolved[key] = {"value": getattr(cfg, key), "why": f"{why}: LoRA's (methods.SHARED_DEFAULTS)"}
         lume.print0(f"memory plan: LoRA picked, so the auto lr {FULL_LR:g} becomes LoRA's {LORA_LR:g}")
     lume.print0(f"memory plan: {name} ({plan['total'] / GiB:.1f} GiB planned of {free / GiB:.1f} GiB free, "
                 f"batch {cfg.batch_size} x {seq_len} tokens); an explicit --precision, --grad-checkpointing, "
                 "--train-layers or --lora-rank overrides it (python memory.py shows every setup)")
     return {"setup": name, "planned_gib": round(plan["total"] / GiB, 2), "free_gib": round(free / GiB, 2),
             "batch": cfg.batch_size, "seq_len": seq_len, **setup, "plan_bytes": plan}
+
+
+def training_setup(cfg, model, spec, precision: str, n_steps: int, retain_rows: bool) -> dict:
+    """How this run trains, as lume.train will (config.json's "setup", the `setup:` line): precision,
+    autocast and GradScaler (lume.autocast_ctx, GradScaler for fp16 only), the optimizer
+    (lume.make_optimizer: StochasticAdamW when the trained weights are bf16), what trains, the
+    accumulation and the micro-batch."""
+    params = list(model.parameters())
+    train = [p for p in params if p.requires_grad]
+    what = (f"LoRA adapters (rank {cfg.lora_rank})" if cfg.lora_rank else
+            f"the last {cfg.train_layers} decoder layers" if cfg.train_layers else
+            f"{spec.title}'s own set" if spec.own_params else "every weight")
+    bf16 = any(p.dtype == torch.bfloat16 for p in train)
+    return {"precision": precision, "autocast": precision if precision in ("bf16", "fp16") else "off",
+            "grad_scaler": precision == "fp16", "optimizer": "StochasticAdamW" if bf16 else "AdamW",
+            "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup, "clip": cfg.clip, "trains": what,
+            "trainable_params": sum(p.numel() for p in train), "params": sum(p.numel() for p in params),
+            "grad_checkpointing": bool(cfg.grad_checkpointing), "grad_accum": cfg.grad_accum,
+            "forget_rows": cfg.batch_size, "retain_rows": cfg.batch_size * cfg.retain_ratio if retain_rows else 0,
+            "steps": n_steps}
+
+
+def record_setup(out: Path, setup: dict) -> dict:
+    """setup with the memory plan's numbers (config.json's "memory_plan": on CUDA, else none), written
+    into config.json beside it."""
+    config = json.loads((out / "config.json").read_text())
+    plan = config.get("memory_plan")
+    setup = {**setup, "memory_plan": {k: plan[k] for k in ("setup", "planned_gib", "free_gib", "seq_len")}
+             if plan else None}
+    lume.write_json_atomic(out / "config.json", {**config, "setup": setup})
+    return setup
+
+
+def setup_line(s: dict) -> str:
+    """The `setup:` line printed before the first step."""
+    plan = s.get("memory_plan")
+    return (f"setup: {s['precision']}, autocast {s['autocast']}, GradScaler {'on' if s['grad_scaler'] else 'off'}, "
+            f"{s['optimizer']} lr {s['lr']:g} ({s['schedule']}, warmup {s['warmup']}, clip {s['clip']:g}), trains "
+            f"{s['trains']}: {s['trainable_params']:,} of {s['params']:,} parameters, grad checkpointing "
+            f"{'on' if s['grad_checkpointing'] else 'off'}, {s['grad_accum']} micro-batch(es) per step of "
+            f"{s['forget_rows']} forget + {s['retain_rows']} retain rows, {s['steps']} steps; memory plan: "
+            + (f"{plan['setup']}, {plan['planned_gib']} GiB planned of {plan['free_gib']} GiB free" if plan
+               else "none (CPU, torchrun or an explicit setup flag)"))
 
 
 # -----------------------------------------------------------------------------

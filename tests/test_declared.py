@@ -58,6 +58,28 @@ def test_a_method_declared_in_a_test_file_runs_checkpoints_and_resumes(tmp_path,
     assert (whole / "generations.jsonl").read_bytes() == (resumed / "generations.jsonl").read_bytes()
     losses = [[r["loss"] for r in map(json.loads, open(d / "log.jsonl"))] for d in (whole, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 4 and losses[0][0] == pytest.approx(1.0)
+    setup = json.load(open(whole / "config.json"))["setup"]  # CPU, fp32: plain AdamW over every weight
+    assert (setup["precision"], setup["autocast"], setup["grad_scaler"], setup["optimizer"]) == ("fp32", "off", False,
+                                                                                                 "AdamW")
+    assert setup["trains"] == "every weight" and setup["trainable_params"] == setup["params"] > 0
+    assert (setup["forget_rows"], setup["retain_rows"], setup["memory_plan"]) == (4, 0, None)
+
+
+def test_the_run_says_its_setup_before_the_first_step(tmp_path, small_tiny, capsys):
+    """bf16 autocast over fp32 LoRA adapters on the CPU: the `setup:` line comes before the first step
+    and says what lume.train does; config.json holds the same."""
+    out = job.main(run.parse_args(["--method", "gd", "--n-docs", "2", "--max-steps", "1", "--max-new-tokens", "4",
+                                   "--no-eval-before", "--precision", "bf16", "--lora-rank", "4",
+                                   "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "r")]))
+    text = capsys.readouterr()
+    lines = (text.out + text.err).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("setup: "))
+    assert not any("unlearning: step" in line for line in lines[:at])
+    assert lines[at].startswith("setup: bf16, autocast bf16, GradScaler off, AdamW lr 0.0003") and \
+        "trains LoRA adapters (rank 4)" in lines[at] and "4 forget + 4 retain rows" in lines[at]
+    setup = json.load(open(out / "config.json"))["setup"]
+    assert 0 < setup["trainable_params"] < setup["params"] and setup["optimizer"] == "AdamW"  # fp32 adapters
+    assert json.load(open(out / "config.json"))["resolved"]["lr"]["value"] == 3e-4  # LoRA's tiny lr, and why
 
 
 # --- no module but methods.py names a method

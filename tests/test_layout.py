@@ -73,9 +73,29 @@ def test_imports_run_one_way():
         assert "lume" in graph[name] and "run" not in graph[name] and "dist" not in graph[name], (name, graph[name])
     assert graph["dist"] <= {"lume", "evaluation", "generation", "metrics", "lora"}, graph["dist"]
     assert {"lume", "dist", "evaluation", "methods", "tiny", "data"} <= graph["job"]
-    assert graph["run"] <= {"job", "lume", "checks"}, graph["run"]  # the command line: Config, argparse, checks
+    assert graph["run"] <= {"job", "lume", "checks", "methods"}, graph["run"]  # Config, argparse, checks, --method
     for name in MODULES:  # nothing imports the entry points
         assert "run" not in graph[name] and (name == "run" or "job" not in graph[name]), (name, graph[name])
+
+
+CORE = {"lume", "data", "methods", "metrics"}  # the reference a reader copies from: it reads on its own
+
+
+def test_the_core_imports_nothing_of_the_project_outside_itself():
+    """lume.py, data.py, methods.py and metrics.py import only each other (and torch, numpy, the stdlib),
+    anywhere in the file but a command-line `if __name__ == "__main__":` block (data.py's `fetch`)."""
+    for name in sorted(CORE):
+        tree = ast.parse((ROOT / f"{name}.py").read_text())
+        main = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.dump(n.test)]
+        for block in main:
+            tree.body.remove(block)
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+        assert not (found & set(MODULES)) - CORE, f"{name}.py imports {sorted((found & set(MODULES)) - CORE)}"
 
 
 def test_every_file_has_a_docstring_and_at_most_600_lines():

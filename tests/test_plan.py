@@ -166,6 +166,8 @@ def test_auto_setup_applies_the_pick_and_an_explicit_flag_wins(monkeypatch):
     rec = memory.auto_setup(cfg, cuda, [], free_bytes=80 * GiB)
     assert (cfg.precision, cfg.grad_checkpointing, cfg.train_layers, cfg.lora_rank) == ("bf16-pure", True, 0, 0)
     assert rec["setup"] == "full-bf16-sr" and rec["planned_gib"] <= 80 and rec["seq_len"] == 512
+    assert cfg.resolved["precision"] == {"value": "bf16-pure", "why": cfg.resolved["precision"]["why"]}
+    assert cfg.resolved["precision"]["why"].startswith("memory plan: full-bf16-sr")  # config.json says why
     json.dumps(rec)  # config.json can hold it
     for flags, want in [(["--precision", "bf16"], ("bf16", False)), (["--grad-checkpointing"], ("auto", True)),
                         (["--no-grad-checkpointing"], ("auto", False)), (["--train-layers", "4"], ("auto", False)),

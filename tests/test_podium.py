@@ -1,6 +1,6 @@
 """STAT (pseudo-token relabelling) and UNDIAL (self-distillation on adjusted logits) against hand
 computation on the toy model, UNDIAL's starting gradient in closed form, STAT's pseudo tokens, and
-the per-method declarations (methods.SPECS) that job.unlearn reads instead of method names."""
+the per-method declarations (methods.METHODS) that job.unlearn reads instead of method names."""
 import math
 
 import pytest
