@@ -494,7 +494,7 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
                 r[key] = {"skipped": "no model (the decode row says why)"}
                 return
             c = clean(dev)
-            say(f"gpu-report: {name} {key}: baseline {c['baseline_bytes'] / GiB:.2f} GiB held, "
+            say(f"gpu-report: {name} {key}: from a clean device, {c['baseline_bytes'] / 2**20:.1f} MiB held, "
                 f"{c['free_bytes'] / GiB:.2f} GiB free")
             r[key] = guarded(f"{name} {key}", lambda: fn(c["free_bytes"]), say, dev)
             r[key].update(baseline_bytes=c["baseline_bytes"], free_bytes=c["free_bytes"])
