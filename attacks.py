@@ -231,13 +231,13 @@ def restored(model):
 def attacker_setup(precision: str, config=None, batch: int = 0, seq_len: int = 0, gpu_bytes: int = 0) -> dict:
     """How the fine-tuning attacker trains. Without a GPU budget (CPU): every weight, at the run's
     precision ("full"). On CUDA (gpu_bytes > 0): memory.pick_setup's pick for an NLL fine-tune
-    (method "ga": no retain batch, no reference), as a run plans its own setup; LoRA is no attacker
+    (memory.FINE_TUNE: no retain batch, no reference), as a run plans its own setup; LoRA is no attacker
     setup (it would train new adapters, not the weights), so a LoRA pick, or nothing that fits,
     becomes the last 8 layers, the smallest weight setup memory.SETUPS has."""
     if not gpu_bytes:
         return {"setup": "full", "precision": precision, "train_layers": 0, "grad_checkpointing": False}
     try:
-        name, setup, _ = memory.pick_setup(config, "ga", batch, seq_len, gpu_bytes)
+        name, setup, _ = memory.pick_setup(config, memory.FINE_TUNE, batch, seq_len, gpu_bytes)
     except memory.NoSetupFits:
         name, setup = "last-8", None
     if setup is None or setup["lora_rank"]:

@@ -85,11 +85,9 @@ def combination_problems(cfg) -> list[str]:
         if not cfg.eval_before and not cfg.save:
             out.append("--no-eval-before with --method none would score nothing (add --save to export the target)")
     out += option_problems(cfg)
-    if getattr(cfg, "rmu_params", "auto") != "auto" and cfg.method != "rmu":
-        out.append(f"--rmu-params is RMU's; --method {cfg.method} does not use it")
-    if cfg.method == "rmu" and (getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
-        out.append("--method rmu chooses its own trainable weights (--rmu-params of layers l-2..l: no --lora-rank / "
-                   "--train-layers)")
+    own = cfg.method != "none" and methods.METHODS[cfg.method].own_params
+    if own and (getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)):
+        out.append(f"--method {cfg.method} chooses its own trainable weights (no --lora-rank / --train-layers)")
     if cfg.keep == "best" and not cfg.eval_every:
         out.append("--keep best picks among the scored steps: give --eval-every N too")
     if cfg.epochs is not None and cfg.max_steps is not None:
@@ -97,29 +95,30 @@ def combination_problems(cfg) -> list[str]:
     return out
 
 
-OPTION_WHAT = {"beta": "--beta is NPO's and SimNPO's inverse temperature",
-               "gamma": "--gamma is SimNPO's reward margin and UNDIAL's logit adjustment",
-               "rmu_layer": "--rmu-layer is RMU's", "rmu_coeff": "--rmu-coeff is RMU's"}
-GAMMA_UNDIAL = (0.0, 100.0)  # UNDIAL's gamma: > 0 (0 would distil the model into itself); beyond 100, e^-gamma
-# is 0 in fp32 already (the paper's grid: 3, 10, 30)
+def given(cfg, name: str) -> bool:
+    """Whether a method option was given: not left at auto (None, or "auto" for a choice)."""
+    return getattr(cfg, name, None) not in (None, "auto")
 
 
 def option_problems(cfg) -> list[str]:
-    """A method option given to a method whose methods.Spec does not take it, and UNDIAL's gamma range
-    (a NaN is range_problems' to report)."""
+    """A method option given to a method that does not take it (each method's options and fields, in
+    methods.METHODS), and the option values the method's own checks refuse (a NaN is range_problems')."""
     if cfg.method == "none":
         return []
-    used = set(methods.SPECS[cfg.method].options.values())
+    spec = methods.METHODS[cfg.method]
+    used = set(spec.options.values()) | set(spec.fields)
     out = []
-    if cfg.retain_weight is not None and "retain_weight" not in used:
+    if given(cfg, "retain_weight") and "retain_weight" not in used:
         out.append(f"--retain-weight: {cfg.method} has no retain term (use gd, kl or npo)")
-    for name, what in OPTION_WHAT.items():
-        if getattr(cfg, name) is not None and name not in used:
-            out.append(f"{what}; --method {cfg.method} does not use it")
-    low, high = GAMMA_UNDIAL
-    if cfg.method == "undial" and cfg.gamma is not None and cfg.gamma == cfg.gamma and not low < cfg.gamma <= high:
-        out.append(f"--gamma for undial (the label logit's adjustment) must be in ({low:g}, {high:g}], got {cfg.gamma}")
-    return out
+    owners = {}  # option -> the methods that take it
+    for name, m in methods.METHODS.items():
+        for option in set(m.options.values()) | set(m.fields):
+            owners.setdefault(option, []).append(m.title)
+    for option, titles in owners.items():
+        if option != "retain_weight" and given(cfg, option) and option not in used:
+            out.append(f"{flag(option)} is {' and '.join(t + chr(39) + 's' for t in titles)}; "
+                       f"--method {cfg.method} does not use it")
+    return out + (spec.checks(cfg) if spec.checks else [])
 
 
 def folder_problems(flag_name: str, value: str, keywords: tuple, needs: dict[str, str]) -> list[str]:
@@ -326,7 +325,8 @@ def attack_problems(cfg) -> list[str]:
         out.append(f"--attacks unrelated fine-tunes on the MIA non-member documents, and --mia-data {cfg.mia_data!r} "
                    "gives none: give --mia-data, or drop unrelated")
     if asked and under_torchrun():
-        partial = cfg.method == "rmu" or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)
+        own = cfg.method != "none" and methods.METHODS[cfg.method].own_params
+        partial = own or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)
         single = [a for a in asked if a == "fewshot" or (partial and a in ("relearn", "unrelated"))
                   or (getattr(cfg, "lora_rank", 0) and a in ("quant8", "quant4"))]
         if single:

@@ -158,17 +158,17 @@ def train_setup(config, method: str, setup_name: str, batch: int, seq_len: int, 
     if method == "kl":
         import copy
         options["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
-    loss, stamps = methods.METHODS[method], []
+    loss, stamps = methods.METHODS[method].loss, []
 
     def after(done, opt, scaler):
         sync(device)
         stamps.append(time.perf_counter())
-    lume.train(model, random_batches(config["vocab_size"], batch, seq_len, steps, methods.NEEDS_RETAIN[method], device),
+    lume.train(model, random_batches(config["vocab_size"], batch, seq_len, steps, methods.needs_retain(method), device),
                lambda m, f, r, totals: loss(m, f, r, totals, **options), lr=1e-5, precision=setup["precision"],
                device=device, after_step=after)
     peak = peak_over(device, base)
     step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    tokens = batch * seq_len * (2 if methods.NEEDS_RETAIN[method] else 1)
+    tokens = batch * seq_len * (2 if methods.needs_retain(method) else 1)
     flops = 6 * matmul_params(model) * tokens + (2 * matmul_params(model) * batch * seq_len if method == "kl" else 0)
     if setup["train_layers"] or setup["lora_rank"]:  # a frozen base: no weight gradients below (backward ~1/2 as much)
         flops = None

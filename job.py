@@ -168,55 +168,10 @@ def batch_of(encoded, idx, pad_id: int) -> lume.Batch:
     return lume.make_batch([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], idx, pad_id)
 
 
-def first_forget_batches(plan, steps) -> list:
-    """This process's forget micro-batch at every place of the plan where rows are seen for the
-    first time (plan: global indices; steps: the Batches this process trains on, aligned with it)."""
-    seen, out = set(), []
-    for global_micros, micros in zip(plan, steps):
-        for (rows, _), (forget, _) in zip(global_micros, micros):
-            if not seen.issuperset(rows):
-                seen.update(rows)
-                out.append(forget)
-    return out
-
-
-def npo_reference(model, plan, steps, n_forget: int, autocast, dist=None) -> torch.Tensor:
-    """log pi_ref(y_i|x_i) of every forget item under the model as it is now (before unlearning),
-    computed on the training micro-batches themselves (lume.plan_steps keeps their rows fixed), so
-    NPO's log-ratio is exactly 0 at step 0; under torchrun each rank runs its rows."""
-    batches = progress.Each(first_forget_batches(plan, steps), "NPO reference: batch")  # minutes on a 7B
-    if dist is not None:
-        return distributed.reference_logps_sharded(model, batches, n_forget, dist, autocast)
-    return lume.reference_logps(model, batches, n_forget, autocast)
-
-
-def rmu_options(cfg, model, plan, retain_encoded, pad: int, autocast, dist=None, cached=None) -> dict:
-    """RMU's options: only --rmu-params of layers l-2..l left trainable, the control vector u (seeded)
-    and the frozen model's layer-l activations on every retain item the plan uses, computed once
-    from the model as it is now (the target), in length-sorted batches. Under torchrun every rank
-    computes the whole cache (the same forwards everywhere: FSDP forwards are collectives)."""
-    try:
-        methods.rmu_trainable(model, cfg.rmu_layer, cfg.rmu_params)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    used = sorted({j for micros in plan for _, r in micros for j in r})
-    groups = lume.length_batches([len(retain_encoded[j][0]) for j in used], cfg.batch_size, 1 << 30)
-    batches = progress.Each([batch_of(retain_encoded, [used[k] for k in g], pad) for g in groups],
-                            "RMU cache: batch")  # minutes on a 7B
-    if cached is not None:  # a resumed run: the cache its checkpoint holds (this rank's items: sharded.rmu_cache)
-        frozen = cached
-    else:
-        frozen = methods.rmu_reference(model, batches, len(retain_encoded), cfg.rmu_layer, autocast, stop=dist is None)
-    if dist is not None and cached is None:
-        model.reshard()  # the root stays unsharded after a no-grad forward (dist.reference_logps_sharded)
-    return {"control": methods.rmu_control(model.config.hidden_size, cfg.seed), "frozen": frozen,
-            "stop": dist is None}
-
-
 def frozen_reference(cfg, model, items, device, precision, dist=None):
-    """A frozen reference for KL's retain distributions and UNDIAL's targets: with LoRA the same
-    model with its adapters off (no second copy), else a copy in the training dtype (under torchrun
-    loaded and sharded like the model)."""
+    """A frozen reference model (methods.Prep.frozen_copy): with LoRA the same model with its adapters
+    off (no second copy), else a copy in the training dtype (under torchrun loaded and sharded like
+    the model)."""
     if lora.has_adapters(model):
         return lora.Reference(model)
     ref = copy.deepcopy(model) if dist is None else load_model(cfg, items, device, lume.weight_dtype(precision),
@@ -224,25 +179,44 @@ def frozen_reference(cfg, model, items, device, precision, dist=None):
     return ref.eval().requires_grad_(False)
 
 
-def method_options(cfg, model, tok, items, spec, ctx) -> dict:
-    """The keyword options of the method's loss: its Config fields (spec.options) and what spec.needs
-    (methods.Spec), built here once before training. ctx: plan, steps, forget and retain encodings,
-    pad id, autocast, device, precision, dist and the resumed checkpoint (or None)."""
+def saved_state(spec, resume, n_retain: int) -> dict | None:
+    """A resumed run's method state (methods.Method.state) as prepare takes it back: None when the run
+    starts afresh; a "retain rows" list is this rank's entries (sharded.rows_state)."""
+    if resume is None:
+        return None
+    return {key: (resume["state"].get(key) if kind == "shared" else sharded.rows_state(resume, key, n_retain))
+            for key, (_, kind) in spec.state.items()}
+
+
+def method_state(spec, options: dict, steps) -> tuple[dict, dict]:
+    """(what every rank shares, what is this rank's) of the method's checkpointed state: its
+    methods.Method.state options, a "retain rows" list cut to the rows of this rank's steps."""
+    shared = {key: options[opt] for key, (opt, kind) in spec.state.items() if kind == "shared"}
+    mine = {key: sharded.rows_of(options[opt], steps) for key, (opt, kind) in spec.state.items() if kind != "shared"}
+    return shared, mine
+
+
+def method_options(cfg, model, tok, items, spec, p: dict) -> dict:
+    """The keyword options of the method's loss: its Config fields (spec.options) and what its
+    prepare builds once before training (methods.Method), given the run's plumbing here."""
     options = {name: getattr(cfg, field) for name, field in spec.options.items()}
-    for need in spec.needs:
-        if need == "ref_logps":  # a resumed run takes the reference its checkpoint holds (the target's)
-            options["ref_logps"] = ctx["resume"]["state"]["ref_logps"] if ctx["resume"] else npo_reference(
-                model, ctx["plan"], ctx["steps"], len(ctx["forget"]), ctx["autocast"], ctx["dist"])
-        elif need == "rmu":  # freezes all but the MLPs of layers l-2..l; caches the frozen activations
-            options.update(rmu_options(cfg, model, ctx["plan"], ctx["retain"], ctx["pad"], ctx["autocast"],
-                                       ctx["dist"], sharded.rmu_cache(ctx["resume"], len(ctx["retain"]))))
-        elif need == "ref":
-            options["ref"] = frozen_reference(cfg, model, items, ctx["device"], ctx["precision"], ctx["dist"])
-        elif need == "vocab":
-            options.update(vocab=min(len(tok), model.config.vocab_size), seed=cfg.seed)
-        else:
-            raise AssertionError(f"methods.SPECS[{cfg.method!r}] needs {need!r}, which job.py cannot build")
-    return options
+    if spec.prepare is None:
+        return options
+    dist, autocast = p["dist"], p["autocast"]
+
+    def reference_logps(batches):
+        if dist is not None:
+            return distributed.reference_logps_sharded(model, batches, len(p["forget"]), dist, autocast)
+        return lume.reference_logps(model, batches, len(p["forget"]), autocast)
+    prep = methods.Prep(
+        cfg=cfg, model=model, tok=tok, plan=p["plan"], steps=p["steps"], retain=p["retain"], autocast=autocast,
+        dist=dist, saved=saved_state(spec, p["resume"], len(p["retain"])), reference_logps=reference_logps,
+        frozen_copy=lambda: frozen_reference(cfg, model, items, p["device"], p["precision"], dist),
+        batch=lambda encoded, idx: batch_of(encoded, idx, p["pad"]), each=progress.Each)
+    try:
+        return {**options, **spec.prepare(prep)}
+    except ValueError as e:  # an option this model cannot take (e.g. --rmu-layer beyond its layers)
+        raise SystemExit(f"error: {e}") from None
 
 
 def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None):
@@ -252,7 +226,7 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
     continue from; after_step(done, total, opt, scaler, ref_logps): scoring and checkpoints between steps."""
     forget, retain = split_items(cfg, items)
     assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
-    spec = methods.SPECS[cfg.method]
+    spec = methods.METHODS[cfg.method]
     forget_encoded = encode_items(tok, forget)
     retain_encoded = encode_items(tok, retain) if methods.uses_retain(cfg.method, cfg.retain_weight) else []
     plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
@@ -272,7 +246,7 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
     options = method_options(cfg, model, tok, items, spec, dict(
         plan=plan, steps=steps, forget=forget, retain=retain_encoded, pad=pad, device=device, precision=precision,
         autocast=lume.autocast_ctx(device, precision), dist=dist, resume=resume))
-    loss = methods.METHODS[cfg.method]
+    loss = spec.loss
 
     def loss_fn(model, forget, retain, totals):
         return loss(model, forget, retain, totals, **options)
@@ -296,7 +270,7 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
         checkpoint.set_rng_state(resume["state"]["rng"])
 
     def between(done, opt, scaler):
-        after_step(done, len(steps), opt, scaler, options.get("ref_logps"), sharded.rmu_items(options, steps))
+        after_step(done, len(steps), opt, scaler, *method_state(spec, options, steps))
     return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
                       clip=cfg.clip, precision=precision, device=device, log=make_log(len(steps)), dist=dist,
                       start=resume["step"] if resume else 0, restore=restore if resume else None,
@@ -556,7 +530,7 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     if cfg.eval_every and not track["rows"]:
         score_subset(0)
 
-    def after_step(done, total, opt, scaler, ref_logps, rmu=None):
+    def after_step(done, total, opt, scaler, shared, mine):
         if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
             score_subset(done)
         stop = checkpoint.TERM["asked"]  # SIGTERM during the step: checkpoint now, then stop
@@ -564,12 +538,11 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
             stop = dist.all_reduce_float(float(stop)) > 0
         due = cfg.save_every and (done % cfg.save_every == 0 or done == total or stop)
         if due and dist is not None:
-            sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), "ref_logps": ref_logps,
-                                                 "track": track}, {"best": best_weights, "rmu": rmu}, fingerprint, dist)
+            sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), **shared, "track": track},
+                         {"best": best_weights, **mine}, fingerprint, dist)
         elif due and rank0:
             checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
-                            {"scaler": scaler.state_dict(), "ref_logps": ref_logps, "track": track, "rmu": rmu},
-                            best_weights,
+                            {"scaler": scaler.state_dict(), **shared, "track": track, **mine}, best_weights,
                             fingerprint)
         if stop:
             raise checkpoint.Terminated("terminated (SIGTERM)")

@@ -16,6 +16,7 @@ bytes in tests/test_dist.py and tests/test_plan.py. The engine (lume.py) never c
 asks it for the setup on CUDA (auto_setup) before any weight is loaded.
 """
 import argparse
+import contextlib
 import copy
 import math
 import sys
@@ -61,43 +62,51 @@ def shapes(config):
 
 SHAPES = {}
 
-# Methods planned as the one whose step costs at least as much: SimNPO is NPO without the cached
-# reference log-probs; RMU and STAT run forget and retain rows (RMU's few trainable MLPs and its
-# layer-l activation cache cost less than GD's full gradients); UNDIAL holds a frozen reference and
-# its full-vocabulary targets, as KL (which also runs retain rows: an over-estimate for UNDIAL).
-PLAN_AS = {"simnpo": "npo", "rmu": "gd", "stat": "gd", "undial": "kl"}
+# A step is planned from the method's declaration (methods.Memory): whether it runs retain rows and
+# holds a frozen reference copy. An NLL fine-tune (the attacks' relearning) is forget rows alone.
+FINE_TUNE = methods.Memory(retain_rows=False)
+
+
+def profile(method) -> "methods.Memory":
+    """The memory profile of a method name (methods.METHODS) or a methods.Memory as it is."""
+    return method if isinstance(method, methods.Memory) else methods.METHODS[method].memory
+
+
+def exact_methods() -> list[str]:
+    """The methods whose plan is their own (methods.Memory.approx empty): the README's tables."""
+    return [name for name, m in methods.METHODS.items() if not m.memory.approx]
 
 
 def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, world: int = 1,
                 grad_checkpointing: bool = False, grad_accum: int = 1, train_layers: int = 0,
                 lora_rank: int = 0, lora_targets: str = LORA_TARGETS) -> dict:
-    """Bytes per GPU of one training step of `method` (ga, gd, kl, npo) at `precision` (fp32,
-    bf16 = autocast over fp32 master weights, bf16-pure), FSDP over `world` GPUs. config: a
-    transformers config or a dict of OlmoConfig fields; batch: forget rows per micro-batch (gd, kl,
-    npo add as many retain rows); seq_len: tokens per row. train_layers K > 0 or lora_rank R > 0:
+    """Bytes per GPU of one training step of `method` (a methods.METHODS name or a methods.Memory) at
+    `precision` (fp32, bf16 = autocast over fp32 master weights, bf16-pure), FSDP over `world` GPUs.
+    config: a transformers config or a dict of OlmoConfig fields; batch: forget rows per micro-batch
+    (a method with retain_rows adds as many retain rows); seq_len: tokens per row. train_layers K > 0 or lora_rank R > 0:
     one GPU, a frozen base (frozen_base_plan).
 
       weights, grads  the largest shard (rank 0's; dim 0 padded to a multiple of world) in the
                       master dtype (bf16 for bf16-pure)
       optimizer       AdamW exp_avg + exp_avg_sq in the master dtype + a 4-byte step per tensor
                       (bf16-pure: lume.StochasticAdamW, the same states; its fp32 work is chunked)
-      reference       kl: a frozen sharded copy of the weights; npo: log-probs only (~0)
+      reference       frozen_copy (KL): a frozen sharded copy of the weights; NPO's log-probs ~0
       activations     saved for backward: every layer's tensors (ACT_COEF) or, with checkpointing,
-                      every layer's input; plus the fp32 log-softmax of the logits (kl: + p_ref)
+                      every layer's input; plus the fp32 log-softmax of the logits (+ p_ref with
+                      a frozen_copy)
       workspace       transient: one row set's logits (compute dtype + fp32 copy + fp32 gradient)
                       and, with checkpointing, the one layer being recomputed
       copies          compute-dtype weights alive during the step: world 1, autocast's cast cache
                       (bf16; only the head's with checkpointing); world > 1, FSDP's unsharded root
-                      + 2 layers + 1 layer of gradients (x2 for kl's reference), plus the whole
+                      + 2 layers + 1 layer of gradients (x2 with a frozen_copy), plus the whole
                       unsharded gradient when grad_accum > 1 (no reduce-scatter until the last
                       micro-batch)
     Not counted: CUDA context and fragmentation (1-3 GB: fits() keeps a reserve), evaluation (a
     bf16 replica of fp32 weights while scoring, no optimizer; with --eval-every, beside it).
     """
     precision = "bf16" if precision == "fp16" else precision
-    method = PLAN_AS.get(method, method)
+    method = profile(method)
     assert precision in ACT_COEF, f"precision must be one of {list(ACT_COEF)} (or fp16), got {precision!r}"
-    assert method in ("ga", "gd", "kl", "npo"), f"unknown method {method!r}"
     config, model = shapes(config)
     if train_layers or lora_rank:
         assert world == 1, "LoRA and --train-layers are planned on one GPU"
@@ -115,11 +124,11 @@ def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, w
     cH, cI = ACT_COEF[precision]
     layer = cH * H + cI * I                    # per token
     rows = batch * seq_len                     # tokens of one row set
-    tokens = rows * (2 if method in ("gd", "kl", "npo") else 1)
+    tokens = rows * (2 if method.retain_rows else 1)
     saved = (L * r * H if grad_checkpointing else L * layer) + (r + c) * H + 4 * V
     plan = {"weights": n_shard * w, "grads": n_shard * w, "optimizer": 2 * n_shard * w + 4 * len(params),
-            "reference": n_shard * w if method == "kl" else 0,
-            "activations": tokens * saved + (rows * 4 * V if method == "kl" else 0),
+            "reference": n_shard * w if method.frozen_copy else 0,
+            "activations": tokens * saved + (rows * 4 * V if method.frozen_copy else 0),
             "workspace": rows * V * (c + 8) + (tokens * layer if grad_checkpointing else 0)}
     if world == 1:  # autocast casts matmul weights (not an untied embedding); checkpointed layers
         # recompute their casts in backward, so then only the head's stay
@@ -128,7 +137,7 @@ def memory_plan(config, method: str, precision: str, batch: int, seq_len: int, w
         n_cast = (n_root if grad_checkpointing else n_all) - (0 if tied else emb.numel())
         plan["copies"] = n_cast * 2 if precision == "bf16" else 0
     else:
-        plan["copies"] = ((n_root + 3 * n_block) * c * (2 if method == "kl" else 1)
+        plan["copies"] = ((n_root + 3 * n_block) * c * (2 if method.frozen_copy else 1)
                           + (n_all * c if grad_accum > 1 else 0))
     plan["total"] = sum(plan.values())
     return plan
@@ -173,12 +182,12 @@ def frozen_base_plan(config, model, method, precision, batch, seq_len, grad_chec
         n_train = k * sum(p.numel() for p in block.parameters())
         n_tensors, n_frozen, grad_layers = k * len(list(block.parameters())), n_all - n_train, k
     rows = batch * seq_len
-    tokens = rows * (2 if method in ("gd", "kl", "npo") else 1)
+    tokens = rows * (2 if method.retain_rows else 1)
     saved = (L * f * H if grad_checkpointing else grad_layers * layer) + 2 * f * H + 4 * V
     weights = n_frozen * f + n_train * 4
     plan = {"weights": weights, "grads": n_train * 4, "optimizer": 2 * n_train * 4 + 4 * n_tensors,
-            "reference": weights if method == "kl" and not lora_rank else 0,
-            "activations": tokens * saved + (rows * 4 * V if method == "kl" else 0),
+            "reference": weights if method.frozen_copy and not lora_rank else 0,
+            "activations": tokens * saved + (rows * 4 * V if method.frozen_copy else 0),
             "workspace": rows * V * (f + 8) + (tokens * layer if grad_checkpointing else 0),
             # autocast's cast cache of the fp32 trainables (recomputed in backward with checkpointing)
             "copies": 0 if grad_checkpointing or precision == "fp32" else n_train * 2}
@@ -232,7 +241,7 @@ def pick_setup(config, method: str, batch: int, seq_len: int, gpu_bytes: int) ->
         if plan["total"] <= budget:
             return name, setup, plan
         tried.append(f"{name} {plan['total'] / GiB:.1f}")
-    raise NoSetupFits(f"no single-GPU setup fits {method} (batch {batch} x {seq_len} tokens) in "
+    raise NoSetupFits(f"no single-GPU setup fits {method if isinstance(method, str) else 'a fine-tune'} (batch {batch} x {seq_len} tokens) in "
                       f"{gpu_bytes / GiB:.1f} GiB ({budget / GiB:.1f} GiB after the reserve); planned GiB: "
                       f"{', '.join(tried)}. What would fit: {alternatives(config, method, batch, seq_len, budget)}")
 
@@ -297,7 +306,7 @@ def print_setup_table(batch: int = 4, seq_len: int = 512, budgets=(24, 40, 80)) 
              "| model | method | " + " | ".join(names) + " | " + " | ".join(f"pick on {g} GiB" for g in budgets) + " |",
              "|---" * (2 + len(names) + len(budgets)) + "|"]
     for model in ("olmo-1b", "olmo-7b"):
-        for method in ("ga", "gd", "kl", "npo"):
+        for method in exact_methods():
             totals = [plan_setup(OLMO_CONFIGS[model], method, batch, seq_len, s)["total"] / GiB for _, _, s in SETUPS]
             picks = []
             for g in budgets:
@@ -323,7 +332,7 @@ def print_memory_table(batch: int = 4, seq_len: int = 512, grad_accum: int = 1) 
              "| model | setup | method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 3) + "|"]
     for name in ("olmo-1b", "olmo-7b"):
         for label, precision, world, gc in setups:
-            for method in ("ga", "gd", "kl", "npo"):
+            for method in exact_methods():
                 p = memory_plan(OLMO_CONFIGS[name], method, precision, batch, seq_len, world, gc, grad_accum)
                 cells = " | ".join(f"{p[k] / GiB:.1f}" for k in keys)
                 lines.append(f"| {name} | {label} | {method} | {cells} |")
@@ -535,12 +544,18 @@ def measure(name: str, method: str, batch: int, seq_len: int, setup_name: str | 
     vocab = model.get_input_embeddings().weight.shape[0]
     rows = lambda: lume.Batch(torch.randint(0, vocab, (batch, seq_len)), torch.ones(batch, seq_len,  # noqa: E731
                               dtype=torch.long), torch.ones(batch, seq_len), torch.arange(batch))
-    steps_of = [[(rows(), rows() if methods.NEEDS_RETAIN[method] else None)] for _ in range(steps)]
-    options = {"ga": {}, "gd": dict(retain_weight=1.0), "kl": dict(retain_weight=1.0),
-               "npo": dict(beta=0.1, retain_weight=1.0, ref_logps=torch.zeros(batch))}[method]
-    if method == "kl":  # the frozen copy job.unlearn makes (LoRA: lora.py switches the adapters off instead)
-        options["ref"] = copy.deepcopy(model).eval().requires_grad_(False)
-    loss, got = methods.METHODS[method], {}
+    spec = methods.METHODS[method]
+    steps_of = [[(rows(), rows() if spec.retain != "no" else None)] for _ in range(steps)]
+    # the loss's options at their tiny defaults (the bytes do not depend on them), and what its prepare
+    # builds: a frozen copy (LoRA: lora.py switches the adapters off instead), the reference log-probs
+    options = {k: spec.defaults.get(f, methods.SHARED_DEFAULTS.get(f)).tiny for k, f in spec.options.items()}
+    if spec.prepare is not None:
+        options.update(spec.prepare(methods.Prep(
+            cfg=None, model=model, tok=None, plan=[[(list(range(batch)), [])]] * steps, steps=steps_of, retain=[],
+            autocast=contextlib.nullcontext(), dist=None, saved=None, batch=None, each=lambda b, _: b,
+            reference_logps=lambda b: lume.reference_logps(model, b, batch, contextlib.nullcontext()),
+            frozen_copy=lambda: copy.deepcopy(model).eval().requires_grad_(False))))
+    loss, got = spec.loss, {}
 
     def after(done, opt, scaler):
         got["optimizer"] = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
@@ -563,7 +578,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The memory plan of one unlearning step; the setup a run picks.")
     p.add_argument("--model", default="", help="olmo-1b, olmo-7b, tiny, a hub id or a save_pretrained directory "
                                                 "(none: the README's full-parameter table)")
-    p.add_argument("--method", default="npo", choices=["ga", "gd", "kl", "npo"])
+    p.add_argument("--method", default=methods.DEFAULT, choices=exact_methods())
     p.add_argument("--batch", type=int, default=4, help="forget rows per micro-batch (run.py --batch-size)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="the GPU's memory in GiB")

@@ -1,7 +1,9 @@
 """
 Unlearning losses: Gradient Ascent, Gradient Difference, KL regularisation, NPO, SimNPO, RMU, STAT
-(pseudo-token relabelling) and UNDIAL (self-distillation on adjusted logits); and, at the end, each
-method's declaration of what it needs (SPECS), which is all job.unlearn reads about a method.
+(pseudo-token relabelling) and UNDIAL (self-distillation on adjusted logits), each with what it
+prepares before training beside it; and, at the end, each method's declaration (METHODS: its loss,
+options, preparation, defaults with their sources, memory plan, checks and checkpointed state), which
+is all the rest of the project reads about a method. A new method is a loss and a declaration here.
 
 Each function is one micro-batch's contribution to one optimizer step's loss:
     loss_fn(model, forget, retain, totals) -> (loss tensor, {term name: float})
@@ -28,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import lume
 from lume import Batch, nll_sum, seq_logps, token_logps
 
 
@@ -74,6 +77,12 @@ def kl(model, forget, retain, totals, *, retain_weight: float, ref):
     return -f + retain_weight * k, {"forget_nll": f.item(), "retain_kl": k.item()}
 
 
+def frozen_reference(p) -> dict:
+    """KL's and UNDIAL's preparation: a frozen reference, the model as it is now (the target; with
+    LoRA the same model with its adapters off, no second copy: Prep.frozen_copy)."""
+    return {"ref": p.frozen_copy()}
+
+
 def npo(model, forget, retain, totals, *, beta: float, retain_weight: float, ref_logps: torch.Tensor):
     """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3):
 
@@ -94,6 +103,28 @@ def npo(model, forget, retain, totals, *, beta: float, retain_weight: float, ref
         terms["retain_nll"] = ret.item()
         return loss_f + retain_weight * ret, terms
     return loss_f, terms
+
+
+def first_forget_batches(plan, steps) -> list:
+    """This process's forget micro-batch at every place of the plan where rows are seen for the
+    first time (plan: global indices; steps: the Batches this process trains on, aligned with it)."""
+    seen, out = set(), []
+    for global_micros, micros in zip(plan, steps):
+        for (rows, _), (forget, _) in zip(global_micros, micros):
+            if not seen.issuperset(rows):
+                seen.update(rows)
+                out.append(forget)
+    return out
+
+
+def npo_prepare(p) -> dict:
+    """NPO's preparation: log pi_ref(y_i|x_i) of every forget item under the model as it is now (before
+    unlearning), computed on the training micro-batches themselves (lume.plan_steps keeps their rows
+    fixed), so NPO's log-ratio is exactly 0 at step 0; a resumed run takes its checkpoint's."""
+    if p.saved is not None:
+        return {"ref_logps": p.saved["ref_logps"]}
+    batches = p.each(first_forget_batches(p.plan, p.steps), "NPO reference: batch")  # minutes on a 7B
+    return {"ref_logps": p.reference_logps(batches)}
 
 
 def simnpo(model, forget, retain, totals, *, beta: float, gamma: float, retain_weight: float):
@@ -240,6 +271,25 @@ def rmu(model, forget, retain, totals, *, layer: int, coeff: float, retain_weigh
     return f + retain_weight * r, {"forget_mse": f.item(), "retain_mse": r.item()}
 
 
+def rmu_prepare(p) -> dict:
+    """RMU's preparation: only --rmu-params of layers l-2..l left trainable, the control vector u
+    (seeded) and the frozen model's layer-l activations on every retain item the plan uses, computed
+    once from the model as it is now (the target), in length-sorted batches, or taken from the
+    checkpoint of a resumed run. Under torchrun every rank computes the whole cache (the same forwards
+    everywhere: FSDP forwards are collectives); after a no-grad forward the FSDP root stays unsharded."""
+    cfg = p.cfg
+    rmu_trainable(p.model, cfg.rmu_layer, cfg.rmu_params)
+    used = sorted({j for micros in p.plan for _, r in micros for j in r})
+    groups = lume.length_batches([len(p.retain[j][0]) for j in used], cfg.batch_size, 1 << 30)
+    batches = p.each([p.batch(p.retain, [used[k] for k in g]) for g in groups], "RMU cache: batch")
+    cached = (p.saved or {}).get("rmu")
+    if cached is None:
+        cached = rmu_reference(p.model, batches, len(p.retain), cfg.rmu_layer, p.autocast, stop=p.dist is None)
+        if p.dist is not None:
+            p.model.reshard()
+    return {"control": rmu_control(p.model.config.hidden_size, cfg.seed), "frozen": cached, "stop": p.dist is None}
+
+
 def plus_retain_nll(model, f, terms: dict, retain, totals, retain_weight: float):
     """(f + retain_weight * NLL(retain) / retain tokens, terms with "retain_nll"), or (f, terms) when
     the weight is 0 or the step has no retain rows: STAT's and UNDIAL's optional retain term."""
@@ -292,6 +342,12 @@ def stat(model, forget, retain, totals, *, vocab: int, seed: int, retain_weight:
     return plus_retain_nll(model, f, {"pseudo_nll": f.item()}, retain, totals, retain_weight)
 
 
+def stat_prepare(p) -> dict:
+    """STAT's preparation: the vocabulary its pseudo tokens are drawn from (the tokenizer's ids that the
+    model has rows for) and the seed that fixes each item's draw."""
+    return {"vocab": min(len(p.tok), p.model.config.vocab_size), "seed": p.cfg.seed}
+
+
 # -----------------------------------------------------------------------------
 # UNDIAL: self-distillation with adjusted logits (Dong et al., NAACL 2025, arXiv 2402.10052)
 
@@ -329,26 +385,83 @@ def undial(model, forget, retain, totals, *, gamma: float, retain_weight: float,
 
 
 # -----------------------------------------------------------------------------
-# what each method needs: job.unlearn reads these, never a method's name
+# the declarations: one per method, all the rest of the project reads about a method
+
+
+@dataclass
+class Prep:
+    """What a method's prepare function may use: the run's Config, model, tokenizer, plan (global row
+    indices) and steps (this process's Batches), the retain encodings (lume.encode_pair's), autocast,
+    dist (None in one process), saved (checkpoint key -> value of a resumed run, else None), and the
+    run's plumbing: reference_logps(batches) -> (n forget,) log pi(y|x) of the model as it is (sharded
+    under torchrun), frozen_copy() -> a frozen reference model, batch(encoded, idx) -> a Batch,
+    each(batches, label) -> the batches with a progress line."""
+    cfg: object
+    model: object
+    tok: object
+    plan: list
+    steps: list
+    retain: list
+    autocast: object
+    dist: object
+    saved: dict | None
+    reference_logps: Callable
+    frozen_copy: Callable
+    batch: Callable
+    each: Callable
 
 
 @dataclass(frozen=True)
-class Spec:
-    """One method's needs beside its forget batches.
+class Default:
+    """A value an "auto" flag resolves to: for the tiny target, for any other model, and the source
+    of the real one (paper or repository, file, key), or why it was chosen where there is none."""
+    tiny: object
+    real: object
+    source: str
 
-    retain     "no" (none), "yes" (always: its loss has a retain term), or "weighted" (retain rows
-               only when --retain-weight > 0: NPO, SimNPO, STAT, UNDIAL, whose pure form has none)
+
+@dataclass(frozen=True)
+class Memory:
+    """How memory.py plans a step of the method: retain_rows (a step runs as many retain rows as
+    forget rows), frozen_copy (a frozen reference model beside the trained one, its full-vocabulary
+    distributions kept for the backward). approx: why the plan is an upper bound rather than the
+    method's own, or "" when it is the method's exactly (memory.py's tables list those)."""
+    retain_rows: bool
+    frozen_copy: bool = False
+    approx: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One unlearning method, declared once:
+
+    title      its name in messages ("NPO")
+    loss       loss(model, forget, retain, totals, **options) -> (loss, {term: float})
+    retain     "no" (no retain rows), "yes" (always: its loss has a retain term), or "weighted"
+               (retain rows only when --retain-weight > 0: its pure form has none)
     options    loss keyword <- Config field, passed as they are (e.g. layer <- rmu_layer)
-    needs      what job.unlearn builds before training and passes as options:
-               "ref": a frozen reference model (KL, UNDIAL; with LoRA the same model, adapters off),
-               "ref_logps": log pi_ref(y|x) of every forget item, cached (NPO),
-               "rmu": RMU's trainable set, control vector and cached frozen activations,
-               "vocab": the tokenizer's vocabulary size and the seed (STAT's pseudo tokens)
-    note       what to print at the start, from the Config (or None)
+    fields     other Config fields it reads (in prepare), refused for every other method
+    prepare    prepare(p: Prep) -> more loss options, built once before training (a reference, a cache)
+    defaults   Config field -> Default: what its "auto" resolves to, with the source
+    memory     Memory: how the memory plan counts a step
+    checks     checks(cfg) -> [problem lines]: option values only this method refuses
+    state      checkpoint key -> (option, "shared" | "retain rows"): what --save-every writes and
+               --resume hands back to prepare (Prep.saved): a value every rank holds, or a list per
+               retain item of which each rank keeps the entries of the rows it trains on
+    own_params prepare chooses the trainable weights itself (no --lora-rank / --train-layers)
+    note       note(cfg) -> a line printed at the start, or None
     """
+    title: str
+    loss: Callable
     retain: str = "no"
     options: dict = field(default_factory=dict)
-    needs: tuple = ()
+    fields: tuple = ()
+    prepare: Callable | None = None
+    defaults: dict = field(default_factory=dict)
+    memory: Memory = Memory(retain_rows=True)
+    checks: Callable | None = None
+    state: dict = field(default_factory=dict)
+    own_params: bool = False
     note: Callable | None = None
 
 
@@ -358,22 +471,104 @@ def npo_note(cfg) -> str:
             "between the two while some answers are forgotten and others not yet")
 
 
+GAMMA_UNDIAL = (0.0, 100.0)  # UNDIAL's gamma: > 0 (0 would distil the model into itself); beyond 100, e^-gamma
+# is 0 in fp32 already (the paper's grid: 3, 10, 30)
+
+
+def undial_checks(cfg) -> list[str]:
+    low, high = GAMMA_UNDIAL
+    if cfg.gamma is not None and cfg.gamma == cfg.gamma and not low < cfg.gamma <= high:  # NaN: range_problems'
+        return [f"--gamma for undial (the label logit's adjustment) must be in ({low:g}, {high:g}], got {cfg.gamma}"]
+    return []
+
+
+# The sources of the real-model defaults (the authors' code where there is code; each number at the
+# file and key named). TINY: chosen on the built-in data with the tiny target (docs/methods.md).
+TINY = "tiny: chosen on the built-in data (docs/methods.md)"
+UNLEARN_SIMPLE = "OPTML-Group/Unlearn-Simple (SimNPO, Fan et al. 2024)"
+NPO_REPO = "licong-lin/negative-preference-optimization (NPO, Zhang et al. 2024)"
+WMDP = ("centerforaisafety/wmdp (RMU, Li et al. 2024): run_rmu_zephyr.ipynb's command for Zephyr-7B, "
+        "rmu/unlearn.py for the rest")
+OPEN_UNLEARNING = "locuslab/open-unlearning"
 RW = {"retain_weight": "retain_weight"}
-SPECS = {
-    "ga": Spec(),
-    "gd": Spec("yes", RW),
-    "kl": Spec("yes", RW, ("ref",)),
-    "npo": Spec("weighted", {"beta": "beta", **RW}, ("ref_logps",), npo_note),
-    "simnpo": Spec("weighted", {"beta": "beta", "gamma": "gamma", **RW}),
-    "rmu": Spec("yes", {"layer": "rmu_layer", "coeff": "rmu_coeff", **RW}, ("rmu",)),
-    "stat": Spec("weighted", RW, ("vocab",)),
-    "undial": Spec("weighted", {"gamma": "gamma", **RW}, ("ref",)),
+
+METHODS = {
+    "ga": Method("GA", ga, memory=Memory(retain_rows=False)),
+    "gd": Method("GD", gd, "yes", RW, defaults={"retain_weight": Default(
+        1.0, 1.0, f"{UNLEARN_SIMPLE}, TOFU/dataloader.py, grad_diff: loss = forget_loss + retain_loss")}),
+    "kl": Method("KL", kl, "yes", RW, prepare=frozen_reference, memory=Memory(True, frozen_copy=True),
+                 defaults={"retain_weight": Default(
+                     1.0, 1.0, f"{UNLEARN_SIMPLE}, TOFU/dataloader.py, KL: loss = forget_loss + retain_loss")}),
+    "npo": Method("NPO", npo, "weighted", {"beta": "beta", **RW}, prepare=npo_prepare, note=npo_note,
+                  state={"ref_logps": ("ref_logps", "shared")}, defaults={
+                      "beta": Default(0.1, 0.1, f"{NPO_REPO}, config/forget.yaml, beta: 0.1"),
+                      # tiny: NPO's retain NLL competes with a loss ~(2/beta) log 2 = 14: weighed more
+                      "retain_weight": Default(3.0, 1.0, f"{NPO_REPO}, config/forget.yaml, grad_diff_coeff: 1.0 "
+                                               "(npo_coeff: 1.0; TOFU/dataloader.py npo_grad_diff: "
+                                               "npo_coeff * forget_loss + grad_diff_coeff * retain_loss)")}),
+    "simnpo": Method("SimNPO", simnpo, "weighted", {"beta": "beta", "gamma": "gamma", **RW},
+                     memory=Memory(True, approx="planned as NPO, whose cached reference log-probs it lacks"),
+                     defaults={
+                         "beta": Default(2.5, 2.5, f"{UNLEARN_SIMPLE}, TOFU/run_scripts.py, "
+                                         "gen_commands_simnpo_tofu_forget05: beta 2.5 of its grid (the paper's "
+                                         "TOFU forget05 value)"),
+                         "gamma": Default(0.0, 0.0, f"{UNLEARN_SIMPLE}, TOFU/config/forget.yaml, gamma: 0.0"),
+                         "retain_weight": Default(1.0, 0.1375, f"{UNLEARN_SIMPLE}, TOFU/run_scripts.py, forget05: "
+                                                  "grad_diff_coeff=0.1375 with TOFU/config/forget.yaml npo_coeff: "
+                                                  "1.0 (TOFU/dataloader.py simnpo_grad_diff: npo_coeff * "
+                                                  "forget_loss + grad_diff_coeff * retain_loss)")}),
+    "rmu": Method("RMU", rmu, "yes", {"layer": "rmu_layer", "coeff": "rmu_coeff", **RW}, ("rmu_params",),
+                  prepare=rmu_prepare, state={"rmu": ("frozen", "retain rows")}, own_params=True,
+                  memory=Memory(True, approx="planned as GD: its few trainable MLPs and its layer-l cache "
+                                             "cost less than GD's full gradients"),
+                  defaults={
+                      "rmu_layer": Default(2, 7, f"{WMDP}: --layer_id 7 (layers 5, 6, 7 train)"),
+                      "rmu_coeff": Default(100.0, 6.5, f"{WMDP}: --steering_coeffs 6.5,6.5"),
+                      "retain_weight": Default(10.0, 1200.0, f"{WMDP}: --alpha 1200,1200"),
+                      "lr": Default(3e-3, 5e-5, f"{WMDP}: --lr 5e-5"),
+                      "rmu_params": Default("mlp", "down", f"{WMDP}: --param_ids 6 (mlp.down_proj)")}),
+    "stat": Method("STAT", stat, "weighted", RW, prepare=stat_prepare,
+                   memory=Memory(True, approx="planned as GD (forget and retain rows, full gradients)"),
+                   defaults={"retain_weight": Default(
+                       1.0, 1.0, "Chen, Luo and Tang 2025 (YNU, SemEval 2025, aclanthology 2025.semeval-1.264), "
+                                 "as the paper describes it: pseudo-token and retain batches alternate, unweighted (no code of "
+                                 "theirs checked)")}),
+    "undial": Method("UNDIAL", undial, "weighted", {"gamma": "gamma", **RW}, prepare=frozen_reference,
+                     checks=undial_checks, memory=Memory(True, frozen_copy=True, approx="planned as KL, which "
+                                                        "also runs retain rows: an upper bound"),
+                     defaults={
+                         "gamma": Default(10.0, 10.0, f"{OPEN_UNLEARNING}, configs/trainer/UNDIAL.yaml, beta: 10.0 "
+                                                      "(the paper's strength, mid-grid of 3/10/30)"),
+                         "retain_weight": Default(0.0, 0.0, f"{OPEN_UNLEARNING}, configs/trainer/UNDIAL.yaml, "
+                                                            "alpha: 0.0 (the paper uses no retain set)")}),
 }
-METHODS = {"ga": ga, "gd": gd, "kl": kl, "npo": npo, "simnpo": simnpo, "rmu": rmu, "stat": stat, "undial": undial}
-NEEDS_RETAIN = {name: spec.retain != "no" for name, spec in SPECS.items()}
+DEFAULT = "npo"  # run.py's --method when none is given: the LUME paper's strongest baseline
+# What every method shares, where its own declaration says nothing (run.py's resolution reads both).
+SHARED_DEFAULTS = {
+    "lr": Default(1e-4, 1e-5, f"{NPO_REPO}, config/forget.yaml, lr: 1e-5 (also {UNLEARN_SIMPLE}, "
+                              "TOFU/config/forget.yaml)"),
+    "lora_lr": Default(3e-4, 1e-4, f"{OPEN_UNLEARNING}, community/methods/UNDIAL/README.md: LoRA "
+                                   "(rank 8, alpha 16) with learning rate 1e-4"),
+    "epochs": Default(20.0, 5.0, "project choice: no single source (NPO's config/forget.yaml 10, "
+                                 "AILS-NTUA's 7 per chunk)"),
+    "beta": Default(0.1, 0.1, "unused by this method; recorded as NPO's"),
+    "gamma": Default(0.0, 0.0, "unused by this method"),
+    "retain_weight": Default(1.0, 1.0, "unused by this method"),
+}
+
+
+def register(name: str, method: Method) -> None:
+    """Add a method (a test's or a fork's) under --method name: everything reads METHODS."""
+    assert name not in METHODS and name != "none", f"--method {name} exists already"
+    METHODS[name] = method
 
 
 def uses_retain(method: str, retain_weight) -> bool:
     """Whether a run of `method` draws retain rows (retain_weight: the resolved --retain-weight)."""
-    spec = SPECS[method]
+    spec = METHODS[method]
     return spec.retain == "yes" or (spec.retain == "weighted" and retain_weight != 0)
+
+
+def needs_retain(method: str) -> bool:
+    """Whether `method` may draw retain rows at all (the memory plan and gpureport count them)."""
+    return METHODS[method].retain != "no"

@@ -21,6 +21,19 @@ from pathlib import Path
 import checks
 import job
 import lume
+import methods
+
+
+def auto(name: str, lead: str = "") -> str:
+    """The help text's "(default: auto = ...)" of a method option, read from the declarations
+    (methods.METHODS: tiny and other models' values, each real one's source in docs/methods.md)."""
+    parts = []
+    for m in methods.METHODS.values():
+        d = m.defaults.get(name)
+        if d is not None:
+            parts.append(f"{m.title} {d.tiny:g}" if d.tiny == d.real else f"{m.title} {d.tiny:g} for tiny, "
+                         f"{d.real:g} otherwise")
+    return f"{lead} (default: auto = {'; '.join(parts)}; the sources: docs/methods.md)"
 
 
 def arg(default, help: str, **extra):
@@ -33,8 +46,8 @@ def arg(default, help: str, **extra):
 class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
-    method: str = arg("npo", "unlearning method; none scores the target as it is",
-                      choices=["ga", "gd", "kl", "npo", "simnpo", "rmu", "stat", "undial", "none"])
+    method: str = arg(methods.DEFAULT, "unlearning method (methods.py); none scores the target as it is",
+                      choices=lambda: [*methods.METHODS, "none"])
     model: str = arg("tiny", "tiny (the committed target/ on the default built-in data, else built once, ~3 min on 2 cores), olmo-1b, olmo-7b (the released "
                              "SemEval targets; hub access: docs/data.md), a hub id, or a local save_pretrained directory")
     data: str = arg("auto", "the items: builtin (generated, for --model tiny), lume or semeval (the real benchmark, "
@@ -52,7 +65,7 @@ class Config:
     mmlu_limit: int = arg(0, "questions per MMLU subject, for a quick look (0 = all 14,042, as the official scorer)")
     lr: float = arg(None, "peak learning rate (default: auto = 1e-4 for --model tiny, 1e-5 for the released "
                           "targets and any other model; with --lora-rank 3e-4 for tiny, 1e-4 otherwise; RMU: "
-                          "3e-3 for tiny, 5e-5 otherwise)", type=float)
+                          "3e-3 for tiny, 5e-5 otherwise; the sources: docs/methods.md)", type=float)
     epochs: float = arg(None, "passes over the forget set (default: auto = 20 for --model tiny, 5 otherwise)",
                         type=float)
     max_steps: int = arg(None, "optimizer steps; replaces --epochs when given", type=int)
@@ -62,26 +75,22 @@ class Config:
     warmup: int = arg(0, "linear warmup steps")
     schedule: str = arg("constant", "lr after warmup", choices=["constant", "linear"])
     clip: float = arg(1.0, "gradient-norm clip (0 = off)")
-    beta: float = arg(None, "inverse temperature of NPO and SimNPO (default: auto = 0.1 for NPO, the NPO paper's; "
-                            "2.5 for SimNPO, the SimNPO paper's TOFU value: its beta multiplies a per-token mean, "
-                            "NPO's a sequence sum)", type=float)
-    gamma: float = arg(None, "SimNPO's reward margin gamma, in the paper's convention: log sigmoid(-(beta/|y|) log pi - "
-                             "gamma). The official code's (and open-unlearning's) gamma is this one / beta: its MUSE-News "
-                             "recipe beta 0.75, gamma 3.0 is --beta 0.75 --gamma 2.25 here (default: auto = 0, the "
-                             "SimNPO paper's TOFU value; docs/methods.md). UNDIAL's adjustment of the label's logit, in "
-                             "(0, 100] (default: auto = 10, mid-grid of the paper's 3/10/30)", type=float)
-    retain_weight: float = arg(None, "weight of the retain term: GD, KL, NPO (then NPO with a retain term, 'NPO-RT' in "
-                                     "the NPO paper; 0 = pure NPO), SimNPO, RMU's alpha, STAT and UNDIAL. GA has none "
-                                     "(default: auto = 1 for GD, KL and STAT, 3 for NPO; SimNPO 1 for tiny, 7.27 "
-                                     "otherwise; RMU 10 for tiny, 1200 otherwise; UNDIAL 0, the paper's)", type=float)
-    rmu_layer: int = arg(None, "RMU: decoder layer l (0-based) whose output is steered; layers l-2..l train "
-                               "(default: auto = 2 for tiny, 7 otherwise, WMDP's)", type=int)
+    beta: float = arg(None, auto("beta", "inverse temperature of NPO and SimNPO (SimNPO's multiplies a per-token "
+                                         "mean, NPO's a sequence sum)"), type=float)
+    gamma: float = arg(None, auto("gamma", "SimNPO's reward margin, in the paper's convention: log sigmoid(-(beta/|y|) "
+                                           "log pi - gamma); the official code's gamma is this one / beta: its "
+                                           "MUSE-News beta 0.75, gamma 3.0 is --beta 0.75 --gamma 2.25 here. UNDIAL's "
+                                           "adjustment of the label's logit, in (0, 100]"), type=float)
+    retain_weight: float = arg(None, auto("retain_weight", "weight of the retain term (NPO with one: 'NPO-RT', 0 = "
+                                                           "pure NPO; RMU's alpha); GA has none"), type=float)
+    rmu_layer: int = arg(None, auto("rmu_layer", "RMU: decoder layer l (0-based) whose output is steered; layers "
+                                                 "l-2..l train"), type=int)
     rmu_params: str = arg("auto", "RMU: what trains in layers l-2..l: down (mlp.down_proj only, WMDP's param_ids [6], "
                                   "for which its c, alpha and lr were tuned) or mlp (gate, up and down) (default: auto "
                                   "= down, except mlp for --model tiny, whose defaults were chosen on it)",
                           choices=["auto", "down", "mlp"])
-    rmu_coeff: float = arg(None, "RMU: steering coefficient c, forget activations pushed to c*u (default: auto = 100 "
-                                 "for tiny, 6.5 otherwise, WMDP's)", type=float)
+    rmu_coeff: float = arg(None, auto("rmu_coeff", "RMU: steering coefficient c, forget activations pushed to c*u"),
+                           type=float)
     chunk_size: int = arg(0, "sequential unlearning: forget items per chunk, chunks unlearned one after the other, "
                              "each for --epochs (0 = one chunk, the whole forget set)")
     retain_ratio: int = arg(1, "retain rows per forget row in every micro-batch")
@@ -124,31 +133,26 @@ class Config:
                            "'' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
-
-
-# (tiny target, any other model) values of the method options left at auto. Other models: the papers'
-# values, SimNPO's from Fan et al.'s TOFU forget05 recipe (beta 2.5, gamma 0, forget term weighted
-# 0.1375 against retain 1, i.e. retain_weight 1/0.1375), RMU's from WMDP's Zephyr-7B run (l 7,
-# c 6.5, alpha 1200, lr 5e-5). Tiny: chosen on the built-in data (docs/methods.md).
-METHOD_DEFAULTS = {"simnpo": {"beta": (2.5, 2.5), "retain_weight": (1.0, 7.27)},
-                   "rmu": {"rmu_layer": (2, 7), "rmu_coeff": (100.0, 6.5), "retain_weight": (10.0, 1200.0),
-                           "lr": (3e-3, 5e-5)},
-                   "undial": {"gamma": (10.0, 10.0), "retain_weight": (0.0, 0.0)}}
+    # not a flag: what each auto value resolved to and why (resolve_auto), written to config.json
+    resolved: dict = field(default_factory=dict)
 
 
 def parser() -> argparse.ArgumentParser:
     """Every Config field as a --flag; its help ends with its default (auto ones spell out theirs)."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     for f in dataclasses.fields(Config):
+        if "help" not in f.metadata:  # resolved: written by resolve_auto, not given
+            continue
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        choices = meta.get("choices")
+        choices = choices() if callable(choices) else choices
         text = meta["help"] if "default:" in meta["help"] or f.default in ("", None) else \
             f"{meta['help']} (default: {f.default})"
         if f.type is bool or f.type == "bool":
             p.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction, help=text)
         else:
             p.add_argument(flag, type=meta.get("type", type(f.default)), default=f.default,
-                           choices=meta.get("choices"), help=text, metavar=f.name.upper() if not meta.get(
-                               "choices") else None)
+                           choices=choices, help=text, metavar=f.name.upper() if not choices else None)
     return p
 
 
@@ -169,24 +173,30 @@ def parse_args(argv=None) -> Config:
 
 
 def resolve_auto(cfg: Config) -> Config:
-    """Model- and method-dependent defaults, resolved here once and recorded in config.json. The tiny
-    values were chosen on the built-in data (README table); 1e-5 x 5 epochs is the usual 7B setting."""
+    """Every auto value resolved here once, from the method's declaration (methods.METHODS: its
+    defaults for the tiny target and for other models, each real one with its source) and the
+    defaults all methods share (methods.SHARED_DEFAULTS); cfg.resolved records each value and why
+    (config.json). The tiny values were chosen on the built-in data (README table)."""
     is_tiny = cfg.model == "tiny"
-    for name, values in METHOD_DEFAULTS.get(cfg.method, {}).items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, values[0 if is_tiny else 1])
+    spec = methods.METHODS.get(cfg.method)
+
+    def put(name, value, why):
+        setattr(cfg, name, value)
+        cfg.resolved[name] = {"value": value, "why": why}
+
+    def pick(name, d: methods.Default):
+        put(name, d.tiny if is_tiny else d.real, methods.TINY if is_tiny else d.source)
+    for name, d in (spec.defaults if spec else {}).items():
+        if getattr(cfg, name) in (None, "auto"):
+            pick(name, d)
+    shared = methods.SHARED_DEFAULTS
     if cfg.lora_rank and cfg.lr is None:  # B starts at 0 and a rank-r update moves few directions: a larger
-        cfg.lr = 3e-4 if is_tiny else 1e-4  # step (tiny NPO r=8: 1e-4 forgot nothing, 2e-4 half; docs/lora.md)
-    cfg.lr = cfg.lr if cfg.lr is not None else (1e-4 if is_tiny else 1e-5)
+        pick("lr", shared["lora_lr"])  # step (tiny NPO r=8: 1e-4 forgot nothing, 2e-4 half; docs/lora.md)
     if cfg.lora_rank and not cfg.lora_alpha:
-        cfg.lora_alpha = 2.0 * cfg.lora_rank
-    cfg.epochs = cfg.epochs if cfg.epochs is not None else (20.0 if is_tiny else 5.0)
-    if cfg.method == "rmu" and cfg.rmu_params == "auto":  # WMDP's set, but the tiny target keeps its tuned one
-        cfg.rmu_params = "mlp" if is_tiny else "down"
-    cfg.beta = cfg.beta if cfg.beta is not None else 0.1
-    cfg.gamma = cfg.gamma if cfg.gamma is not None else 0.0
-    if cfg.retain_weight is None:  # NPO's retain NLL competes with a loss ~(2/beta)log2 = 14: weigh it more
-        cfg.retain_weight = 3.0 if cfg.method == "npo" else 1.0
+        put("lora_alpha", 2.0 * cfg.lora_rank, "2 x --lora-rank (the UNDIAL paper's rank 8, alpha 16)")
+    for name in ("lr", "epochs", "beta", "gamma", "retain_weight"):
+        if getattr(cfg, name) is None:
+            pick(name, shared[name])
     return cfg
 
 

@@ -229,25 +229,22 @@ def restore(model, opt, scaler, got: dict, dist=None) -> None:
 
 
 # -----------------------------------------------------------------------------
-# RMU's frozen-activation cache: each rank keeps the entries of the retain items it trains on
+# a method's per-retain-item state (methods.Method.state "retain rows", e.g. RMU's frozen-activation
+# cache): each rank keeps the entries of the retain items it trains on
 
 
-def rmu_items(options: dict, steps) -> dict | None:
-    """{str(retain index): (answer tokens, H) activations} of the retain rows in `steps` (this rank's
-    micro-batches; all of them in one process), or None when the method is not RMU."""
-    frozen = options.get("frozen")
-    if frozen is None:
-        return None
+def rows_of(values: list, steps) -> dict:
+    """{str(retain index): value} of the retain rows in `steps` (this rank's micro-batches; all of
+    them in one process), entries that are None left out."""
     rows = {j for micros in steps for _, r in micros if r is not None for j in r.idx.tolist()}
-    return {str(j): frozen[j] for j in sorted(rows) if frozen[j] is not None}
+    return {str(j): values[j] for j in sorted(rows) if values[j] is not None}
 
 
-def rmu_cache(resume: dict | None, n: int) -> list | None:
-    """methods.rmu_reference's list (n entries, None where absent) from a checkpoint's cache: this
-    rank's part (DCP layout) or the whole (one process's); None to compute it (no checkpoint)."""
-    if resume is None:
-        return None
-    part = (resume.get("mine") or {}).get("rmu") if resume.get("layout") == "dcp" else resume["state"].get("rmu")
+def rows_state(resume: dict, key: str, n: int) -> list | None:
+    """rows_of's dict under `key` of a checkpoint back as a list of n entries (None where absent):
+    this rank's part (DCP layout) or the whole (one process's); None when the checkpoint has none
+    (another world size: prepare recomputes it)."""
+    part = (resume.get("mine") or {}).get(key) if resume.get("layout") == "dcp" else resume["state"].get(key)
     if part is None:
         return None
     out = [None] * n

@@ -147,7 +147,7 @@ def test_grad_accumulation_equals_one_batch(method):
                   "ref_logps": torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)},
           "stat": {"vocab": 7, "seed": 2, "retain_weight": 0.5},
           "undial": {"gamma": 3.0, "retain_weight": 0.5, "ref": ref}}[method]
-    fn = methods.METHODS[method]
+    fn = methods.METHODS[method].loss
     whole = [(toy_batch(F_ROWS), toy_batch(R_ROWS))]
     split = [(toy_batch(F_ROWS[:1], [0]), toy_batch(R_ROWS[:1])),
              (toy_batch(F_ROWS[1:], [1, 2]), toy_batch(R_ROWS[1:]))]
@@ -171,4 +171,4 @@ def test_options_are_keyword_only_without_defaults_and_retain_is_required():
         methods.npo(m, fb, None, n, retain_weight=0.0, ref_logps=torch.zeros(3, dtype=torch.float64))
     for name, kw in (("gd", {"retain_weight": 1.0}), ("kl", {"retain_weight": 1.0, "ref": m})):
         with pytest.raises(ValueError, match=f"{name} needs retain items"):
-            methods.METHODS[name](m, fb, None, totals_of(fb), **kw)
+            methods.METHODS[name].loss(m, fb, None, totals_of(fb), **kw)

@@ -219,11 +219,10 @@ def test_chunks_cover_each_item_once_per_epoch_in_their_chunk(n, chunk, bs, ga, 
 
 
 def test_max_steps_counts_per_chunk_and_reference_batches_cover_every_item():
-    import job
     plan = lume.plan_steps(10, 0, 2, 1, 1, 3, seed=0, chunk_size=4)  # chunks of 4, 4, 2 items: 3 steps each
     assert len(plan) == 9
     plan = lume.plan_steps(12, 3, 2, 1, 2, 0, seed=0, chunk_size=4)
-    firsts = job.first_forget_batches(plan, plan)  # NPO's reference: every item, each once
+    firsts = methods.first_forget_batches(plan, plan)  # NPO's reference: every item, each once
     assert sorted(i for f in firsts for i in f) == list(range(12))
 
 
@@ -251,9 +250,9 @@ def test_method_defaults_and_bad_flags_at_argument_time(capsys, monkeypatch):
     monkeypatch.setattr(run.checks, "hub_problems", lambda name, repos: [])  # no hub here: olmo-7b's defaults only
     assert run.parse_args(["--method", "npo"]).beta == 0.1
     s = run.parse_args(["--method", "simnpo"])
-    assert (s.beta, s.gamma) == (2.5, 0.0) and s.retain_weight == run.METHOD_DEFAULTS["simnpo"]["retain_weight"][0]
+    assert (s.beta, s.gamma) == (2.5, 0.0) and s.retain_weight == methods.METHODS["simnpo"].defaults["retain_weight"].tiny
     s = run.parse_args(["--method", "simnpo", "--model", "olmo-7b", "--beta", "4.5"])
-    assert (s.beta, s.retain_weight) == (4.5, 7.27)
+    assert (s.beta, s.retain_weight) == (4.5, 0.1375)  # the authors' grad_diff_coeff (test_defaults_sources)
     r = run.parse_args(["--method", "rmu", "--model", "olmo-7b"])
     assert (r.rmu_layer, r.rmu_coeff, r.retain_weight, r.lr) == (7, 6.5, 1200.0, 5e-5)
     assert run.parse_args(["--method", "rmu", "--model", "olmo-7b", "--lr", "1e-4"]).lr == 1e-4

@@ -232,11 +232,13 @@ def test_measure_runs_its_steps_on_cpu(method, setup, capsys):
 
 def test_every_method_has_a_plan_at_least_its_cost_twin():
     """auto_setup plans every method --method accepts (it asserted on simnpo, rmu, stat and undial);
-    each is planned as a method whose step costs at least as much (memory.PLAN_AS)."""
+    each is planned as a method whose step costs at least as much (its methods.Memory)."""
     import methods
     seven = memory.OLMO_CONFIGS["olmo-7b"]
-    for m in methods.SPECS:
+    twins = {"simnpo": "npo", "rmu": "gd", "stat": "gd", "undial": "kl"}
+    for m in methods.METHODS:
         name, _, plan = memory.pick_setup(seven, m, 4, 512, 80 * GiB)
-        twin = memory.PLAN_AS.get(m, m)
+        twin = twins.get(m, m)
         assert plan == memory.plan_setup(seven, twin, 4, 512, next(s for n, _, s in memory.SETUPS if n == name))
-    assert memory.PLAN_AS["undial"] == "kl" and methods.SPECS["undial"].needs == ("ref",)  # a frozen copy
+        assert bool(methods.METHODS[m].memory.approx) == (m in twins), m
+    assert methods.METHODS["undial"].prepare is methods.frozen_reference  # a frozen copy, planned as KL's

@@ -1,4 +1,5 @@
 """End to end: run.py on a very small built-in dataset writes every file with the documented keys."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,8 +67,8 @@ def test_same_seed_same_results(tmp_path, small_tiny):
 
 def test_nan_run_saves_no_model(tmp_path, small_tiny, monkeypatch):
     import methods
-    monkeypatch.setitem(methods.METHODS, "ga", lambda m, forget, retain, totals: (
-        methods.ga(m, forget, retain, totals)[0] * float("inf"), {}))
+    monkeypatch.setitem(methods.METHODS, "ga", dataclasses.replace(methods.METHODS["ga"], loss=lambda m, f, r, t: (
+        methods.ga(m, f, r, t)[0] * float("inf"), {})))
     with pytest.raises(SystemExit) as e:  # lume.TrainingDiverged, reported as a failed run
         job.main(args(tmp_path, "nan", "--method", "ga", "--save", "--no-eval-before"))
     assert e.value.code == 1

@@ -1,0 +1,128 @@
+"""A method is one declaration (methods.Method): one declared here runs end to end, killed and resumed;
+no other module names a method; every real-model default is its source's number."""
+import ast
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import job
+import lume
+import methods
+import run
+from conftest import ROOT
+
+# --- a method declared in this file, nowhere else
+
+
+def ratio_loss(model, forget, retain, totals, *, ref):
+    """mean_i pi_theta(y_i|x_i) / pi_ref(y_i|x_i) over the step's forget rows: at the start the
+    gradient of GA on sequence sums, then weighted by how much of each answer is still there. ref:
+    log pi_ref, prepared once from the model before unlearning: recomputing it after a resume would
+    reset every ratio to 1 and change the run, so the checkpoint must carry it."""
+    logp = lume.seq_logps(model, forget)  # (B,)
+    ratio = torch.exp(logp - ref.to(logp.device, logp.dtype)[forget.idx])
+    KILL["calls"] += 1
+    if KILL["calls"] == KILL["at"]:  # SIGTERM arrives during this step: the run checkpoints, then stops
+        os.kill(os.getpid(), signal.SIGTERM)
+    return ratio.sum() / totals["forget_seqs"], {"ratio": ratio.sum().item() / totals["forget_seqs"]}
+
+
+def ratio_prepare(p):
+    if p.saved is not None:
+        return {"ref": p.saved["ratio_ref"]}
+    return {"ref": p.reference_logps(methods.first_forget_batches(p.plan, p.steps))}
+
+
+KILL = {"calls": 0, "at": 0}
+RATIO = methods.Method("RATIO", ratio_loss, prepare=ratio_prepare, state={"ratio_ref": ("ref", "shared")},
+                       memory=methods.Memory(retain_rows=False, approx="a test's method"))
+
+
+def test_a_method_declared_in_a_test_file_runs_checkpoints_and_resumes(tmp_path, small_tiny, monkeypatch):
+    monkeypatch.setitem(methods.METHODS, "ratio", RATIO)  # methods.register, undone after the test
+    argv = ["--method", "ratio", "--n-docs", "2", "--max-steps", "4", "--max-new-tokens", "4", "--no-eval-before",
+            "--cache-dir", str(tmp_path / "cache")]
+    whole = job.main(run.parse_args([*argv, "--out", str(tmp_path / "whole")]))
+    KILL.update(calls=0, at=3)  # killed during step 3 of 4: checkpoint at step 3, then stop
+    with pytest.raises(SystemExit):
+        job.main(run.parse_args([*argv, "--save-every", "2", "--out", str(tmp_path / "killed")]))
+    KILL.update(at=0)
+    assert json.load(open(tmp_path / "killed" / "status.json"))["status"] == "failed"
+    state = json.load(open(next((tmp_path / "killed" / "checkpoints").glob("step-*")) / "state.json"))
+    assert "ratio_ref" in state  # the declared state, under its declared key
+    resumed = job.main(run.parse_args(["--resume", str(tmp_path / "killed")]))
+    assert (whole / "results.json").read_bytes() == (resumed / "results.json").read_bytes()
+    assert (whole / "generations.jsonl").read_bytes() == (resumed / "generations.jsonl").read_bytes()
+    losses = [[r["loss"] for r in map(json.loads, open(d / "log.jsonl"))] for d in (whole, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4 and losses[0][0] == pytest.approx(1.0)
+
+
+# --- no module but methods.py names a method
+
+READERS = ("run.py", "memory.py", "checks.py", "job.py", "sharded.py", "attacks.py")
+
+
+def test_no_method_name_is_a_string_literal_outside_methods():
+    names = set(methods.METHODS)
+    for name in READERS:
+        found = [(node.lineno, node.value) for node in ast.walk(ast.parse((ROOT / name).read_text()))
+                 if isinstance(node, ast.Constant) and node.value in names]
+        assert not found, f"{name} names methods at (line, name) {found}: read methods.METHODS instead"
+
+
+# --- the real-model defaults, each pinned to its source's number
+# (value, repository, file, key) transcribed from the authors' code; the declaration must quote them
+
+SOURCES = {
+    ("gd", "retain_weight"): (1.0, "OPTML-Group/Unlearn-Simple", "TOFU/dataloader.py", "forget_loss + retain_loss"),
+    ("kl", "retain_weight"): (1.0, "OPTML-Group/Unlearn-Simple", "TOFU/dataloader.py", "forget_loss + retain_loss"),
+    ("npo", "beta"): (0.1, "licong-lin/negative-preference-optimization", "config/forget.yaml", "beta: 0.1"),
+    ("npo", "retain_weight"): (1.0, "licong-lin/negative-preference-optimization", "config/forget.yaml",
+                               "grad_diff_coeff: 1.0"),
+    ("simnpo", "beta"): (2.5, "OPTML-Group/Unlearn-Simple", "TOFU/run_scripts.py", "beta 2.5"),
+    ("simnpo", "gamma"): (0.0, "OPTML-Group/Unlearn-Simple", "TOFU/config/forget.yaml", "gamma: 0.0"),
+    ("simnpo", "retain_weight"): (0.1375, "OPTML-Group/Unlearn-Simple", "TOFU/run_scripts.py",
+                                  "grad_diff_coeff=0.1375"),
+    ("rmu", "rmu_layer"): (7, "centerforaisafety/wmdp", "rmu/unlearn.py", "--layer_id 7"),
+    ("rmu", "rmu_coeff"): (6.5, "centerforaisafety/wmdp", "run_rmu_zephyr.ipynb", "--steering_coeffs 6.5,6.5"),
+    ("rmu", "retain_weight"): (1200.0, "centerforaisafety/wmdp", "run_rmu_zephyr.ipynb", "--alpha 1200,1200"),
+    ("rmu", "lr"): (5e-5, "centerforaisafety/wmdp", "run_rmu_zephyr.ipynb", "--lr 5e-5"),
+    ("rmu", "rmu_params"): ("down", "centerforaisafety/wmdp", "rmu/unlearn.py", "--param_ids 6"),
+    ("undial", "gamma"): (10.0, "locuslab/open-unlearning", "configs/trainer/UNDIAL.yaml", "beta: 10.0"),
+    ("undial", "retain_weight"): (0.0, "locuslab/open-unlearning", "configs/trainer/UNDIAL.yaml", "alpha: 0.0"),
+}
+
+
+def test_every_real_default_is_its_sources_number():
+    declared = {(m, f) for m, spec in methods.METHODS.items() for f in spec.defaults if m != "stat"}
+    assert declared == set(SOURCES)  # STAT's weight comes from the paper's text (no code): its own line
+    for (method, name), (value, repo, path, key) in SOURCES.items():
+        d = methods.METHODS[method].defaults[name]
+        assert d.real == value, f"{method} {name}: {d.real}, but {repo} {path} has {key}"
+        assert all(s in d.source for s in (repo, path, key)), f"{method} {name}: the source must name {repo} {path}"
+    assert "2025.semeval-1.264" in methods.METHODS["stat"].defaults["retain_weight"].source
+    cfg = run.resolve_auto(run.Config(method="simnpo", model="olmo-7b"))  # what a 7B run resolves
+    assert cfg.retain_weight == 0.1375 and cfg.resolved["retain_weight"]["why"].startswith("OPTML-Group")
+
+
+def defaults_table() -> str:
+    """docs/methods.md's table of every declared default, from methods.METHODS and SHARED_DEFAULTS."""
+    rows = ["| method | flag | tiny | other models | source of the other models' value |", "|---|---|---|---|---|"]
+    for name, spec in methods.METHODS.items():
+        for field, d in spec.defaults.items():
+            rows.append(f"| {name} | `--{field.replace('_', '-')}` | {d.tiny:g} | {d.real:g} | {d.source} |"
+                        if not isinstance(d.real, str) else
+                        f"| {name} | `--{field.replace('_', '-')}` | {d.tiny} | {d.real} | {d.source} |")
+    for field, d in methods.SHARED_DEFAULTS.items():
+        if field in ("lr", "lora_lr", "epochs"):
+            flag = "`--lr` with `--lora-rank`" if field == "lora_lr" else f"`--{field}`"
+            rows.append(f"| every other | {flag} | {d.tiny:g} | {d.real:g} | {d.source} |")
+    return "\n".join(rows)
+
+
+def test_the_docs_table_of_defaults_is_the_declarations():
+    assert defaults_table() in (ROOT / "docs" / "methods.md").read_text(), \
+        "docs/methods.md's defaults table differs from methods.METHODS: paste tests/test_declared.defaults_table()"
