@@ -407,16 +407,14 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
 
 
 def capacity(s: int, N: int, round_to: int) -> int:
-    """Cache positions for rows of s tokens that may make N more, rounded up so that prompts of
-    close lengths share a fixed-shape step (and its CUDA graph)."""
+    """Cache positions for rows of s tokens and N more, rounded up: close lengths share a step (and graph)."""
     return -(-(s + N) // round_to) * round_to
 
 
 def kv_bytes(config, rows: int, positions: int, elem: int) -> int:
     """Bytes of keys and values of `rows` rows over `positions` cache positions, every layer, `elem`
-    bytes a value (a transformers config or a dict of its fields): what a decode step reads beside
-    the weights (the 7B in bf16: 512 KiB a row-position)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    bytes a value: what a decode step reads beside the weights (the 7B in bf16: 512 KiB a row-position)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
     heads = get("num_key_value_heads") or get("num_attention_heads")
     head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
     return 2 * get("num_hidden_layers") * rows * positions * heads * head_dim * elem
@@ -426,10 +424,10 @@ def decode_bytes(config, rows: int, prompt_len: int, new_tokens: int, elem: int,
                  moves: bool = False) -> int:
     """Bytes a decode of `rows` rows adds to the weights, as generation allocates them: the fixed-shape
     step's keys and values (rows x capacity(prompt_len, new_tokens)) and the prefill's own cache
-    (rows x prompt_len); with moves, a second step's (generation.enter copies the live rows into a step
-    of larger capacity while the old one is still held: prompts of every length in one stream)."""
-    step = kv_bytes(config, rows, capacity(prompt_len, new_tokens, round_to), elem)
-    return step * (2 if moves else 1) + kv_bytes(config, rows, prompt_len, elem)
+    (rows x prompt_len); with moves, a second step's (generation.enter copies the live rows into a
+    step of another shape while the old one is held)."""
+    return ((2 if moves else 1) * kv_bytes(config, rows, capacity(prompt_len, new_tokens, round_to), elem)
+            + kv_bytes(config, rows, prompt_len, elem))
 
 
 def scoring_plan(config, free: int, total: int, short: int, long: int, new_tokens: int, elem: int = 2,
@@ -444,24 +442,23 @@ def scoring_plan(config, free: int, total: int, short: int, long: int, new_token
     <= M positions each) beside the prefill's cache and activations (new prompts of <= C - N tokens
     in a step of capacity C): decode_bytes with moves per row, whose cost per position is highest at
     the longest prompt's capacity; M is the room over that. rows = M // the shortest prompt's
-    capacity (a multiple of 8 when >= 8, at most `most`): long prompts run on fewer rows."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    capacity, at most `most`: long prompts run on fewer rows."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
     act = (4 * get("hidden_size") + 3 * get("intermediate_size")) * elem  # a prefill token's transient values
     C = capacity(long, new_tokens, round_to)
     per_pos = (decode_bytes(config, 1, C - new_tokens, new_tokens, elem, round_to, moves=True)
                + (C - new_tokens) * act) / C
-    room = free - weights - held - reserve(total)
-    M = int(max(0, room - most * 8 * get("vocab_size")) // per_pos)  # less every row's fp32 logits, twice
-    fit = M // capacity(short, new_tokens, round_to)
-    rows = max(1, min(most, fit if fit < 8 else fit // 8 * 8))
-    return {"rows": rows, "max_tokens": max(M, rows * capacity(short, new_tokens, round_to)), "rows_longest": min(rows, M // C),
-            "capacity": (capacity(short, new_tokens, round_to), C), "planned_bytes": int(M * per_pos),
+    room = free - weights - held - reserve(total)  # M: less every row's fp32 logits, twice
+    M = int(max(0, room - most * 8 * get("vocab_size")) // per_pos)
+    c0 = capacity(short, new_tokens, round_to)
+    rows = max(1, min(most, M // c0 // 8 * 8 or M // c0))  # a multiple of 8 when 8 fit
+    return {"rows": rows, "max_tokens": max(M, rows * c0), "rows_longest": min(rows, M // C), "capacity": (c0, C),
+            "planned_bytes": int(M * per_pos),
             "room_bytes": room, "free_bytes": free, "weights_bytes": weights, "held_bytes": held,
             "reserve_bytes": reserve(total), "prompts": (short, long), "new_tokens": new_tokens, "fits": M >= C}
 
 
-def plan_line(p: dict) -> str:
-    """The scoring plan in one line (printed at the start of scoring on CUDA, and by the GPU report)."""
+def plan_line(p: dict) -> str:  # printed at the start of scoring on CUDA, and by the GPU report
     return (f"{p['rows']} rows a step ({p['rows_longest']} at the longest prompt), <= {p['max_tokens']:,} "
             f"row-positions (caches of {p['capacity'][0]}-{p['capacity'][1]} positions: prompts of "
             f"{p['prompts'][0]}-{p['prompts'][1]} tokens + {p['new_tokens']}); {p['planned_bytes'] / GiB:.1f} GiB "
@@ -470,21 +467,17 @@ def plan_line(p: dict) -> str:
             f"{p['reserve_bytes'] / GiB:.1f} reserve)" + ("" if p["fits"] else "; not even one row fits"))
 
 
-def param_bytes(config, elem: int) -> int:
-    """Bytes of the model's weights at `elem` bytes a parameter (counted on the meta device)."""
+def param_bytes(config, elem: int) -> int:  # the weights at elem bytes a parameter (the meta model's count)
     return sum(p.numel() for p in shapes(config)[1].parameters()) * elem
 
 
 def scoring_table(name: str, gibs=(24, 40, 80, 141), prompts=(1, 290), new_tokens: int = 256) -> list[str]:
-    """scoring_plan of OLMO_CONFIGS[name] in bf16 on whole cards of `gibs` GiB (free = 97% of the card;
-    prompts of 1 to 290 tokens: the LUME release's with the OLMo tokenizer),
-    alone and beside the training state of the setup pick_setup takes for npo at batch 4 x 512
-    (--eval-every: gradients, optimizer, and fp32 master weights where scoring runs a bf16 replica
-    of them); one line per card."""
-    config, lines = OLMO_CONFIGS[name], []
+    """scoring_plan of OLMO_CONFIGS[name] in bf16 on cards of `gibs` GiB (97% free; the release's prompts
+    of 1-290 OLMo tokens), alone and beside the training state pick_setup's setup for npo 4 x 512 holds
+    (--eval-every: gradients, optimizer, fp32 master weights where scoring runs a bf16 replica)."""
+    config, lines, weights = OLMO_CONFIGS[name], [], param_bytes(OLMO_CONFIGS[name], 2)
     for g in gibs:
-        total = g * GiB
-        free, weights = int(total * 0.97), param_bytes(config, 2)
+        total, free = g * GiB, int(g * GiB * 0.97)
         alone = scoring_plan(config, free, total, *prompts, new_tokens, weights=weights)
         try:
             setup, kind, plan = pick_setup(config, "npo", 4, 512, free)
