@@ -521,15 +521,14 @@ def test_scoring_on_fixed_shapes_takes_its_rows_from_the_memory_plan(small_targe
 
 def copied_prefix_cache(prefix, B: int):
     """MMLU's cache before: every row's own copy of the prefix's keys and values in every layer."""
-    P = prefix.layers[0].keys.shape[-2]
-    cache = generation.kv_cache(P)
+    from transformers.cache_utils import Cache, DynamicLayer
+    layers = []
     for src in prefix.layers:
-        layer, k, v = cache.layer_class_to_replicate(), src.keys, src.values
-        kbuf, vbuf = k.new_zeros(B, *k.shape[1:]), v.new_zeros(B, *v.shape[1:])
-        kbuf[:], vbuf[:] = k, v
-        layer.hold(kbuf, vbuf, P)
-        cache.layers.append(layer)
-    return cache
+        layer = DynamicLayer()
+        layer.lazy_initialization(src.keys, src.values)
+        layer.keys, layer.values = src.keys.repeat(B, 1, 1, 1), src.values.repeat(B, 1, 1, 1)  # (B, H, P, D)
+        layers.append(layer)
+    return Cache(layers=layers)
 
 
 def test_mmlu_shares_the_prefix_by_reference_and_gives_the_copied_logits(small_target, monkeypatch):
