@@ -30,7 +30,7 @@ CARDS = {"H100 SXM 80GB": dict(copy_bytes_per_s=3.35e12, matmul_flop_per_s=989e1
 ASSUMED = dict(bandwidth_fraction=0.8,  # of the card's memory bandwidth a decode step's reads reach
                matmul_fraction=0.6,  # of the bf16 dense peak a prefill-sized forward reaches
                live_fraction=610745 / 26416 / 32,  # of a step's rows decoding (measured at 32; assumed at more)
-               mean_capacity=11900 // 32)  # cache columns a step reads, on average (measured at 32 rows)
+               mean_capacity=round(11900 / 32))  # cache columns a step reads, on average (measured at 32 rows)
 ADAMW_MARGIN = 0.9  # of the free memory after memory.reserve: fused AdamW's and the allocator's slack
 
 
