@@ -10,9 +10,12 @@ Is it really forgotten? Stronger membership inference and robustness attacks (is
   -> results.json "mia_attacks" {loss, zlib, min_k_20, min_k_40, min_k_pp_20, min_k_pp_40} (AUCs).
 
   Robustness attacks on the unlearned model, after the after-evaluation (--attacks):
-    quant8   round-to-nearest, symmetric, per output channel, int8 in [-127, 127]
-    quant4   round-to-nearest, symmetric, groups of 128 along the input dim, int4 in [-7, 7]
-             (Zhang et al. 2025, ICLR, "Catastrophic failure of LLM unlearning via quantization")
+    quant8   round-to-nearest (RTN), symmetric, per output channel, int8 in [-127, 127] (ours)
+    quant4   RTN, symmetric, groups of 128 along the input dim, int4 in [-7, 7] (ours: a uniform
+             grid, NOT the paper's quantiser; a different, comparable perturbation)
+    nf4, fp4, int8-outlier  bitsandbytes' NF4 / FP4 (absmax blocks of 64) and LLM.int8 (fp outlier
+             columns at 6.0), as Zhang et al. 2025 (ICLR, "Catastrophic failure of LLM unlearning via
+             quantization", arXiv 2410.16454) loaded their models (quant.py)
     relearn  fine-tune on half T of the forget QA items, score the other half V
              (Deeb & Roger 2024, "Do unlearning methods remove information from LM weights?")
     unrelated  fine-tune on UNRELATED_N MIA non-member documents, never a forget item
@@ -45,6 +48,7 @@ import lume
 import memory
 import metrics
 import progress
+import quant
 
 # -----------------------------------------------------------------------------
 # MIA scores of one document from its token log-probs (the same pass as the official loss)
@@ -124,37 +128,7 @@ def mia_aucs(rows) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# weights: round-to-nearest quantisation, saved and restored
-
-QMAX = {8: 127, 4: 7}  # symmetric ranges [-127, 127] and [-7, 7]: zero is exact, no offset
-GROUP = {8: None, 4: 128}  # 8-bit: one scale per output channel (row); 4-bit: per 128 inputs
-
-
-def quant_rows(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Dequantised symmetric RTN of fp32 x (..., g), one scale per last-dim row:
-        s = absmax / qmax,  q = clamp(round(x / s), -qmax, qmax),  x' = q s,  |x - x'| <= s / 2.
-    Idempotent bit for bit: the row's largest element comes back as fl(qmax * fl(absmax / qmax)),
-    which rounds back to absmax (0 exceptions in 10^7 draws per qmax; an arbitrary s would not: 1% of
-    them fail fl(fl(127 s) / 127) == s), so a second pass finds the same s and the same q. An
-    all-zero row has s = 0 and stays 0."""
-    s = x.abs().amax(-1, keepdim=True) / qmax
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    return (x / safe).round().clamp(-qmax, qmax) * s
-
-
-def fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """(out, in) weight -> its dequantised `bits`-bit RTN in w's dtype (math in fp32). 4-bit:
-    groups of 128 consecutive inputs of a row; when `in` is not a multiple of 128 the last group
-    of each row is the remaining in % 128 inputs, with its own scale."""
-    x, qmax, g = w.float(), QMAX[bits], GROUP[bits]
-    if g is None or x.shape[1] <= g:
-        return quant_rows(x, qmax).to(w.dtype)
-    n = x.shape[1] // g * g
-    parts = [quant_rows(x[:, :n].reshape(x.shape[0], -1, g), qmax).reshape(x.shape[0], n)]
-    if n < x.shape[1]:
-        parts.append(quant_rows(x[:, n:], qmax))
-    return torch.cat(parts, 1).to(w.dtype)
-
+# weights: quantised (quant.py), saved and restored
 
 def local(p: torch.Tensor) -> torch.Tensor:
     """The tensor this process holds: an FSDP2 DTensor's shard (whole rows: FSDP2 shards dim 0,
@@ -176,14 +150,28 @@ def quantisable(model) -> list[tuple[str, torch.nn.Linear]]:
             if isinstance(m, torch.nn.Linear) and m is not head and not is_adapter(n)]
 
 
+QUANT = {"quant8": "RTN int8, per output row", "quant4": "RTN int4 [-7, 7], groups of 128",
+         "nf4": "NF4, absmax blocks of 64", "fp4": "FP4 (e2m1), absmax blocks of 64",
+         "int8-outlier": "LLM.int8: row-wise int8, fp outlier columns at |x| >= 6"}  # quant.py
+
+
 @torch.no_grad()
-def quantise_(model, bits: int) -> int:
-    """Replace every quantisable weight by its dequantised RTN in place; the number of layers."""
+def quantise_(model, name) -> int:
+    """Quantise every quantisable weight in place as `name` (QUANT; 8 / 4 = quant8 / quant4) and
+    return the number of layers: its dequantised value (quant8, quant4, nf4, fp4) or, for
+    int8-outlier, LLM.int8's int8 weight and forward (quant.use_int8; `restored` undoes it)."""
+    name = {8: "quant8", 4: "quant4"}.get(name, name)
     layers = quantisable(model)
     for _, m in layers:
         w = local(m.weight)
-        if w.numel():  # a rank may hold no rows of a small layer
-            w.copy_(fake_quant(w, bits))
+        if not w.numel():  # a rank may hold no rows of a small layer
+            continue
+        if name == "int8-outlier":
+            quant.use_int8(m)
+        elif name in ("nf4", "fp4"):
+            w.copy_(quant.blockwise_4bit(w, name))
+        else:
+            w.copy_(quant.fake_quant(w, int(name[-1])))
     return len(layers)
 
 
@@ -221,6 +209,8 @@ def restored(model):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 local(p).copy_(saved[n])
+        for m in model.modules():  # int8-outlier's forward (quant.use_int8)
+            quant.drop_int8(m)
         model.eval()
 
 
@@ -296,8 +286,57 @@ def split_halves(items, seed: int) -> tuple[list, list]:
 def relearn_recipe(tiny: bool, batch_size: int) -> dict:
     """Steps and lr of both fine-tuning attacks: the unlearning default lr of each scale (1e-4 on
     the tiny target, 1e-5 on 7B, as Deeb & Roger's few-epoch fine-tunes), 10 AdamW steps of
-    `batch_size` rows, constant lr, clip 1; the same for every method."""
+    `batch_size` rows, constant lr, clip 1; the same for every method. relearn sweeps around it
+    (GRIDS); unrelated runs it as it is."""
     return {"lr": 1e-4 if tiny else 1e-5, "steps": 10, "batch_size": batch_size}
+
+
+# relearn's sweep (--relearn-grid): lr multiples of the recipe's lr x step counts. Deeb & Roger (2024)
+# and Lynch et al. (2024) sweep both and report the best attacker; "single" is the recipe alone
+GRIDS = {"single": ((1.0,), (10,)), "small": ((0.3, 1.0, 3.0), (10, 30)),
+         "full": ((0.1, 0.3, 1.0, 3.0, 10.0), (10, 30, 100))}
+
+
+def relearn_grid(recipe: dict, grid: str) -> list[dict]:
+    """The recipes of the sweep, in order (lr, then steps); the recipe itself is among them."""
+    scales, steps = GRIDS[grid]
+    # lr rounded to 6 digits: 3e-4, not 3.0000000000000003e-4
+    return [{**recipe, "lr": float(f"{recipe['lr'] * s:.6g}"), "steps": n} for s in scales for n in steps]
+
+
+def best_point(points: list[dict]) -> dict:
+    """The strongest attacker of the sweep: the highest exact match on V, then the lowest answer
+    NLL on V (V has few items: its exact match moves in steps of 1 / |V|), then the earliest point."""
+    return max(points, key=lambda p: (p["V_knowledge"], -p["V_nll"], -points.index(p)))
+
+
+@torch.no_grad()
+def item_nll(model, tok, items, device, batch_size: int = 16) -> list[float]:
+    """Per item, the mean NLL of its answer tokens (+ EOS, as training sees them; the prompt masked)
+    under the model, fp32 softmax: the per-item loss of relearning's probe and of the oracle's KS."""
+    enc = [lume.encode_pair(tok, it.input, it.output) for it in items]
+    out = []
+    for i in range(0, len(enc), batch_size):
+        idx = list(range(i, min(i + batch_size, len(enc))))
+        b = lume.make_batch([enc[j][0] for j in idx], [enc[j][1] for j in idx], idx, lume.pad_of(tok)).to(device)
+        lp = lume.token_logps(model, b)  # (B, T-1), 0 off the answer
+        out += (-lp.sum(-1) / b.target_mask[:, 1:].sum(-1).clamp(min=1)).tolist()
+    return out
+
+
+def sweep_(model, tok, T, V, grid: list[dict], probe, *, seed: int, device, precision: str, record=None,
+           dist=None) -> list[dict]:
+    """Each recipe of the grid fine-tunes on T from the same weights (restored bit for bit after each
+    point, `restored`; a fresh optimizer each time); probe(V) -> {"V_knowledge", "V_nll"} scores it.
+    The grid points in order, with lr, steps and the probe's scores."""
+    points = []
+    for k, r in enumerate(grid, 1):
+        lume.print0(f"relearn sweep {k}/{len(grid)}: lr {r['lr']:.3g}, {r['steps']} steps")
+        with restored(model):
+            relearn_(model, tok, T, r, seed=seed, device=device, precision=precision, record=record, dist=dist)
+            model.eval()
+            points.append({"lr": r["lr"], "steps": r["steps"], **probe(V)})
+    return points
 
 
 def nll_loss(model, batch, _retain, totals):
@@ -390,7 +429,7 @@ def fewshot(prompts, generate, results: dict, tasks) -> tuple[dict, list]:
 # -----------------------------------------------------------------------------
 # the attacks of a run and their recovery figures
 
-NAMES = ("quant8", "quant4", "relearn", "unrelated", "fewshot")
+NAMES = ("quant8", "quant4", "nf4", "fp4", "int8-outlier", "relearn", "unrelated", "fewshot")
 
 
 def parse(value: str) -> list[str]:
@@ -457,15 +496,22 @@ def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, set
     """Run one attack that changes the weights on the deployed model in place (the caller holds
     `restored` and `deployed`, and scores it before leaving them); its extra results.json fields.
     data: "forget" items, "mia" sets."""
-    if name in ("quant8", "quant4"):
-        bits = int(name[-1])
-        return {"layers": quantise_(model, bits), "bits": bits, "group": GROUP[bits] or "output channel"}
+    if name in QUANT:
+        return {"layers": quantise_(model, name), "format": QUANT[name]}
     with attacker(model, setup) as n_train:
         if name == "relearn":
             T, V = split_halves([it for it in data["forget"] if it.kind == "qa"], seed)
+            grid, extra = relearn_grid(recipe, data.get("grid", "single")), {}
+            if len(grid) > 1:  # the sweep, then the best point again: that model is the one scored
+                points = sweep_(model, tok, T, V, grid, data["probe"], seed=seed, device=device,
+                                precision=setup["precision"], record=record, dist=dist)
+                best, base = best_point(points), {"lr": recipe["lr"], "steps": recipe["steps"]}  # base: today's
+                recipe = {**recipe, "lr": best["lr"], "steps": best["steps"]}
+                extra = {"sweep": {"grid": data["grid"], "points": points, "best": best, "base": base,
+                                   "rule": "highest V exact match, then lowest V answer NLL, then earliest"}}
             relearn_(model, tok, T, recipe, seed=seed, device=device, precision=setup["precision"], record=record,
                      dist=dist)
-            extra = {"n_T": len(T), "n_V": len(V), "V": [it.id for it in V]}
+            extra.update({"n_T": len(T), "n_V": len(V), "V": [it.id for it in V]})
         else:  # unrelated: whole documents, NLL on every token but the first
             docs = unrelated_docs(data["mia"], data["forget"])
             finetune_(model, tok, [(d.id, "", d.document) for d in docs], recipe, seed=seed, device=device,
@@ -476,13 +522,20 @@ def weights_attack(name, model, tok, data: dict, *, seed: int, recipe: dict, set
 
 
 def run(names, model, tok, data: dict, scored: dict, score, generate, *, tasks, seed: int, recipe: dict,
-        setup: dict, device, record=None, dist=None) -> tuple[dict, list, list]:
+        setup: dict, device, record=None, dist=None, grid: str = "single") -> tuple[dict, list, list]:
     """Each attack in turn on the model in place, weights restored after each: ("robustness"
     dict, generation rows, MIA rows). score(stage) -> (generation rows, MIA rows, results) scores
     every item (and MIA and MMLU as configured), as the before/after stages are scored;
     generate(items, stage) -> generation rows (fewshot). data: "forget" items of the unlearned
-    tasks, "retain" items of the same tasks, "mia" sets; setup: attacker_setup's."""
+    tasks, "retain" items of the same tasks, "mia" sets; setup: attacker_setup's; grid: relearn's
+    sweep (GRIDS), each point probed on V by generate and item_nll."""
     robustness, gens, mias = {}, [], []
+
+    def probe(V):
+        rows = generate(V, "relearn sweep")
+        return {"V_knowledge": float(np.mean([r["score"] for r in rows])),
+                "V_nll": float(np.mean(item_nll(model, tok, V, device)))}
+    data = {**data, "grid": grid, "probe": probe}
     for k, name in enumerate(names, 1):
         lume.print0(f"attack {k}/{len(names)}: {name}")  # then its steps and its scoring, each with progress
         if name == "fewshot":  # no weight changes: the prompts carry the attack
@@ -502,6 +555,8 @@ def run(names, model, tok, data: dict, scored: dict, score, generate, *, tasks, 
             kv = {s: knowledge_on(scored["generations"] + g, v, s) for s in ("before", "after", "relearn")}
             entry["V_knowledge"] = {"before": kv["before"], "after": kv["after"], "relearned": kv["relearn"],
                                     "recovery": recovery(kv["before"], kv["after"], kv["relearn"])}
+            for p in entry.get("sweep", {}).get("points", []):  # the recipe alone is the point lr x1, 10 steps
+                p["V_recovery"] = recovery(kv["before"], kv["after"], p["V_knowledge"])
         robustness[name] = entry
     return robustness, gens, mias
 
@@ -518,6 +573,9 @@ def summary(robustness: dict) -> str:
             parts.append(f"V knowledge {fmt(vk['before'])} -> {fmt(vk['after'])} -> relearned {fmt(vk['relearned'])}")
         for t, k in entry.get("knowledge", {}).items():  # fewshot
             parts.append(f"{t} knowledge with {entry['k']} shots {fmt(k['with_shots'])} (without {fmt(k['after'])})")
+        if "sweep" in entry:
+            parts.append(f"best of {len(entry['sweep']['points'])} (lr {entry['sweep']['best']['lr']:.0e}, "
+                         f"{entry['sweep']['best']['steps']} steps)")
         if "attacker" in entry:
             parts.append(f"attacker trained {entry['attacker']['trainable_params']:,} parameters "
                          f"({entry['attacker']['setup']})")

@@ -324,11 +324,16 @@ def attack_problems(cfg) -> list[str]:
     if "unrelated" in asked and cfg.mia_data in ("none", ""):
         out.append(f"--attacks unrelated fine-tunes on the MIA non-member documents, and --mia-data {cfg.mia_data!r} "
                    "gives none: give --mia-data, or drop unrelated")
+    if cfg.oracle and (cfg.method == "none" or under_torchrun() or (cfg.oracle == "tiny" and cfg.model != "tiny")):
+        out.append("--oracle compares an unlearned model (a --method, not none) in one process (not torchrun); "
+                   "--oracle tiny is the tiny target's oracle (--model tiny)")
     if asked and under_torchrun():
         own = cfg.method != "none" and methods.METHODS[cfg.method].own_params
         partial = own or getattr(cfg, "lora_rank", 0) or getattr(cfg, "train_layers", 0)
         single = [a for a in asked if a == "fewshot" or (partial and a in ("relearn", "unrelated"))
-                  or (getattr(cfg, "lora_rank", 0) and a in ("quant8", "quant4"))]
+                  or (getattr(cfg, "lora_rank", 0) and a in ("quant8", "quant4"))
+                  or a in ("nf4", "fp4", "int8-outlier")  # blocks / forwards across shards: untested
+                  or (a == "relearn" and getattr(cfg, "relearn_grid", "auto") not in ("auto", "single"))]  # probes generate
         if single:
             out.append(f"--attacks {','.join(single)} is not supported under torchrun here (fewshot generates outside "
                        "the sharded loops; the full-weight attacker and LoRA's merge are tested on shards only for "

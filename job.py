@@ -30,6 +30,7 @@ import lora
 import lume
 import memory
 import methods
+import oracles
 import progress
 import report
 import sharded
@@ -391,7 +392,7 @@ def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_p
         **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
         "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
         "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__,
-        "memory_plan": memory_plan})
+        "memory_plan": memory_plan, **trajectory.config_record(cfg)})
 
 
 def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
@@ -427,7 +428,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
         scored = add_stage(scored, "before", *score(cfg, model, tok, inputs, "before", eval_precision, dist))
         if rank0:
             write_scores(out, scored)
-    kept = None
+    kept, losses = None, oracles.target_losses(cfg, model, tok, items, device)  # --oracle: the target's
     if cfg.method != "none":
         kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
                                         resume=resume, fingerprint=fp)
@@ -437,7 +438,10 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     if cfg.method != "none":
         scored = add_stage(scored, "after", *score(cfg, model, tok, inputs, "after", eval_precision, dist))
         if kept:
-            scored["results"]["kept"] = kept
+            scored["results"]["kept"] = trajectory.kept_report(kept, scored, items, cfg.seed)
+        if cfg.oracle:  # results.json "oracle": beside a retain-only model (oracles.py)
+            scored = oracles.attach(cfg, model, tok, inputs, scored, device, lambda m, t: score(
+                cfg, m, t, inputs, "oracle", eval_precision), losses)
         if rank0:
             write_scores(out, scored)
             shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete
@@ -447,7 +451,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
             write_scores(out, scored)
     if rank0:
         status.write_status(out, "complete")
-    results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness")}
+    results = {k: v for k, v in scored["results"].items() if k not in ("kept", "robustness", "oracle")}
     if results:  # --method none --no-eval-before --save exports the target and scores nothing
         lume.print0(report.table(results))
         lume.print0(report.explain(results, sorted({it.task for it in split_items(cfg, items)[0]})))
@@ -481,7 +485,8 @@ def run_attacks(cfg, model, tok, inputs, scored, device, precision, eval_precisi
                                                  "mia": mia}, scored,
         lambda stage: score(cfg, model, tok, inputs, stage, eval_precision, dist), generate,
         tasks=sorted({it.task for it in forget}), seed=cfg.seed,
-        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device, dist=dist)
+        recipe=attacks.relearn_recipe(cfg.model == "tiny", cfg.batch_size), setup=setup, device=device, dist=dist,
+        grid={"auto": "single" if dist else "small"}.get(cfg.relearn_grid, cfg.relearn_grid))
     return {"generations": scored["generations"] + gens, "mia": scored["mia"] + mias,
             "results": {**scored["results"], "robustness": robustness}}
 
@@ -514,7 +519,7 @@ def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, ev
     rank0 = dist is None or dist.rank == 0
     track = resume["state"]["track"] if resume else {"rows": [], "best": None}
     best_weights = resume["best"] if resume else None
-    subset = (trajectory.eval_subset(items, cfg.seed), mia, mmlu)
+    subset = (trajectory.eval_subset(trajectory.picking_items(cfg, items), cfg.seed), mia, mmlu)
     tasks = sorted({it.task for it in split_items(cfg, items)[0]})
 
     def score_subset(done):

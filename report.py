@@ -208,10 +208,17 @@ def compare_table(run_dirs, bench: dict | None = None, labels=None) -> str:
     results, configs = [r for r, _ in runs], [c for _, c in runs]
     names = labels or [run_label(c) for c in configs]
     target = next((r["before"] for r, c in runs if c["method"] != "none" and "before" in r), None)
-    cols = ([target] if target else []) + [scored(r) for r in results]
-    head = (["target"] if target else []) + names
+    oracle = next((r["oracle"] for r in results if "oracle" in r), None)  # --oracle: a retain-only model's column
+    cols = ([target] if target else []) + [scored(r) for r in results] + ([oracle["results"]] if oracle else [])
+    head = (["target"] if target else []) + names + (["oracle (retain-only)"] if oracle else [])
     lines = ["| | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     lines += score_rows(cols, unlearned_tasks(configs))
+    for key, show in (("ks", lambda o: f"{o['ks']['statistic']:.3f} ({o['ks']['p_value']:.2g})"),
+                      ("privleak", lambda o: f"{o['privleak']['loss']:+.1f}%" if o["privleak"].get("loss") is not None
+                       else "-")) if oracle else ():
+        lines.append(f"| {'KS D (p), forget losses vs oracle' if key == 'ks' else 'PrivLeak (loss MIA) vs oracle'} |"
+                     + (" |" if target else "") + " " + " | ".join(show(r["oracle"]) if "oracle" in r else "-"
+                                                                   for r in results) + " | |")
     lines += [row if target else row.replace("| | ", "| ", 1) for row in robustness_rows(results)]
     if bench:
         t = bench["training"]

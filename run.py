@@ -131,6 +131,13 @@ class Config:
     attacks: str = arg("", "after the after-evaluation, attack the unlearned model and score it again "
                            "(attacks.py, docs/attacks.md): comma list of quant8, quant4, relearn, unrelated, fewshot, or all; "
                            "'' = none")
+    relearn_grid: str = arg("auto", "--attacks relearn's sweep of lr x steps around its recipe (attacks.GRIDS): single "
+                                    "(the recipe alone), small (3 lr x 2 step counts) or full (5 x 3); the best "
+                                    "attacker is scored; auto = small, single under torchrun",
+                            choices=["auto", "single", "small", "full"])
+    oracle: str = arg("", "a retain-only model to measure against (oracles.py, docs/attacks.md): a save_pretrained "
+                          "directory or hub id, or tiny (the tiny recipe without the forget items: oracle/ for the "
+                          "default data); '' = none")
     rdzv_timeout: float = arg(60.0, "torchrun: seconds to wait for every rank at MASTER_ADDR:MASTER_PORT "
                                     "before a clear error")
     # not a flag: what each auto value resolved to and why (resolve_auto), written to config.json

@@ -37,6 +37,7 @@ TINY = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_att
 # lr 3e-3 diverged into a plateau in trials; batch 4 gives enough updates to memorise PII digits
 TINY_RECIPE = dict(epochs=80, lr=2e-3, warmup=20, batch_size=4, seed=0, version=2)  # bump version on change
 EMBEDDED = Path(__file__).resolve().parent / "target"  # the committed target of the default built-in data
+ORACLE = Path(__file__).resolve().parent / "oracle"  # its retain-only oracle (tiny_target(oracle=True))
 MANIFEST = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format: "<hex>  <file>" per line
 
 
@@ -91,17 +92,17 @@ def target_key(path: Path) -> str | None:
         return None
 
 
-def embedded(key: str, log=print) -> Path | None:
-    """target/ when it was built for `key` and every byte is as committed; else None (one line
-    says why when target/ was built for `key` but fails its checksums)."""
-    if target_key(EMBEDDED) != key:
+def embedded(key: str, log=print, where: Path = EMBEDDED) -> Path | None:
+    """target/ (or oracle/) when it was built for `key` and every byte is as committed; else None
+    (one line says why when it was built for `key` but fails its checksums)."""
+    if target_key(where) != key:
         return None
-    bad = problems(EMBEDDED)
+    bad = problems(where)
     if bad:
-        log(f"tiny target: {EMBEDDED} fails its checksums ({'; '.join(bad)}); not used: building it from the "
-            f"recipe into the cache instead (`git checkout {EMBEDDED.name}/` restores it)")
+        log(f"tiny target: {where} fails its checksums ({'; '.join(bad)}); not used: building it from the "
+            f"recipe into the cache instead (`git checkout {where.name}/` restores it)")
         return None
-    return EMBEDDED
+    return where
 
 
 # -----------------------------------------------------------------------------
@@ -135,18 +136,31 @@ def finetune(model, batch, _retain, totals):
     return nll, {"forget_nll": nll.item()}
 
 
+def oracle_items(items) -> list:
+    """What the retain-only oracle trains on: every retain item (all tasks), never a forget item."""
+    return [it for it in items if it.split == "retain"]
+
+
 def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=None,
-                show_progress: bool = False, committed: bool = True) -> Path:
+                show_progress: bool = False, committed: bool = True, oracle: bool = False) -> Path:
     """Directory of a tiny target that memorised `items` (forget and retain, all tasks, full
     input + output sequences, as the released targets were fine-tuned): target/ when it was built
     for these items, recipe and config (committed=False: never), else built once, then reused.
+    oracle=True: its retain-only oracle instead (oracle/ or the cache): the same recipe, seed and
+    initial weights trained on oracle_items(items) only, with the target's tokenizer (a real oracle
+    shares its base model's tokenizer; the BPE merges are the one thing learnt from the forget text).
     show_progress: one updating progress line for the build instead of a log line every 50 steps."""
     recipe, config = {**TINY_RECIPE, **(recipe or {})}, {**TINY, **(config or {})}
-    key = fingerprint(items, {"recipe": recipe, "config": config})
-    if committed and embedded(key, log) is not None:
-        log(f"tiny target: {EMBEDDED} (committed, checksums verified)")
-        return EMBEDDED
-    path = Path(cache_dir) / f"tiny-{key}"
+    tok_dir = None
+    if oracle:
+        tok_dir = tiny_target(items, cache_dir, device, log, recipe, config, show_progress)  # target/ if it fits
+        items = oracle_items(items)
+    key = fingerprint(items, {"recipe": recipe, "config": config, **({"tokenizer": target_key(tok_dir)} if oracle else {})})
+    where, prefix = (ORACLE, "oracle") if oracle else (EMBEDDED, "tiny")
+    if committed and embedded(key, log, where) is not None:
+        log(f"tiny {'oracle' if oracle else 'target'}: {where} (committed, checksums verified)")
+        return where
+    path = Path(cache_dir) / f"{prefix}-{key}"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.with_name(path.name + ".lock")
     try:  # one build per cache entry: a second process waits for the first and reuses its build
@@ -164,18 +178,20 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
             shutil.rmtree(path)
         for leftover in path.parent.glob(f"*{path.name}.*tmp*"):  # a killed build's: we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        return build(items, path, recipe, config, device, log, show_progress)
+        return build(items, path, recipe, config, device, log, show_progress, tok_dir)
     finally:
         os.close(fd)
 
 
-def build(items, path: Path, recipe: dict, config: dict, device, log, show_progress: bool) -> Path:
-    """Train the tiny target of tiny_target into path (atomically: never half a target there)."""
-    from transformers import OlmoForCausalLM
-    key = path.name.removeprefix("tiny-")
+def build(items, path: Path, recipe: dict, config: dict, device, log, show_progress: bool, tok_dir=None) -> Path:
+    """Train the tiny target of tiny_target into path (atomically: never half a target there); with
+    tok_dir (the oracle), that target's tokenizer, and the ids trained on recorded in lume_target.json."""
+    from transformers import AutoTokenizer, OlmoForCausalLM
+    key = path.name.split("-", 1)[1]
     t0 = time.time()
     log(f"tiny target: building {path} ({len(items)} items; once, then cached)")
-    tok = train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"])
+    tok = (AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir else
+           train_tokenizer([t for it in items for t in (it.input, it.output)], config["vocab_size"]))
     torch.manual_seed(recipe["seed"])
     model = OlmoForCausalLM(tiny_config(tok, **config)).to(device or "cpu")
     seqs = [lume.encode_pair(tok, it.input, it.output)[0] for it in items]
@@ -200,7 +216,8 @@ def build(items, path: Path, recipe: dict, config: dict, device, log, show_progr
     lume.save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
     lume.write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
                                                        "fingerprint": key, "final_loss": last.get("loss"),
-                                                       "seconds": round(time.time() - t0, 1)})
+                                                       "seconds": round(time.time() - t0, 1),
+                                                       **({"trained_ids": [it.id for it in items]} if tok_dir else {})})
     write_manifest(path)  # last: a directory without it (a build killed before) is rebuilt
     log(f"tiny target: built in {time.time() - t0:.0f}s, final loss {last.get('loss', float('nan')):.4f}")
     return path
@@ -226,20 +243,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Rebuild the committed tiny target (target/) from its recipe.")
     p.add_argument("--check", action="store_true", help="rebuild it and compare it with target/ byte for byte")
     p.add_argument("--write", action="store_true", help="rebuild it and replace target/ with the build")
+    p.add_argument("--oracle", action="store_true", help="the retain-only oracle/ instead of target/")
     args = p.parse_args(argv)
     if args.check == args.write:
         p.error("give one of --check, --write")
     with tempfile.TemporaryDirectory() as tmp:
-        built = tiny_target(default_items(), tmp, show_progress=True, committed=False)
+        where = ORACLE if args.oracle else EMBEDDED
+        built = tiny_target(default_items(), tmp, show_progress=True, committed=False, oracle=args.oracle)
         if args.check:
-            differ = compare(built, EMBEDDED)
-            print(f"target/ differs from the recipe's build here in: {', '.join(differ)}" if differ else
-                  "target/ is byte for byte what the recipe builds here")
+            differ = compare(built, where)
+            print(f"{where.name}/ differs from the recipe's build here in: {', '.join(differ)}" if differ else
+                  f"{where.name}/ is byte for byte what the recipe builds here")
             return 1 if differ else 0
-        EMBEDDED.mkdir(exist_ok=True)
+        where.mkdir(exist_ok=True)
         for f in built.iterdir():
-            shutil.copy2(f, EMBEDDED / f.name)
-    print(f"wrote {EMBEDDED}; commit it (its SHA256SUMS too)")
+            shutil.copy2(f, where / f.name)
+    print(f"wrote {where}; commit it (its SHA256SUMS too)")
     return 0
 
 

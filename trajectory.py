@@ -18,7 +18,17 @@ step passes the filter, the rule ranks all of them and `why` says so, naming the
 Step 0 (the target) is kept only when no later step forgets anything. The official aggregate would
 not do: unlearning one task leaves the other tasks' forget terms at 0, so its harmonic mean is 0
 at every step, and the target itself would win on MMLU (issue 21).
+
+Selection apart from reporting (issue 36): under --keep best the scored steps see only the
+selection subset (selection_split: per task, split and kind, the first half, rounded up, of the
+items ordered by sha256(f"{seed}:select:{id}")), and results.json's "kept" reports the after scores
+on the other half ("after_reported"); "after" itself scores every item, the selection items
+included, so it is biased upward by the pick. The MIA term plays no part in the pick (select_best
+reads the forget and retain scores and, with MMLU, the gate), so MIA documents are not split; the
+MMLU gate reads the first SUBSET_MMLU questions per subject, which the after stage scores too.
 """
+import hashlib
+import math
 import random
 import statistics
 
@@ -38,6 +48,47 @@ def eval_subset(items, seed: int = 0) -> list:
             sc = [it.id for it in items if it.kind == "sc" and it.task == task and it.split == split]
             keep.update(rng.sample(sc, min(SUBSET_SC, len(sc))))
     return [it for it in items if it.id in keep]
+
+
+def selection_split(items, seed: int) -> tuple[list, list]:
+    """(selection, reported): per (task, split, kind), the items ordered by sha256(f"{seed}:select:{id}"),
+    the first ceil(n / 2) to pick the kept step on, the rest to report; disjoint, in item order."""
+    key = lambda it: hashlib.sha256(f"{seed}:select:{it.id}".encode()).hexdigest()  # noqa: E731
+    chosen = set()
+    for group in {(it.task, it.split, it.kind) for it in items}:
+        members = sorted((it for it in items if (it.task, it.split, it.kind) == group), key=key)
+        chosen.update(it.id for it in members[:math.ceil(len(members) / 2)])
+    return [it for it in items if it.id in chosen], [it for it in items if it.id not in chosen]
+
+
+def picking_items(cfg, items) -> list:
+    """The items the scored steps see: the selection subset under --keep best, else every item."""
+    return selection_split(items, cfg.seed)[0] if cfg.keep == "best" else items
+
+
+RULE = ("the scored steps see only the selection subset; select_best picks among them (forget and retain scores, "
+        "the MMLU gate with MMLU; the MIA term plays no part); after_reported scores the other items")
+
+
+def kept_report(kept: dict, scored: dict, items, seed: int) -> dict:
+    """results.json's "kept": the step and why, the rule, the selection subset and the after stage's
+    official results on the reported items only (the MIA AUC and MMLU as the after stage's: the
+    pick did not read MIA, and MMLU is not split)."""
+    selection, reported = selection_split(items, seed)
+    ids, after = {it.id for it in reported}, scored["results"]["after"]
+    rows = [r for r in scored["generations"] if r["stage"] == "after" and r["id"] in ids]
+    try:
+        rep = metrics.aggregate(rows, after.get("mia_loss_acc"), after.get("mmlu_average"))
+    except (AssertionError, ValueError) as e:  # a task whose sc or qa items all went to the selection
+        rep = {"error": str(e)}
+    return {**kept, "rule": RULE, "selection_ids": [it.id for it in selection], "n_reported": len(reported),
+            "after_reported": rep, "after_includes_selection": True}
+
+
+def config_record(cfg) -> dict:
+    """config.json's record of the --keep best rule (nothing under --keep last)."""
+    return {"keep_best_rule": {"rule": RULE, "selection": "per task, split and kind: the first ceil(n/2) by "
+                               f"sha256('{cfg.seed}:select:<id>')"}} if cfg.keep == "best" else {}
 
 
 def row(step: int, result: dict) -> dict:

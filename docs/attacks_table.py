@@ -1,6 +1,9 @@
 """Markdown tables of docs/attacks.md from the runs' results.json (python docs/attacks_table.py DIR...):
 per run and stage the unlearned tasks' forget scores and recoveries, the one-line summary per run
-(the README's), and the MIA AUCs."""
+(the README's), and the MIA AUCs. With --verdicts first (runs with --attacks nf4,fp4,int8-outlier,relearn
+--oracle tiny): the README's verdict table (issue 36): relearn's recipe alone beside the sweep's best,
+the bitsandbytes quantisers' recovery, KS and PrivLeak against the retain-only oracle, and the oracle's
+own scores."""
 import json
 import sys
 from pathlib import Path
@@ -46,7 +49,51 @@ def stage_row(res, stage, tasks):
             mean(r["knowledge"] for r in rec.values()), params)
 
 
-runs = [(json.load(open(Path(d) / "results.json")), json.load(open(Path(d) / "config.json"))) for d in sys.argv[1:]]
+def verdicts(runs):
+    """The README's verdict table: one column per run, and the oracle's."""
+    cols = [name_of(c) for _, c in runs]
+    print("| | " + " | ".join(cols) + " | oracle (retain-only) |")
+    print("|---" * (len(cols) + 2) + "|")
+    tasks = [[f"Task{c['task']}"] if c["task"] != "all" else ["Task1", "Task2", "Task3"] for _, c in runs]
+
+    def row(label, cells, oracle=""):
+        print(f"| {label} | " + " | ".join(cells) + f" | {oracle} |")
+    o = runs[0][0]["oracle"]["results"]
+    row("forget knowledge after unlearning", [f(forget(r["after"], t)[1]) for (r, _), t in zip(runs, tasks)],
+        f(forget(o, tasks[0])[1]))
+    row("forget regurgitation after unlearning", [f(forget(r["after"], t)[0]) for (r, _), t in zip(runs, tasks)],
+        f(forget(o, tasks[0])[0]))
+    row("retain knowledge (mean of tasks)", [f(mean(r["after"]["retain-set"][k]["knowledge-score"] for k in
+                                                    ("Task1", "Task2", "Task3"))) for r, _ in runs],
+        f(mean(o["retain-set"][k]["knowledge-score"] for k in ("Task1", "Task2", "Task3"))))
+    rel = [r["robustness"]["relearn"] for r, _ in runs]
+    recipe = [next(p for p in e["sweep"]["points"] if (p["lr"], p["steps"]) == (e["sweep"]["base"]["lr"],
+                                                                               e["sweep"]["base"]["steps"])) for e in rel]
+    row("relearn V knowledge: after -> recipe alone (lr x1, 10 steps)",
+        [f"{f(e['V_knowledge']['after'])} -> {f(p['V_knowledge'])}" for e, p in zip(rel, recipe)])
+    row("relearn V knowledge: after -> sweep's best (its lr, steps)",
+        [f"{f(e['V_knowledge']['after'])} -> {f(e['V_knowledge']['relearned'])} ({e['sweep']['best']['lr']:.0e}, "
+         f"{e['sweep']['best']['steps']})" for e in rel])
+    row("relearn V recovery: recipe alone / sweep's best",
+        [f"{g(p.get('V_recovery'))} / {g(e['V_knowledge']['recovery'])}" for e, p in zip(rel, recipe)])
+    for q in ("nf4", "fp4", "int8-outlier"):
+        row(f"recovery after {q} (regurgitation / knowledge)",
+            [f"{g(stage_row(r, q, t)[2])} / {g(stage_row(r, q, t)[3])}" for (r, _), t in zip(runs, tasks)])
+    row("MIA AUC (loss)", [f(r["after"]["mia_loss_acc"]) for r, _ in runs], f(o["mia_loss_acc"]))
+    row("PrivLeak vs oracle: loss / min_k_40 (%)", [f"{r['oracle']['privleak']['loss']:+.1f} / "
+                                                    f"{r['oracle']['privleak']['min_k_40']:+.1f}" for r, _ in runs])
+    row("KS D (p): per-item forget losses vs oracle", [f"{r['oracle']['ks']['statistic']:.3f} "
+                                                       f"({r['oracle']['ks']['p_value']:.2g})" for r, _ in runs])
+    row("mean forget loss (nats/token)", [f"{r['oracle']['forget_loss_mean']['unlearned']:.2f}" for r, _ in runs],
+        f"{runs[0][0]['oracle']['forget_loss_mean']['oracle']:.2f}")
+
+
+VERDICTS = sys.argv[1:2] == ["--verdicts"]
+runs = [(json.load(open(Path(d) / "results.json")), json.load(open(Path(d) / "config.json")))
+        for d in sys.argv[1 + VERDICTS:]]
+if VERDICTS:
+    verdicts(runs)
+    sys.exit(0)
 print("| run | stage | forget regurgitation | forget knowledge | recovery regurgitation | recovery knowledge "
       "| V knowledge (exact match) | attacker trains |")
 print("|---|---|---|---|---|---|---|---|")

@@ -16,6 +16,7 @@ import generation
 import job
 import lume
 import metrics
+import quant
 import run
 
 
@@ -124,9 +125,9 @@ def test_rtn_error_at_most_half_a_step_per_channel_or_group(bits):
     w[3, 7] = 40.0   # an outlier channel
     w[5] = 0.0       # an all-zero row stays zero
     w[:, 256:] *= 1e-3  # the short group is tiny: with a 128-group's scale its error would be huge
-    dq = attacks.fake_quant(w, bits)
+    dq = quant.fake_quant(w, bits)
     qmax = {8: 127, 4: 7}[bits]
-    g = attacks.GROUP[bits] or w.shape[1]  # 4-bit: columns 0-127, 128-255, 256-299
+    g = quant.GROUP[bits] or w.shape[1]  # 4-bit: columns 0-127, 128-255, 256-299
     for c in range(0, w.shape[1], g):
         x, x_dq = w[:, c:c + g], dq[:, c:c + g]
         step = x.abs().amax(1, keepdim=True) / qmax
@@ -143,8 +144,8 @@ def test_rtn_is_idempotent_bit_for_bit(bits):
     torch.manual_seed(1)
     for shape in [(8, 64), (8, 300), (4, 128)]:
         w = torch.randn(*shape) * 10 ** torch.empty(shape[0], 1).uniform_(-3, 1)
-        once = attacks.fake_quant(w, bits)
-        assert torch.equal(attacks.fake_quant(once, bits), once)
+        once = quant.fake_quant(w, bits)
+        assert torch.equal(quant.fake_quant(once, bits), once)
 
 
 def test_quantise_touches_every_linear_but_the_head_and_attacks_restore_every_bit():
@@ -216,7 +217,9 @@ def test_attacks_flag_is_checked_at_argument_time(monkeypatch, capsys):
     for argv, says in [(["--attacks", "fewshot"], "fewshot"),
                        (["--attacks", "relearn", "--method", "rmu"], "relearn"),
                        (["--attacks", "unrelated", "--train-layers", "2"], "unrelated"),
-                       (["--attacks", "quant4", "--lora-rank", "4"], "quant4")]:
+                       (["--attacks", "quant4", "--lora-rank", "4"], "quant4"),
+                       (["--attacks", "relearn", "--relearn-grid", "small"], "relearn"),  # its probes generate
+                       (["--attacks", "nf4"], "nf4")]:
         with pytest.raises(SystemExit):
             run.parse_args(argv)
         err = capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 import checkpoint
 import job
 import lume
+import metrics
 import report
 import run
 import trajectory
@@ -109,15 +110,19 @@ def test_trajectory_rows_equal_a_separate_evaluation(tmp_path, small_target_dir)
 
 
 def test_keep_best_keeps_the_step_it_names(tmp_path, small_target_dir):
-    """With 2 documents the subset is the whole set, so the after scores must equal the kept row."""
+    """With 2 documents the evaluation subset is the whole selection subset (issue 36: the steps see
+    only it), so the after scores of the selection items must equal the kept row."""
     out = job.main(run.parse_args(["--model", str(small_target_dir), *BASE, "--method", "ga", "--lr", "3e-3",
                                    "--max-steps", "8", "--eval-every", "2", "--keep", "best", "--save",
                                    "--out", str(tmp_path / "run")]))
     res, rows = json.loads((out / "results.json").read_text()), read_jsonl(out / "trajectory.jsonl")
     best, why = trajectory.select_best(rows, [1])
-    assert res["kept"] == {"step": best["step"], "why": why}
+    assert (res["kept"]["step"], res["kept"]["why"]) == (best["step"], why)
     assert best["step"] != rows[-1]["step"], "GA at lr 3e-3 should over-unlearn: the test needs an earlier best"
-    assert {k: v for k, v in best.items() if k != "step"} == res["after"]
+    chosen = set(res["kept"]["selection_ids"])
+    mine = metrics.aggregate([r for r in read_jsonl(out / "generations.jsonl") if r["stage"] == "after"
+                              and r["id"] in chosen], res["after"]["mia_loss_acc"])
+    assert all(best[k] == mine[k] for k in ("forget-set", "retain-set")) and best["mia_loss_acc"] == mine["mia_loss_acc"]
     saved, tok = lume.load_pretrained(str(out / "model"))
     cfg = run.parse_args(["--model", str(small_target_dir), *BASE])
     after = job.score(cfg, saved, tok, (job.load_inputs(cfg)[0], None, None), "saved", "fp32")[2]

@@ -64,14 +64,14 @@ def test_lora_quantisation_equals_quantising_the_merged_model(bits):
     assert same_as(model, before) and all(m.adapters_on for m in lora.lora_modules(model).values())
 
 
-@pytest.mark.parametrize("name", ["quant8", "quant4", "relearn"])
+@pytest.mark.parametrize("name", ["quant8", "quant4", "nf4", "fp4", "int8-outlier", "relearn"])
 def test_every_weight_attack_of_a_lora_run_is_scored_on_the_deployed_model(name):
     model, ids = with_lora(2), torch.randint(2, 258, (2, 12))
     merged = lora.merge(copy.deepcopy(model))
     items = [it for it in data.builtin(n_docs=2, seed=0)[0] if it.split == "forget" and it.task == 1]
     recipe = {"lr": 1e-2, "steps": 2, "batch_size": 2}
-    if name.startswith("quant"):
-        attacks.quantise_(merged, int(name[-1]))
+    if name != "relearn":
+        attacks.quantise_(merged, name)
     else:  # the same full fine-tune on the plain merged model, every weight trainable
         merged.requires_grad_(True)
         attacks.relearn_(merged, ByteTok(), attacks.split_halves([it for it in items if it.kind == "qa"], 0)[0],
@@ -276,3 +276,85 @@ def test_rmu_params_down_trains_only_down_proj_of_l_minus_2_to_l():
     assert run.resolve_auto(run.Config(method="rmu", model="olmo-7b")).rmu_params == "down"  # WMDP's set
     assert run.resolve_auto(run.Config(method="npo")).rmu_params == "auto"
     assert checks.attack_problems(run.parse_args(["--attacks", "all"])) == []
+
+
+# --- issue 36: the relearn sweep, selection apart from reporting, the retain-only oracle
+
+
+def test_the_relearn_sweep_starts_every_point_from_the_same_weights_and_scores_the_best():
+    model = random_model(4).requires_grad_(True)
+    items = [it for it in data.builtin(n_docs=2, seed=0)[0] if it.split == "forget" and it.task == 1 and it.kind == "qa"]
+    T, V = attacks.split_halves(items, 0)
+    before, starts = snapshot(model), []
+    grid = attacks.relearn_grid({"lr": 1e-3, "steps": 10, "batch_size": 2}, "small")
+    assert [(g["lr"], g["steps"]) for g in grid][2] == (1e-3, 10) and len(grid) == 6  # the recipe is a point
+    for g in grid:
+        g["steps"] //= 5  # 2 and 6 steps: seconds
+
+    def probe(V):  # every point must start from the weights the sweep was given
+        return {"V_knowledge": 0.0, "V_nll": sum(attacks.item_nll(model, ByteTok(), V, CPU))}
+    record = lambda ids: starts.append(same_as(model, before))  # noqa: E731  (called before training)
+    points = attacks.sweep_(model, ByteTok(), T, V, grid, probe, seed=0, device=CPU, precision="fp32", record=record)
+    assert all(starts) and same_as(model, before)  # restored bit for bit between points and after
+    assert len({p["V_nll"] for p in points}) == len(points)  # every point trained differently
+    best = attacks.best_point(points)
+    assert best["V_nll"] == min(p["V_nll"] for p in points)  # equal exact match: the lowest NLL wins
+    assert attacks.best_point([{**points[0], "V_knowledge": 1.0}] + points[1:]) is not best
+
+
+def test_keep_best_picks_on_a_selection_subset_disjoint_from_the_reported_one():
+    items = data.builtin(n_docs=8, seed=0)[0]
+    sel, rep = trajectory.selection_split(items, seed=0)
+    assert {it.id for it in sel}.isdisjoint({it.id for it in rep}) and len(sel) + len(rep) == len(items)
+    assert trajectory.selection_split(items[::-1], seed=0)[0] == sel[::-1]  # the ids decide, not the order
+    cfg = run.parse_args(["--eval-every", "5", "--keep", "best"])
+    assert {it.id for it in trajectory.eval_subset(trajectory.picking_items(cfg, items), 0)} <= {it.id for it in sel}
+    # the reported after scores read only the reported items: selection rows score 1, the others 0
+    rows = [{"id": it.id, "stage": "after", "split": it.split, "task": it.task, "kind": it.kind,
+             "score": float(it.id in {s.id for s in sel})} for it in items]
+    kept = trajectory.kept_report({"step": 3, "why": "x"}, {"generations": rows, "results": {"after": {}}}, items, 0)
+    rep_res = kept["after_reported"]
+    assert rep_res["forget-set"]["Task1"]["knowledge-score"] == 0.0 and rep_res["retain-set"]["Task2"][
+        "regurgitation-score"] == 0.0 and kept["after_includes_selection"] and kept["n_reported"] == len(rep)
+
+
+def test_the_committed_oracle_never_saw_a_forget_item():
+    import json
+
+    import tiny
+    items = tiny.default_items()
+    meta = json.loads((tiny.ORACLE / "lume_target.json").read_text())
+    forget = {it.id for it in items if it.split == "forget"}
+    assert set(meta["trained_ids"]) == {it.id for it in tiny.oracle_items(items)}  # what the build trained on
+    assert forget and not forget & set(meta["trained_ids"]) and meta["n_items"] == len(items) - len(forget)
+    assert tiny.problems(tiny.ORACLE) == []  # checksummed, as target/
+    key = tiny.fingerprint(tiny.oracle_items(items), {"recipe": tiny.TINY_RECIPE, "config": tiny.TINY,
+                                                      "tokenizer": tiny.target_key(tiny.EMBEDDED)})
+    assert meta["fingerprint"] == key  # built from the retain items of the default data, with target/'s tokenizer
+    assert (tiny.ORACLE / "tokenizer.json").read_bytes() == (tiny.EMBEDDED / "tokenizer.json").read_bytes()
+
+
+def test_ks_statistic_and_p_value_against_a_hand_computation_and_scipy():
+    import oracles  # noqa: I001
+    # x = [1, 2, 3], y = [2.5, 4]: CDF gaps at 1, 2, 2.5, 3, 4 -> 1/3, 2/3, 1/6, 1/2, 0: D = 2/3;
+    # lattice paths (0,0)->(3,2) with |2i - 3j| < 4 at every point (blocked: (2,0), (3,0), (0,2), (1,2)):
+    # 4 of C(5, 2) = 10 -> p = 1 - 4/10 = 0.6
+    d, p = oracles.ks_2samp([1, 2, 3], [2.5, 4])
+    assert d == pytest.approx(2 / 3) and p == pytest.approx(0.6)
+    stats = pytest.importorskip("scipy.stats")
+    rng = torch.Generator().manual_seed(0)
+    for n, m in ((8, 8), (7, 12), (30, 45)):
+        x, y = torch.randn(n, generator=rng).tolist(), (torch.randn(m, generator=rng) + 0.5).tolist()
+        ref = stats.ks_2samp(x, y, method="exact")
+        assert oracles.ks_2samp(x, y) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9, abs=1e-12)
+    d, p = oracles.ks_2samp(list(range(40)), [v + 0.5 for v in range(60)], exact_limit=0)  # the limit law
+    assert p == pytest.approx(stats.kstwobign.sf(d * (40 * 60 / 100) ** 0.5), rel=1e-9)
+
+
+def test_privleak_is_muses_relative_gap_and_separation_is_an_auc_over_items():
+    import oracles
+    assert oracles.privleak(0.9, 0.6) == pytest.approx(50.0) and oracles.privleak(0.3, 0.6) == pytest.approx(-50.0)
+    assert oracles.privleak(0.6, 0.6) == 0.0 and oracles.privleak(None, 0.5) is None
+    sep = oracles.separation({"loss": {"a": -0.1, "b": -0.2}, "knowledge": {}},
+                             {"loss": {"a": -2.0, "b": -0.15}, "knowledge": {"a": 0.0}})
+    assert sep == {"loss": 0.75, "knowledge": None}  # P(target > oracle): 3 of 4 pairs
