@@ -20,6 +20,7 @@ import inspect
 import torch
 
 import lume
+import memory
 
 # -----------------------------------------------------------------------------
 # the KV cache: buffers allocated once per batch, rows dropped when they finish
@@ -83,14 +84,6 @@ def cache_classes():
             n = self.capacity if self.static else self.n
             self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
 
-        def seed(self, k, v, B: int):
-            """Start from the keys and values (1, H, P, D) of a shared prefix, for B rows."""
-            capacity = self.capacity
-            kbuf, vbuf = k.new_zeros(B, k.shape[1], capacity, k.shape[-1]), v.new_zeros(B, v.shape[1], capacity, v.shape[-1])
-            P = k.shape[-2]
-            kbuf[:, :, :P], vbuf[:, :, :P] = k, v  # broadcast over the rows
-            self.hold(kbuf, vbuf, P)
-
         def hold(self, kbuf, vbuf, n: int):
             """Take these buffers (B, H, capacity, D), their first n positions filled."""
             self.kbuf, self.vbuf, self.n, self.is_initialized = kbuf, vbuf, n, True
@@ -111,17 +104,6 @@ def cache_classes():
                 layer.keep(rows)
 
     return BufferLayer, KV
-
-
-def seeded_cache(prefix, B: int, capacity: int):
-    """A views cache of `capacity` positions for B rows that starts with `prefix` (a filled cache of
-    one row): every row sees the same prefix keys and values (MMLU's shared 5-shot prefix)."""
-    cache = kv_cache(capacity)
-    for src in prefix.layers:
-        layer = cache.layer_class_to_replicate()
-        layer.seed(src.keys, src.values, B)
-        cache.layers.append(layer)
-    return cache
 
 
 def cache_keyword(model) -> str:
@@ -282,8 +264,7 @@ class Running:
 
 def start(model, enc, idx, pad: int, N: int, device) -> Running:
     """The prompts `idx`, left-padded and prefilled into a cache with room for N more tokens."""
-    ids, attn = lume.left_pad([enc[i] for i in idx], pad)
-    ids, attn = ids.to(device), attn.to(device)
+    ids, attn = (x.to(device) for x in lume.left_pad([enc[i] for i in idx], pad))
     B, T = ids.shape
     cache, mask = kv_cache(T + N), attn.new_zeros(B, T + N)
     mask[:, :T] = attn
@@ -390,7 +371,7 @@ class StaticStep:
         self.slot.add_(1).clamp_(max=self.C - 1)  # a free row runs on past its end: it stays in bounds
 
     def step(self):
-        """Eager on the first call of a shape (the warm-up), then captured once and replayed."""
+        """Eager on a shape's first call (the warm-up, on a side stream), then captured once and replayed."""
         if self.graph is None and self.warm and capturable(self.ids.device) and GRAPHS["off"] is None:
             try:
                 graph = torch.cuda.CUDAGraph()
@@ -402,14 +383,25 @@ class StaticStep:
                 print(f"generation: CUDA graph capture failed, decoding eagerly ({GRAPHS['off']})", flush=True)
         if self.graph is not None:
             self.graph.replay()
+        elif capturable(self.ids.device) and GRAPHS["off"] is None:
+            self.warm_up()
         else:
             self.run()
-            self.warm = True
+
+    def warm_up(self):
+        """The eager run before a capture, on a side stream as CUDA graph capture requires (lazy
+        initialisations and cuBLAS workspaces made off the capturing stream); the current stream waits."""
+        here, side = torch.cuda.current_stream(self.ids.device), torch.cuda.Stream(self.ids.device)
+        side.wait_stream(here)  # the step's buffers were written on the current stream
+        with torch.cuda.stream(side):
+            self.run()
+        here.wait_stream(side)
+        self.warm = True
 
 
 def static_step(model, S: int, C: int, device) -> StaticStep:
-    """The step of shape (S, C) for this model, built once and kept (its graph with it); steps of
-    another capacity or model are dropped: batches come sorted by length, and their buffers hold the cache."""
+    """The step of shape (S, C) for this model, built once and kept (its graph with it); steps of another
+    capacity or model are dropped: batches come sorted by length, and their buffers hold the cache."""
     steps, key = GRAPHS["steps"], (id(model), S, C)
     if key not in steps:
         for k in [k for k in steps if k[0] != id(model) or k[2] != C]:
@@ -419,12 +411,7 @@ def static_step(model, S: int, C: int, device) -> StaticStep:
 
 
 ROUND_TO = 64  # cache positions of a fixed-shape step are a multiple of this: close lengths share a graph
-
-
-def capacity(s: int, N: int, round_to: int) -> int:
-    """Cache positions for rows of s tokens that may make N more, rounded up so that prompts of
-    close lengths share a step (and its graph)."""
-    return -(-(s + N) // round_to) * round_to
+capacity = memory.capacity  # one definition: memory.scoring_plan counts the cache a step builds
 
 
 def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: int, round_to: int, rows=None):
@@ -433,8 +420,8 @@ def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: 
     in it, the new prompts' rows). Every row keeps its columns (its tokens from column 0, its write
     column slot[row]); a new row takes columns 0..T-1, pads masked. While T + N fits st's capacity
     the new prompts take free rows of st in place: nothing moves, and its graph replays. Else the
-    live rows move to the first rows of a step of capacity T + N rounded up and at most
-    max_tokens // (C - N) rows, the new ones after them. With no new prompts (fresh None) and
+    live rows move to the first rows of a step of capacity C = T + N rounded up and at most
+    max_tokens // C rows, the new ones after them. With no new prompts (fresh None) and
     `rows`: the live rows move to a step of that many rows. Free rows decode into a sink."""
     nl, (nk, T) = len(live), attn.shape if fresh is not None else (0, 0)
     if st is not None and T + N <= st.C and rows is None:  # in place
@@ -443,7 +430,7 @@ def enter(model, st, live, fresh, attn, nxt, last, N: int, S0: int, max_tokens: 
         dst, lrows, jrows = st, live, free.nonzero().squeeze(1)[:nk]
     else:
         C = st.C if st is not None and T + N <= st.C else capacity(T, N, round_to)
-        S = rows or max(nl + nk, min(S0, max_tokens // (C - N)))
+        S = rows or max(nl + nk, min(S0, max_tokens // C))  # max_tokens bounds rows x capacity
         dst = static_step(model, S, C, st.slot.device if st is not None else attn.device)
         lrows, jrows = torch.arange(nl, device=dst.slot.device), torch.arange(nl, nl + nk, device=dst.slot.device)
         if not dst.cache.layers:
@@ -556,10 +543,31 @@ def decode_new(tok, new_ids, stop=None) -> str:
     return clean_up_tokenization(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
+def free_bytes(device) -> tuple[int, int] | None:
+    """(bytes new tensors can take: the driver's free and what torch's allocator holds unused, the
+    total) on CUDA; None elsewhere (no plan: the step keeps the caller's batch_size and max_tokens)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def scoring_plan(model, enc, max_new_tokens: int, device) -> dict | None:
+    """memory.scoring_plan for these prompts' lengths on the memory free now: the weights
+    and training's state beside scoring (--eval-every) are already out of it; K/V in the compute dtype."""
+    if (got := free_bytes(device)) is None:
+        return None
+    elem = 2 if torch.is_autocast_enabled(device.type) else next(model.parameters()).element_size()
+    return memory.scoring_plan(model.config, *got, min(map(len, enc)), max(map(len, enc)), max_new_tokens,
+                               elem, ROUND_TO)
+
+
 @torch.inference_mode()
 def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 32,
              max_tokens: int = 16384, autocast=None, progress=None) -> list[str]:
-    """Greedy completions of raw prompts (no chat template), batched by prompt length."""
+    """Greedy completions of raw prompts (no chat template), batched by prompt length. On CUDA (fixed
+    shapes) the step's rows and the row-position cap come from scoring_plan, printed in one line;
+    batch_size and max_tokens are the eager path's."""
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     enc = [tok(p).input_ids for p in prompts]
@@ -568,6 +576,10 @@ def generate(model, tok, prompts, max_new_tokens: int = 256, batch_size: int = 3
     stream = greedy_static_stream if static_default(model, device) else greedy_stream  # CUDA graphs, or eager
     try:
         with autocast:
+            plan = scoring_plan(model, enc, max_new_tokens, device) if stream is greedy_static_stream and enc else None
+            if plan:  # rows from the memory left (CUDA; the eager path keeps its own)
+                lume.print0(f"scoring plan: {memory.plan_line(plan)}")
+                batch_size, max_tokens = plan["rows"], plan["max_tokens"]
             new = stream(model, enc, pad, max_new_tokens, stop, batch_size, max_tokens, device, on_done)
     finally:  # the captured steps hold the model (scoring's bf16 copy: 14 GB on a 7B) and their caches;
         GRAPHS["steps"].clear()  # kept past scoring, they would sit beside training's optimizer

@@ -23,6 +23,7 @@ A time guard skips what would not finish within the budget, saying so. A section
 out-of-memory the plan did not foresee, an op this torch lacks) is one error row, and bench-gpu.json
 is rewritten after every section: one device session always yields what ran, even if killed.
 """
+import gc
 import os
 import statistics
 import time
@@ -31,6 +32,7 @@ import torch
 
 import evaluation
 import generation
+import gpuplan
 import lume
 import memory
 import methods
@@ -40,13 +42,9 @@ SHAPES = {"olmo-1b": memory.OLMO_CONFIGS["olmo-1b"], "olmo-7b": memory.OLMO_CONF
                        vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024, pad_token_id=1,
                        eos_token_id=None, bos_token_id=None)}
 TRAIN_ROWS = {"tiny": (2, 32)}  # (batch, seq_len) of the memory and training rows; the OLMo shapes: 4 x 512
-# what one full LUME evaluation scores, counted with the OLMo tokenizer on the release (docs/performance.md)
-FULL_EVAL = dict(items=5466, prompt_tokens=286371, new_tokens=610745, mia_docs=300, mia_tokens=67333,
-                 mmlu_questions=14042, mmlu_suffix_tokens=2099787, mmlu_prefix_tokens=29628,  # whole prompts: 9,633,979
-                 decode_steps=26416)  # the fixed-shape stream's steps at batch 32 (the 13M hub-shaped OLMo's
-#   outputs, docs/repro/static_steps.py; 23.1 live rows a step). The batch-by-batch graph path before it
-#   (2b71921), each batch run to its longest row, took 43,396 (the same script on that tree).
+TRAIN_METHODS = ("ga", "gd", "kl", "npo")  # the train section's
 GiB = 2**30
+CPU_FREE = 80 * GiB  # the card --device cpu plans for
 
 
 def sync(device):
@@ -65,9 +63,43 @@ def guarded(what: str, fn, say, device):
         return {"error": lume.first_line(e)}
     finally:
         if device.type == "cuda":
-            import gc
             gc.collect()  # frames of the failed section, and cycles, hold its tensors
             torch.cuda.empty_cache()
+
+
+def held_bytes(device) -> int:
+    """Bytes held by live tensors: torch.cuda.memory_allocated on CUDA; on CPU, every tensor Python
+    can reach (gc), each storage once, meta tensors not counted. A leak between sections shows in it."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    seen = {}
+    for t in gc.get_objects():
+        try:
+            if issubclass(type(t), torch.Tensor) and t.device.type == "cpu":  # type(): no __class__ of a proxy
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, a tracing wrapper)
+            pass
+    return sum(seen.values())
+
+
+def clean(device) -> dict:
+    """A section's start from a clean device: the last section's captured steps (they hold its model
+    and caches) released, cycles collected, cached blocks returned and the peak reset; its baseline
+    (held_bytes, which every memory figure of the section is measured from) and the free memory."""
+    generation.GRAPHS["steps"].clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else CPU_FREE
+    return {"baseline_bytes": held_bytes(device), "free_bytes": free}
+
+
+def peak_over(device, base: int) -> int:
+    """The section's peak, less its baseline (CUDA; 0 on CPU, which has no peak counter)."""
+    return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
 
 
 def timed(fn, device, repeats: int = 3) -> float:
@@ -118,12 +150,9 @@ def train_setup(config, method: str, setup_name: str, batch: int, seq_len: int, 
     the measured peak, and the median step time after the first."""
     setup = next(s for n, _, s in memory.SETUPS if n == setup_name)
     plan = memory.plan_setup(config, method, batch, seq_len, setup)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    cuda, base = device.type == "cuda", clean(device)["baseline_bytes"]
     model = memory.build_random(config, setup, device)
-    weights = torch.cuda.memory_allocated(device) if cuda else sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = held_bytes(device) - base if cuda else sum(p.numel() * p.element_size() for p in model.parameters())
     options = {"ga": {}, "gd": dict(retain_weight=1.0), "kl": dict(retain_weight=1.0),
                "npo": dict(beta=0.1, retain_weight=1.0, ref_logps=torch.zeros(batch, device=device))}[method]
     if method == "kl":
@@ -137,14 +166,14 @@ def train_setup(config, method: str, setup_name: str, batch: int, seq_len: int, 
     lume.train(model, random_batches(config["vocab_size"], batch, seq_len, steps, methods.needs_retain(method), device),
                lambda m, f, r, totals: loss(m, f, r, totals, **options), lr=1e-5, precision=setup["precision"],
                device=device, after_step=after)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    peak = peak_over(device, base)
     step_s = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
     tokens = batch * seq_len * (2 if methods.needs_retain(method) else 1)
     flops = 6 * matmul_params(model) * tokens + (2 * matmul_params(model) * batch * seq_len if method == "kl" else 0)
     if setup["train_layers"] or setup["lora_rank"]:  # a frozen base: no weight gradients below (backward ~1/2 as much)
         flops = None
     del model, options
-    return {"setup": setup_name, "planned_bytes": plan["total"], "measured_peak_bytes": peak,
+    return {"setup": setup_name, "planned_bytes": plan["total"], "measured_peak_bytes": peak, "baseline_bytes": base,
             "planned_weights": plan["weights"], "measured_weights": weights,
             "plan_error": (peak - plan["total"]) / plan["total"] if cuda else None,
             "step_s": step_s, "tokens_per_s": tokens / step_s, "flops": flops}
@@ -171,7 +200,7 @@ def memory_section(name, config, device, free: int, say, budget) -> dict:
 def train_section(name, config, device, free: int, peak: float, say, budget) -> dict:
     """One optimizer step per method in the setup the plan picks (as job.py picks it)."""
     out, (batch, seq) = {}, TRAIN_ROWS.get(name, (4, 512))
-    for method in ("ga", "gd", "kl", "npo"):
+    for method in TRAIN_METHODS:
         try:
             pick, _, _ = memory.pick_setup(config, method, batch, seq, free)
         except memory.NoSetupFits as e:
@@ -198,37 +227,37 @@ def fmt_row(r: dict) -> str:
             f"{err}; step {r['step_s'] * 1e3:.0f} ms, {r['tokens_per_s']:.0f} tok/s{frac}")
 
 
-def adamw_layers(config, free: int) -> int:
-    """Decoder layers of this shape whose fp32 AdamW step fits `free` bytes beside memory.reserve:
-    16 bytes a parameter (weights, gradients, two states; the bf16 step needs half). The step is
-    elementwise, so its time per parameter, which the ratio compares, does not depend on the layer
-    count: the 7B's fp32 step needs 103 GiB, so with 80 GiB free it runs on 22 of its 32 layers."""
-    _, meta = memory.shapes(config)
-    total, layer = (sum(p.numel() for p in m.parameters()) for m in (meta, memory.decoder_layer(meta)))
-    rest = total - config["num_hidden_layers"] * layer  # embeddings, LM head, final norm
-    return max(0, min(config["num_hidden_layers"], ((free - memory.reserve(free)) // 16 - rest) // layer))
-
-
 def adamw_section(config, device, free: int) -> dict:
     """The optimizer step alone on the shape's parameters: StochasticAdamW over bf16 weights and
     states against torch's fused AdamW over fp32 ones (the two full-parameter setups), on as many
-    decoder layers as the fp32 step fits (adamw_layers)."""
+    decoder layers as the fp32 step fits in `free`, measured at the section's start (adamw_layers);
+    cached blocks are returned between the two. An out-of-memory is a result with its numbers (the
+    layers tried, the bytes planned, free and held at the time), not a failed report."""
     from transformers import AutoModelForCausalLM, OlmoConfig
-    layers = adamw_layers(config, free)
+    layers, (rest, layer) = gpuplan.adamw_layers(config, free), gpuplan.adamw_counts(config)
     if layers == 0:
         return {"skipped": f"fp32 AdamW of one layer beside the embeddings does not fit {free / GiB:.1f} GiB free"}
-    out = {"layers": layers, "of_layers": config["num_hidden_layers"]}
+    out = {"layers": layers, "of_layers": config["num_hidden_layers"], "free_bytes": free}
     for label, dtype, make in (("stochastic_adamw_bf16", torch.bfloat16, lambda p: lume.StochasticAdamW(p, lr=1e-5)),
                                ("torch_fused_adamw_fp32", torch.float32,
                                 lambda p: torch.optim.AdamW(p, lr=1e-5, fused=True))):
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(OlmoConfig(**{**config, "num_hidden_layers": layers}), dtype=dtype)
-        params = list(model.parameters())
-        for p in params:
-            p.grad = torch.randn_like(p) * 1e-3
-        opt = make(params)
-        out[label] = {"step_s": timed(opt.step, device)}
-        del model, params, opt
+        planned = (rest + layers * layer) * 4 * dtype.itemsize  # weights, gradients, two states
+        base = clean(device)["baseline_bytes"]  # the bf16 run's cached blocks returned before the fp32 one
+        try:
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(OlmoConfig(**{**config, "num_hidden_layers": layers}), dtype=dtype)
+            params = list(model.parameters())
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            opt = make(params)
+            out[label] = {"step_s": timed(opt.step, device), "planned_bytes": planned,
+                          "measured_peak_bytes": peak_over(device, base)}
+        except torch.OutOfMemoryError as e:
+            out[label] = {"out_of_memory": lume.first_line(e), "layers": layers, "planned_bytes": planned,
+                          "free_bytes": free, "held_bytes": held_bytes(device) - base}
+            return out  # the other optimizer needs as much or more: the result stands as it is
+        finally:
+            model = params = opt = None  # noqa: F841  (released before the next one is built)
     out["ratio"] = out["stochastic_adamw_bf16"]["step_s"] / out["torch_fused_adamw_fp32"]["step_s"]
     return out
 
@@ -245,13 +274,10 @@ def eval_model(config, device, dtype):
 
 
 def kv_bytes(model, rows: int, positions: int) -> int:
-    """Bytes of keys and values a decode step reads: every layer's K and V over `positions` cache
-    positions for each of `rows` rows. Beside the weights, this is a decode step's memory traffic
-    (for the 7B at batch 32 and 400 positions: 6.7 GB of keys and values against 13.8 GB of weights)."""
-    c = model.config
-    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * rows * positions * heads * head_dim * next(model.parameters()).element_size()
+    """memory.kv_bytes of this model's config in its weights' dtype: beside the weights, a decode
+    step's memory traffic (the 7B's fixed-shape step at batch 32 reads 32 x 320 positions: 5.4 GB of
+    keys and values against 13.8 GB of weights)."""
+    return memory.kv_bytes(model.config, rows, positions, next(model.parameters()).element_size())
 
 
 def prompts(vocab: int, n: int, length: int, seed: int = 0):
@@ -266,10 +292,10 @@ def official_one(model, ids, new_tokens: int):
 
 
 def decode_plan(model, B: int, new_tokens: int, prompt_len: int) -> int:
-    """Bytes a decode batch adds to the weights: the fixed-shape step's keys and values (B rows of
-    T + N positions rounded up to ROUND_TO, as greedy_static_stream builds it) and the prefill's own cache."""
-    return (kv_bytes(model, B, generation.capacity(prompt_len, new_tokens, generation.ROUND_TO))
-            + kv_bytes(model, B, prompt_len))
+    """Bytes a decode batch of equal prompts adds to the weights (memory.decode_bytes: one fixed-shape
+    step of B rows x capacity and the prefill's own cache), in the weights' dtype."""
+    return memory.decode_bytes(model.config, B, prompt_len, new_tokens, next(model.parameters()).element_size(),
+                               generation.ROUND_TO)
 
 
 def decode_section(model, device, batches, new_tokens: int, prompt_len: int, peak: dict, say, budget,
@@ -281,6 +307,7 @@ def decode_section(model, device, batches, new_tokens: int, prompt_len: int, pea
     off_s = timed(lambda: official_one(model, one, new_tokens), device, repeats=1)
     out = {"official_tokens_per_s": new_tokens / off_s, "new_tokens": new_tokens, "prompt_len": prompt_len,
            "weight_bytes": wbytes, "graphs_off": None}
+    C = generation.capacity(prompt_len, new_tokens, generation.ROUND_TO)
     for B in batches:
         need, room = decode_plan(model, B, new_tokens, prompt_len), free - memory.reserve(free) - wbytes
         if need > room or budget():
@@ -298,8 +325,8 @@ def decode_section(model, device, batches, new_tokens: int, prompt_len: int, pea
                     "vs_official": B * new_tokens / s / out["official_tokens_per_s"],
                     "decode_peak_fraction": 2 * N * B / peak["matmul_flop_per_s"] / step,
                     "weight_read_fraction": wbytes / peak["copy_bytes_per_s"] / step,
-                    "bytes_fraction": (wbytes + kv_bytes(model, B, prompt_len + new_tokens // 2))
-                    / peak["copy_bytes_per_s"] / step}
+                    # the fixed-shape step reads every one of its C cache columns, filled or not
+                    "bytes_fraction": (wbytes + kv_bytes(model, B, C)) / peak["copy_bytes_per_s"] / step}
         r = out[f"batch_{B}"] = guarded(f"decode batch {B}", batch, say, device)
         generation.GRAPHS["steps"].clear()  # this batch's captured steps hold its cache
         if "error" not in r:
@@ -335,22 +362,27 @@ def identity_section(model, device, n: int, new_tokens: int) -> dict:
 def projection(decode: dict, prefill_tokens_per_s: float | None) -> dict:
     """Seconds of one full LUME evaluation: two stages of generation (prefill + decode), MIA and MMLU
     (forward tokens at the prefill rate), each stage as measured here. On CUDA a stage decodes with
-    continuous batching on fixed shapes (greedy_static_stream): FULL_EVAL's decode_steps at the
+    continuous batching on fixed shapes (greedy_static_stream): gpuplan.FULL_EVAL's decode_steps at the
     batch-32 step time measured on a cache of 320 positions, the shape of 63% of those steps (the
     rest attend over up to 576: 11.9k row-positions a step on average against 10.2k measured).
-    `generation_s_per_stage_full_rows` counts only the tokens, every step with 32 live rows."""
+    `generation_s_per_stage_full_rows` counts only the tokens, every step with 32 live rows.
+    `full_eval_s_batch_128`: the decode at the batch-128 step time, as many live rows a step as at 32
+    (gpuplan.ASSUMED's live_fraction; an 80 GB card's scoring plan decodes at 128 or more)."""
     d = decode.get("batch_32", {})
     if "tokens_per_s" not in d:
         return {"skipped": "no batch-32 decode rate"}
     if not prefill_tokens_per_s:
         return {"skipped": "no prefill rate"}
-    f = FULL_EVAL
+    f = gpuplan.FULL_EVAL
     prefill = f["prompt_tokens"] / prefill_tokens_per_s
     gen = prefill + f["decode_steps"] * d["step_s"]
     mia = f["mia_tokens"] / prefill_tokens_per_s
     mmlu = (f["mmlu_suffix_tokens"] + f["mmlu_prefix_tokens"]) / prefill_tokens_per_s
+    d128 = decode.get("batch_128", {})
+    gen128 = prefill + f["new_tokens"] / (gpuplan.ASSUMED["live_fraction"] * 128) * d128["step_s"] if "step_s" in d128 else None
     return {"generation_s_per_stage": gen, "generation_s_per_stage_full_rows": prefill + f["new_tokens"] / d["tokens_per_s"],
-            "mia_s_per_stage": mia, "mmlu_s_per_stage": mmlu, "full_eval_s": 2 * (gen + mia + mmlu), "counts": f}
+            "mia_s_per_stage": mia, "mmlu_s_per_stage": mmlu, "full_eval_s": 2 * (gen + mia + mmlu), "counts": f,
+            "full_eval_s_batch_128": 2 * (gen128 + mia + mmlu) if gen128 else None}
 
 
 def prefill_rate(model, device, rows: int = 8, length: int = 512) -> float:
@@ -405,9 +437,9 @@ def mia_memory(model, tok, docs, device) -> dict:
 
 def project(res: dict) -> dict:
     """Seconds of one full LUME evaluation of this model at the rates measured here: two stages of
-    generation (gpureport.FULL_EVAL's token counts at the batch-32 decode rate), MIA at the batched
+    generation (gpuplan.FULL_EVAL's token counts at the batch-32 decode rate), MIA at the batched
     docs' tokens/s, MMLU at the measured prompts/s."""
-    f, g, m, q = FULL_EVAL, res["generation"], res["mia"], res.get("mmlu", {})
+    f, g, m, q = gpuplan.FULL_EVAL, res["generation"], res["mia"], res.get("mmlu", {})
     if "prompts_per_s" not in q:
         return {"skipped": "no MMLU rate"}
     gen = f["items"] / g["ours_items_per_s"] * (f["new_tokens"] / f["items"]) / g["max_new_tokens"]
@@ -423,7 +455,10 @@ def project(res: dict) -> dict:
 
 def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench-gpu.json", new_tokens: int = 256,
         batches=(1, 32, 128), limit_s: float = 420.0) -> int:
-    """The whole report; 2 (one line) without CUDA unless --device cpu."""
+    """The whole report; 2 (one line) without CUDA unless --device cpu. Every section starts from a
+    clean device (clean) and records its baseline_bytes and free_bytes."""
+    if device != "cpu":  # before CUDA is initialised: blocks grow in place instead of splitting cached ones
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if device == "auto" and not torch.cuda.is_available():
         print("error: --gpu-report needs a CUDA GPU (none is visible to torch); --device cpu --shapes tiny runs "
               "the same code on a tiny shape")
@@ -438,10 +473,12 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
     budget = lambda: time.time() - t0 > limit_s  # noqa: E731  (what starts after this is skipped)
     say = lambda s: print(s, flush=True)  # noqa: E731
     cuda = dev.type == "cuda"
-    free = torch.cuda.mem_get_info(dev)[0] if cuda else 80 * GiB
+    start = clean(dev)
     low = torch.bfloat16 if cuda else torch.float32  # bf16 matmuls on CPU are emulated: fp32 there
     res = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
-           "transformers": __import__("transformers").__version__, "free_bytes": free, "shapes": {}}
+           "transformers": __import__("transformers").__version__, "free_bytes": start["free_bytes"],
+           "baseline_bytes": start["baseline_bytes"], "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+           "shapes": {}, "plans": gpuplan.plans(say)}
     res["peak"] = peaks(dev, low, 4096 if cuda else 256)
     say(f"gpu-report: {res['device']}, torch {res['torch']}; matmul {res['peak']['matmul_flop_per_s'] / 1e12:.3g} "
         f"TFLOP/s ({res['peak']['dtype']}), copy {res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s")
@@ -450,35 +487,53 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
     for name in names:
         config = SHAPES[name]
         r = res["shapes"][name] = {"config": config}
+        held = {}  # the low-precision model, from decode to identity_low
 
-        def section(key, fn):
-            r[key] = guarded(f"{name} {key}", fn, say, dev)
+        def section(key, fn, needs_model=False):
+            if needs_model and "model" not in held:
+                r[key] = {"skipped": "no model (the decode row says why)"}
+                return
+            c = clean(dev)
+            say(f"gpu-report: {name} {key}: from a clean device, {c['baseline_bytes'] / 2**20:.1f} MiB held, "
+                f"{c['free_bytes'] / GiB:.2f} GiB free")
+            r[key] = guarded(f"{name} {key}", lambda: fn(c["free_bytes"]), say, dev)
+            r[key].update(baseline_bytes=c["baseline_bytes"], free_bytes=c["free_bytes"])
             write()
-        section("memory", lambda: memory_section(name, config, dev, free, say, budget))
-        section("train", lambda: train_section(name, config, dev, free, peak, say, budget))
-        section("adamw", lambda: {"skipped": "time budget"} if budget() else adamw_section(config, dev, free))
-        model = guarded(f"{name} {res['peak']['dtype']} model", lambda: eval_model(config, dev, low), say, dev)
-        if isinstance(model, dict):  # it could not be built: one error row, the rows that need it say why
-            r.update(decode=model, identity_low={"skipped": "no model (the decode row says why)"})
-        else:
-            section("decode", lambda: decode_section(model, dev, batches, new_tokens, 64, res["peak"], say,
-                                                     budget, free))
-            section("prefill", lambda: {"tokens_per_s": prefill_rate(model, dev, rows=8, length=512 if cuda else 64)})
-            section("identity_low", lambda: identity_section(model, dev, 8, 32 if cuda else 8))
-        section("projection", lambda: projection(r["decode"], r.get("prefill", {}).get("tokens_per_s")))
-        generation.GRAPHS["steps"].clear()  # the captured steps hold this model and their caches
-        del model
+
+        def decode(free):
+            held["model"] = eval_model(config, dev, low)
+            return decode_section(held["model"], dev, batches, new_tokens, 64, res["peak"], say, budget, free)
+        section("memory", lambda free: memory_section(name, config, dev, free, say, budget))
+        section("train", lambda free: train_section(name, config, dev, free, peak, say, budget))
+        section("adamw", lambda free: {"skipped": "time budget"} if budget() else adamw_section(config, dev, free))
+        section("decode", decode)
+        section("prefill", lambda free: {"tokens_per_s": prefill_rate(held["model"], dev, rows=8,
+                                                                      length=512 if cuda else 64)}, True)
+        section("identity_low", lambda free: identity_section(held["model"], dev, 8, 32 if cuda else 8), True)
+        held.clear()  # the model goes before the next section's clean
+        section("projection", lambda free: projection(r["decode"], r.get("prefill", {}).get("tokens_per_s")))
         if not budget() and name != "olmo-7b":  # fp32 identity: expected 0 rows (7B in fp32 takes 28 GB: skipped)
-            section("identity_fp32", lambda: identity_section(eval_model(config, dev, torch.float32), dev, 8,
-                                                              32 if cuda else 8))
-        if cuda:
-            torch.cuda.empty_cache()
-    res["elapsed_s"] = time.time() - t0
+            section("identity_fp32", lambda free: identity_section(eval_model(config, dev, torch.float32), dev, 8,
+                                                                   32 if cuda else 8))
+    end = clean(dev)  # what the last section left: its steps and model released, as between sections
+    res.update(elapsed_s=time.time() - t0, end_baseline_bytes=end["baseline_bytes"])
     write()
     print(table(res))
     errors = errors_in(res)
     print(f"\n{res['elapsed_s']:.0f}s; written to {out}" + (f"; {errors} section(s) failed (error rows)" if errors else ""))
     return 1 if errors else 0
+
+
+def adamw_row(a: dict) -> str:
+    oom = [(k, v) for k, v in a.items() if isinstance(v, dict) and "out_of_memory" in v]
+    if oom:
+        k, v = oom[0]
+        return (f"{k}: out of memory on {v['layers']} of {a['of_layers']} layers, {v['planned_bytes'] / GiB:.1f} GiB "
+                f"planned of {v['free_bytes'] / GiB:.1f} GiB free at the section's start, {v['held_bytes'] / GiB:.1f} "
+                f"GiB held when it failed ({v['out_of_memory']})")
+    return fmt_row(a) if "ratio" not in a else (
+        f"{a['stochastic_adamw_bf16']['step_s'] * 1e3:.1f} ms vs {a['torch_fused_adamw_fp32']['step_s'] * 1e3:.1f} ms"
+        f" ({a['ratio']:.2f}x), on {a['layers']} of {a['of_layers']} layers ({a['free_bytes'] / GiB:.1f} GiB free)")
 
 
 def errors_in(x) -> int:
@@ -502,11 +557,9 @@ def table(res: dict) -> str:
                 row(what, fmt_row(get(key)))
                 continue
             for k, v in r[key].items():
-                row(f"{what} {k}", fmt_row(v))
-        a = get("adamw")
-        row("StochasticAdamW bf16 vs fused AdamW fp32", fmt_row(a) if "ratio" not in a else
-            f"{a['stochastic_adamw_bf16']['step_s'] * 1e3:.1f} ms vs {a['torch_fused_adamw_fp32']['step_s'] * 1e3:.1f} ms"
-            f" ({a['ratio']:.2f}x), on {a['layers']} of {a['of_layers']} layers")
+                if isinstance(v, dict):  # beside the rows: the section's baseline_bytes and free_bytes
+                    row(f"{what} {k}", fmt_row(v))
+        row("StochasticAdamW bf16 vs fused AdamW fp32", adamw_row(get("adamw")))
         d = get("decode")
         if "official_tokens_per_s" not in d:
             row("decode", fmt_row(d))
@@ -526,9 +579,12 @@ def table(res: dict) -> str:
                 row(f"batched vs alone ({res['peak']['dtype'] if k == 'identity_low' else 'float32'})", fmt_row(i) if "prompts" not in i else
                     f"{i['rows_differing']}/{i['prompts']} rows differ ({i['new_tokens']} tokens); "
                     f"{i['stream']}: {i['stream_rows_differing']}/{i['prompts']}")
+        base = [f"{k} {v['baseline_bytes'] / 2**20:.1f}" for k, v in r.items() if isinstance(v, dict) and "baseline_bytes" in v]
+        row("MiB held at each section's start", ", ".join(base))
         p = get("projection")
         row("projected full LUME evaluation", fmt_row(p) if "full_eval_s" not in p else
             f"{p['full_eval_s'] / 60:.1f} min (generation {p['generation_s_per_stage']:.0f} s, MIA "
             f"{p['mia_s_per_stage']:.0f} s, MMLU {p['mmlu_s_per_stage']:.0f} s per stage; generation "
-            f"{p['generation_s_per_stage_full_rows']:.0f} s with every step full)")
+            f"{p['generation_s_per_stage_full_rows']:.0f} s with every step full)"
+            + (f"; {p['full_eval_s_batch_128'] / 60:.1f} min decoding at batch 128" if p.get("full_eval_s_batch_128") else ""))
     return "\n".join(lines)

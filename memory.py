@@ -465,6 +465,96 @@ def setup_line(s: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# scoring: the decode batch of generation's fixed-shape stream, from the memory left
+
+
+def capacity(s: int, N: int, round_to: int) -> int:
+    """Cache positions for rows of s tokens and N more, rounded up: close lengths share a step (and graph)."""
+    return -(-(s + N) // round_to) * round_to
+
+
+def kv_bytes(config, rows: int, positions: int, elem: int) -> int:
+    """Bytes of keys and values of `rows` rows over `positions` cache positions, every layer, `elem`
+    bytes a value: what a decode step reads beside the weights (the 7B in bf16: 512 KiB a row-position)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    heads = get("num_key_value_heads") or get("num_attention_heads")
+    head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
+    return 2 * get("num_hidden_layers") * rows * positions * heads * head_dim * elem
+
+
+def decode_bytes(config, rows: int, prompt_len: int, new_tokens: int, elem: int, round_to: int,
+                 moves: bool = False) -> int:
+    """Bytes a decode of `rows` rows adds to the weights, as generation allocates them: the fixed-shape
+    step's keys and values (rows x capacity(prompt_len, new_tokens)) and the prefill's own cache
+    (rows x prompt_len); with moves, a second step's (generation.enter copies the live rows into a
+    step of another shape while the old one is held)."""
+    return ((2 if moves else 1) * kv_bytes(config, rows, capacity(prompt_len, new_tokens, round_to), elem)
+            + kv_bytes(config, rows, prompt_len, elem))
+
+
+def scoring_plan(config, free: int, total: int, short: int, long: int, new_tokens: int, elem: int = 2,
+                 round_to: int = 64, weights: int = 0, held: int = 0, most: int = 512) -> dict:
+    """Rows of generation's fixed-shape decode step and its cap on row-positions (max_tokens) from the
+    memory left: `free` less the weights, anything else `held` (training's state beside scoring with
+    --eval-every; 0 where `free` was measured with them loaded) and reserve(total). Prompts of
+    `short` to `long` tokens, `new_tokens` each.
+
+    max_tokens M bounds every step's rows x capacity (generation.enter) and every batch's rows x
+    tokens (generation.take). At any moment two steps are held (a move to a step of another shape,
+    <= M positions each) beside the prefill's cache and activations (new prompts of <= C - N tokens
+    in a step of capacity C): decode_bytes with moves per row, whose cost per position is highest at
+    the longest prompt's capacity; M is the room over that. rows = M // the shortest prompt's
+    capacity, at most `most`: long prompts run on fewer rows."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    act = (4 * get("hidden_size") + 3 * get("intermediate_size")) * elem  # a prefill token's transient values
+    C = capacity(long, new_tokens, round_to)
+    per_pos = (decode_bytes(config, 1, C - new_tokens, new_tokens, elem, round_to, moves=True)
+               + (C - new_tokens) * act) / C
+    room = free - weights - held - reserve(total)  # M: less every row's fp32 logits, twice
+    M = int(max(0, room - most * 8 * get("vocab_size")) // per_pos)
+    c0 = capacity(short, new_tokens, round_to)
+    rows = max(1, min(most, M // c0 // 8 * 8 or M // c0))  # a multiple of 8 when 8 fit
+    return {"rows": rows, "max_tokens": max(M, rows * c0), "rows_longest": min(rows, M // C), "capacity": (c0, C),
+            "planned_bytes": int(M * per_pos),
+            "room_bytes": room, "free_bytes": free, "weights_bytes": weights, "held_bytes": held,
+            "reserve_bytes": reserve(total), "prompts": (short, long), "new_tokens": new_tokens, "fits": M >= C}
+
+
+def plan_line(p: dict) -> str:  # printed at the start of scoring on CUDA, and by the GPU report
+    return (f"{p['rows']} rows a step ({p['rows_longest']} at the longest prompt), <= {p['max_tokens']:,} "
+            f"row-positions (caches of {p['capacity'][0]}-{p['capacity'][1]} positions: prompts of "
+            f"{p['prompts'][0]}-{p['prompts'][1]} tokens + {p['new_tokens']}); {p['planned_bytes'] / GiB:.1f} GiB "
+            f"planned of {p['room_bytes'] / GiB:.1f} GiB left ({p['free_bytes'] / GiB:.1f} free - "
+            f"{p['weights_bytes'] / GiB:.1f} weights - {p['held_bytes'] / GiB:.1f} held - "
+            f"{p['reserve_bytes'] / GiB:.1f} reserve)" + ("" if p["fits"] else "; not even one row fits"))
+
+
+def param_bytes(config, elem: int) -> int:  # the weights at elem bytes a parameter (the meta model's count)
+    return sum(p.numel() for p in shapes(config)[1].parameters()) * elem
+
+
+def scoring_table(name: str, gibs=(24, 40, 80, 141), prompts=(1, 290), new_tokens: int = 256) -> list[str]:
+    """scoring_plan of OLMO_CONFIGS[name] in bf16 on cards of `gibs` GiB (97% free; the release's prompts
+    of 1-290 OLMo tokens), alone and beside the training state pick_setup's setup for npo 4 x 512 holds
+    (--eval-every: gradients, optimizer, fp32 master weights where scoring runs a bf16 replica)."""
+    config, lines, weights = OLMO_CONFIGS[name], [], param_bytes(OLMO_CONFIGS[name], 2)
+    for g in gibs:
+        total, free = g * GiB, int(g * GiB * 0.97)
+        alone = scoring_plan(config, free, total, *prompts, new_tokens, weights=weights)
+        try:
+            setup, kind, plan = pick_setup(config, "npo", 4, 512, free)
+            master = kind["precision"] == "bf16" and not (kind["train_layers"] or kind["lora_rank"])
+            # fp32 master weights: scoring runs a bf16 replica beside them; else the weights are scoring's own
+            held = plan["grads"] + plan["optimizer"] + max(0, plan["weights"] - (0 if master else weights))
+            beside = scoring_plan(config, free, total, *prompts, new_tokens, weights=weights, held=held)
+            train = f"beside {setup} training ({held / GiB:.1f} GiB held): {beside['rows']} rows"
+        except NoSetupFits:
+            train = "no training setup fits"
+        lines.append(f"{name} bf16 on {g} GiB: {plan_line(alone)}; {train}")
+    return lines
+
+
+# -----------------------------------------------------------------------------
 # planned vs measured on a CUDA GPU
 
 

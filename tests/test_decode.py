@@ -7,6 +7,8 @@ step that CUDA captures in a graph (run eagerly here; the GPU report counts its 
 Continuous batching (generation.greedy_stream: finished rows' slots taken by the next prompts, the
 running cache and the new prompts' joined) gives each prompt what it gets alone through model.generate.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -101,9 +103,38 @@ def test_continuous_batching_on_fixed_shapes_gives_each_prompt_what_it_gets_alon
     assert all(S <= batch_size for S, _ in built) and built[-1][0] < batch_size  # drained on fewer rows
 
 
+class FakeStreams:
+    """torch.cuda's streams on CPU: which stream is current, and every wait (a log of events)."""
+
+    def __init__(self, monkeypatch):
+        self.log, self.current = [], "main"
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.name = "side"
+
+            def wait_stream(self, other):
+                fake.log.append(f"{self.name} waits {other.name}")
+
+        class Main(Stream):
+            def __init__(self):
+                self.name = "main"
+
+        @contextlib.contextmanager
+        def stream(s):
+            fake.current = s.name
+            yield
+            fake.current = "main"
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Main())
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+
+
 def test_a_failed_capture_says_why_in_one_line_and_decodes_eagerly(small_target, small_data, monkeypatch, capsys):
     model, tok = small_target
     items, _ = small_data
+    FakeStreams(monkeypatch)
 
     class Refused:
         def __init__(self):
@@ -172,9 +203,16 @@ def replay_steps(monkeypatch) -> list:
     traced (make_fx: its aten ops on the step's own buffers, every Python value frozen as at
     capture; the trace's own run is undone, as a capture runs nothing) and from then on replayed.
     A buffer that enter() replaced instead of writing in place, or a Python value that should change
-    from step to step, then shows in the outputs. Returns the (rows, positions) of each trace."""
+    from step to step, then shows in the outputs. A CUDA graph's own tensors (made during capture)
+    live in its pool and are overwritten by the next replay: the step may keep none of them (every
+    tensor the step and its cache hold after the trace is one it held before), and the trace's output
+    is one buffer, rewritten by every replay, as a graph's is. Returns the (rows, positions) of each trace."""
     from torch.fx.experimental.proxy_tensor import make_fx
     traces = []
+
+    def held(self):  # every tensor the step, its cache and its layers hold
+        return {id(v) for o in [self, self.cache, self.cache.box] + list(self.cache.layers)
+                for v in (o.values() if isinstance(o, dict) else vars(o).values()) if torch.is_tensor(v)}
 
     def step(self):
         if not self.warm:
@@ -184,10 +222,13 @@ def replay_steps(monkeypatch) -> list:
         if self.graph is None:
             bufs = [self.ids, self.pos, self.slot, self.mask, self.nxt] + \
                 [t for layer in self.cache.layers for t in (layer.kbuf, layer.vbuf)]
-            saved = [t.clone() for t in bufs]
-            self.graph = make_fx(lambda _: (self.run(), self.nxt)[1])(torch.zeros(1))
-            for t, before in zip(bufs, saved):
-                t.copy_(before)
+            saved, before = [t.clone() for t in bufs], held(self)
+            traced = make_fx(lambda _: (self.run(), self.nxt)[1])(torch.zeros(1))
+            assert held(self) <= before, "the step keeps a tensor made during capture (the graph's pool)"
+            for t, b in zip(bufs, saved):
+                t.copy_(b)
+            out = torch.empty_like(self.nxt)  # the graph's output: one buffer, every replay writes it
+            self.graph = lambda _: out.copy_(traced(_))
             traces.append((self.S, self.C))
         self.graph(torch.zeros(1))
     monkeypatch.setattr(generation.StaticStep, "step", step)
@@ -408,3 +449,106 @@ def test_fixed_shapes_on_a_lora_model(small_target, small_data, monkeypatch):
     assert eager != generation.generate(model, tok, prompts, max_new_tokens=16, batch_size=3)  # the adapters count
     monkeypatch.setattr(generation, "static_default", lambda model, device: True)
     assert generation.generate(wrapped, tok, prompts, max_new_tokens=16, batch_size=3) == eager
+
+
+# -----------------------------------------------------------------------------
+# the capture, checked without a GPU: side-stream warm-up, the 7B-shaped step on the meta device
+
+
+def static_step_of(model, tok, items):
+    """A fixed-shape step of 4 rows holding 3 prefilled prompts, as generate builds it (after enter)."""
+    enc = [tok(it.input).input_ids for it in items[:3]]
+    ids, attn = lume.left_pad(enc, lume.pad_of(tok))
+    fresh = generation.kv_cache(ids.shape[1])
+    nxt, last = generation.prefill(model, ids, attn, fresh)
+    return generation.enter(model, None, torch.arange(0), fresh, attn, nxt, last, 8, 4, 16384, 64)[0]
+
+
+def test_the_warm_up_runs_on_a_side_stream_before_the_capture(small_target, small_data, monkeypatch):
+    """CUDA graph capture requires the eager warm-up on a side stream that waits for the current one
+    (the step's buffers were written there), and the current stream waits for it before capturing."""
+    model, tok = small_target
+    items, _ = small_data
+    streams = FakeStreams(monkeypatch)
+    log = streams.log
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g):
+        log.append("capture")
+        yield
+    monkeypatch.setattr(generation, "capturable", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setitem(generation.GRAPHS, "off", None)
+    real = generation.StaticStep.run
+    monkeypatch.setattr(generation.StaticStep, "run", lambda self: (log.append(f"run on {streams.current}"), real(self)))
+    with torch.inference_mode():
+        st = static_step_of(model, tok, items)
+        for _ in range(3):
+            st.step()
+    assert log == ["side waits main", "run on side", "main waits side", "capture", "run on main", "replay", "replay"]
+
+
+def test_scoring_on_fixed_shapes_takes_its_rows_from_the_memory_plan(small_target, small_data, monkeypatch, capsys):
+    """On CUDA, generate sizes the fixed-shape step from memory.scoring_plan on the memory free now
+    (prompts' lengths, the reserve), prints the plan in one line, and decodes what the eager path does."""
+    import memory
+    model, tok = small_target
+    items, _ = small_data
+    prompts = [it.input for it in items][:12]
+    eager = generation.generate(model, tok, prompts, max_new_tokens=12, batch_size=3)
+    enc = [tok(p).input_ids for p in prompts]
+    total = 2 * memory.GiB
+    one = memory.scoring_plan(model.config, total, total, min(map(len, enc)), max(map(len, enc)), 12, 4,
+                              generation.ROUND_TO)
+    per_row = one["planned_bytes"] / one["max_tokens"] * generation.capacity(min(map(len, enc)), 12, generation.ROUND_TO)
+    free = memory.reserve(total) + 8 * 8 * model.config.vocab_size * 64 + int(8.5 * per_row)  # 8 rows and a half
+    shapes = []
+    real = generation.static_step
+    monkeypatch.setattr(generation, "static_step", lambda m, S, C, d: (shapes.append(S), real(m, S, C, d))[1])
+    monkeypatch.setattr(generation, "static_default", lambda model, device: True)
+    monkeypatch.setattr(generation, "free_bytes", lambda device: (free, total))
+    plan = generation.scoring_plan(model, enc, 12, torch.device("cpu"))
+    assert plan["rows"] == 8 and plan["max_tokens"] >= 8 * plan["capacity"][0]
+    assert generation.generate(model, tok, prompts, max_new_tokens=12, batch_size=3) == eager
+    assert shapes[0] == 8  # the plan's rows, not batch_size 3
+    assert capsys.readouterr().out.count("scoring plan: 8 rows a step") == 1
+
+
+def copied_prefix_cache(prefix, B: int):
+    """MMLU's cache before: every row's own copy of the prefix's keys and values in every layer."""
+    from transformers.cache_utils import Cache, DynamicLayer
+    layers = []
+    for src in prefix.layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(src.keys, src.values)
+        layer.keys, layer.values = src.keys.repeat(B, 1, 1, 1), src.values.repeat(B, 1, 1, 1)  # (B, H, P, D)
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+def test_mmlu_shares_the_prefix_by_reference_and_gives_the_copied_logits(small_target, monkeypatch):
+    """evaluation.prefix_cache holds a subject's 5-shot prefix once for all rows (a stride-0 view of
+    the one-row cache): the logits are bit-identical to the per-row copies it replaced."""
+    import data
+    import evaluation
+    model, tok = small_target
+    qs = [data.MmluQuestion("anatomy", f"Which bone is number {i} in the list of {i * 3} bones?",
+                            (f"the {i}th", "the femur", f"bone {i + 1}", "none"), "ABCD"[i % 4]) for i in range(11)]
+    enc = [evaluation.mmlu_encode(tok, "anatomy", qs[:5], q, 512) for q in qs[5:]]
+    prefix = evaluation.mmlu_prefix_ids(tok, "anatomy", qs[:5], qs[5])
+    held = []
+    real = evaluation.prefix_cache
+    monkeypatch.setattr(evaluation, "prefix_cache", lambda p, B: (held.append((p, c := real(p, B))), c)[1])
+    shared = evaluation.mmlu_shared_logits(model, tok, enc, prefix, batch_size=4)
+    assert len(shared) == len(enc) and len(held) == 2  # every question, in two batches
+    for p, c in held:
+        for src, layer in zip(p.layers, c.layers):  # the prefix's one row, not a copy per row
+            assert layer.keys.stride(0) == 0 and layer.keys.data_ptr() == src.keys.data_ptr()
+    monkeypatch.setattr(evaluation, "prefix_cache", copied_prefix_cache)
+    copied = evaluation.mmlu_shared_logits(model, tok, enc, prefix, batch_size=4)
+    assert all(torch.equal(shared[i], copied[i]) for i in copied) and shared.keys() == copied.keys()
