@@ -34,6 +34,28 @@ ASSUMED = dict(bandwidth_fraction=0.8,  # of the card's memory bandwidth a decod
 ADAMW_MARGIN = 0.9  # of the free memory after memory.reserve: fused AdamW's and the allocator's slack
 
 
+
+def scoring_table(name: str, gibs=(24, 40, 80, 141), prompts=(1, 290), new_tokens: int = 256) -> list[str]:
+    """memory.scoring_plan of memory.OLMO_CONFIGS[name] in bf16 on cards of `gibs` GiB (97% free; the release's prompts
+    of 1-290 OLMo tokens), alone and beside the training state memory.pick_setup's setup for npo 4 x 512 holds
+    (--eval-every: gradients, optimizer, fp32 master weights where scoring runs a bf16 replica)."""
+    config, lines, weights = memory.OLMO_CONFIGS[name], [], memory.param_bytes(memory.OLMO_CONFIGS[name], 2)
+    for g in gibs:
+        total, free = g * GiB, int(g * GiB * 0.97)
+        alone = memory.scoring_plan(config, free, total, *prompts, new_tokens, weights=weights)
+        try:
+            setup, kind, plan = memory.pick_setup(config, "npo", 4, 512, free)
+            master = kind["precision"] == "bf16" and not (kind["train_layers"] or kind["lora_rank"])
+            # fp32 master weights: scoring runs a bf16 replica beside them; else the weights are scoring's own
+            held = plan["grads"] + plan["optimizer"] + max(0, plan["weights"] - (0 if master else weights))
+            beside = memory.scoring_plan(config, free, total, *prompts, new_tokens, weights=weights, held=held)
+            train = f"beside {setup} training ({held / GiB:.1f} GiB held): {beside['rows']} rows"
+        except memory.NoSetupFits:
+            train = "no training setup fits"
+        lines.append(f"{name} bf16 on {g} GiB: {memory.plan_line(alone)}; {train}")
+    return lines
+
+
 def adamw_counts(config) -> tuple[int, int]:
     """(parameters outside the decoder layers: embeddings, LM head, final norm; parameters of a layer)."""
     _, meta = memory.shapes(config)
@@ -71,7 +93,7 @@ def plans(say=print, names=("olmo-1b", "olmo-7b"), gibs=(24, 40, 80, 141)) -> di
     out = {"assumed": {**ASSUMED, "cards": CARDS}}
     for name in names:
         config, L = memory.OLMO_CONFIGS[name], memory.OLMO_CONFIGS[name]["num_hidden_layers"]
-        lines = memory.scoring_table(name, gibs, FULL_EVAL["prompts"])
+        lines = scoring_table(name, gibs, FULL_EVAL["prompts"])
         for g in gibs:
             free = int(g * GiB * 0.97)
             try:

@@ -265,10 +265,10 @@ def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resu
 
     if resume and resume["step"] > len(steps):
         raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
-    setup = memory.training_setup(cfg, model, spec, precision, len(steps), bool(retain_encoded))
+    setup = report.training_setup(cfg, model, spec, precision, len(steps), bool(retain_encoded))
     if out is not None and (dist is None or dist.rank == 0):
-        setup = memory.record_setup(out, setup)
-    lume.print0(memory.setup_line(setup))
+        setup = report.record_setup(out, setup)
+    lume.print0(report.setup_line(setup))
 
     def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
         if dist is not None or resume["layout"] == "dcp":  # torchrun's DCP layout, or resharding

@@ -19,7 +19,6 @@ asks it for the setup on CUDA (auto_setup) before any weight is loaded.
 import argparse
 import contextlib
 import copy
-import json
 import math
 import sys
 import time
@@ -421,49 +420,6 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
             "batch": cfg.batch_size, "seq_len": seq_len, **setup, "plan_bytes": plan}
 
 
-def training_setup(cfg, model, spec, precision: str, n_steps: int, retain_rows: bool) -> dict:
-    """How this run trains, as lume.train will (config.json's "setup", the `setup:` line): precision,
-    autocast and GradScaler (lume.autocast_ctx, GradScaler for fp16 only), the optimizer
-    (lume.make_optimizer: StochasticAdamW when the trained weights are bf16), what trains, the
-    accumulation and the micro-batch."""
-    params = list(model.parameters())
-    train = [p for p in params if p.requires_grad]
-    what = (f"LoRA adapters (rank {cfg.lora_rank})" if cfg.lora_rank else
-            f"the last {cfg.train_layers} decoder layers" if cfg.train_layers else
-            f"{spec.title}'s own set" if spec.own_params else "every weight")
-    bf16 = any(p.dtype == torch.bfloat16 for p in train)
-    return {"precision": precision, "autocast": precision if precision in ("bf16", "fp16") else "off",
-            "grad_scaler": precision == "fp16", "optimizer": "StochasticAdamW" if bf16 else "AdamW",
-            "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup, "clip": cfg.clip, "trains": what,
-            "trainable_params": sum(p.numel() for p in train), "params": sum(p.numel() for p in params),
-            "grad_checkpointing": bool(cfg.grad_checkpointing), "grad_accum": cfg.grad_accum,
-            "forget_rows": cfg.batch_size, "retain_rows": cfg.batch_size * cfg.retain_ratio if retain_rows else 0,
-            "steps": n_steps}
-
-
-def record_setup(out: Path, setup: dict) -> dict:
-    """setup with the memory plan's numbers (config.json's "memory_plan": on CUDA, else none), written
-    into config.json beside it."""
-    config = json.loads((out / "config.json").read_text())
-    plan = config.get("memory_plan")
-    setup = {**setup, "memory_plan": {k: plan[k] for k in ("setup", "planned_gib", "free_gib", "seq_len")}
-             if plan else None}
-    lume.write_json_atomic(out / "config.json", {**config, "setup": setup})
-    return setup
-
-
-def setup_line(s: dict) -> str:
-    """The `setup:` line printed before the first step."""
-    plan = s.get("memory_plan")
-    return (f"setup: {s['precision']}, autocast {s['autocast']}, GradScaler {'on' if s['grad_scaler'] else 'off'}, "
-            f"{s['optimizer']} lr {s['lr']:g} ({s['schedule']}, warmup {s['warmup']}, clip {s['clip']:g}), trains "
-            f"{s['trains']}: {s['trainable_params']:,} of {s['params']:,} parameters, grad checkpointing "
-            f"{'on' if s['grad_checkpointing'] else 'off'}, {s['grad_accum']} micro-batch(es) per step of "
-            f"{s['forget_rows']} forget + {s['retain_rows']} retain rows, {s['steps']} steps; memory plan: "
-            + (f"{plan['setup']}, {plan['planned_gib']} GiB planned of {plan['free_gib']} GiB free" if plan
-               else "none (CPU, torchrun or an explicit setup flag)"))
-
-
 # -----------------------------------------------------------------------------
 # scoring: the decode batch of generation's fixed-shape stream, from the memory left
 
@@ -531,27 +487,6 @@ def plan_line(p: dict) -> str:  # printed at the start of scoring on CUDA, and b
 
 def param_bytes(config, elem: int) -> int:  # the weights at elem bytes a parameter (the meta model's count)
     return sum(p.numel() for p in shapes(config)[1].parameters()) * elem
-
-
-def scoring_table(name: str, gibs=(24, 40, 80, 141), prompts=(1, 290), new_tokens: int = 256) -> list[str]:
-    """scoring_plan of OLMO_CONFIGS[name] in bf16 on cards of `gibs` GiB (97% free; the release's prompts
-    of 1-290 OLMo tokens), alone and beside the training state pick_setup's setup for npo 4 x 512 holds
-    (--eval-every: gradients, optimizer, fp32 master weights where scoring runs a bf16 replica)."""
-    config, lines, weights = OLMO_CONFIGS[name], [], param_bytes(OLMO_CONFIGS[name], 2)
-    for g in gibs:
-        total, free = g * GiB, int(g * GiB * 0.97)
-        alone = scoring_plan(config, free, total, *prompts, new_tokens, weights=weights)
-        try:
-            setup, kind, plan = pick_setup(config, "npo", 4, 512, free)
-            master = kind["precision"] == "bf16" and not (kind["train_layers"] or kind["lora_rank"])
-            # fp32 master weights: scoring runs a bf16 replica beside them; else the weights are scoring's own
-            held = plan["grads"] + plan["optimizer"] + max(0, plan["weights"] - (0 if master else weights))
-            beside = scoring_plan(config, free, total, *prompts, new_tokens, weights=weights, held=held)
-            train = f"beside {setup} training ({held / GiB:.1f} GiB held): {beside['rows']} rows"
-        except NoSetupFits:
-            train = "no training setup fits"
-        lines.append(f"{name} bf16 on {g} GiB: {plan_line(alone)}; {train}")
-    return lines
 
 
 # -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ that never saw the forget set?
     python run.py --task 1 --method npo --model olmo-7b --oracle DIR   # a model trained on the retain sets
 
 The oracle is scored once like a stage (every item, MIA and MMLU as configured; rows with stage
-"oracle"), cached under --cache-dir by its identity (checkpoint.model_identity: the weights' sha256)
+"oracle"), cached under --cache-dir by its identity (identity.model_identity: the weights' sha256)
 and what is scored, and results.json gets "oracle" (a new key: every other key is as without it):
   scores      each official score of the unlearned model beside the oracle's
   privleak    per MIA statistic, MUSE's PrivLeak (Shi et al. 2024, arXiv 2407.06460, eval.py):
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 import attacks
-import checkpoint
+import identity
 import lume
 import metrics
 import tiny
@@ -138,7 +138,7 @@ def compare(results: dict, oracle: dict, losses: dict, gen_rows, mia_rows, forge
 
 def cache_key(model_name: str, what: dict) -> str:
     """The oracle's scores' cache key: its identity (weights' sha256) and what is scored."""
-    ident = checkpoint.model_identity(model_name)
+    ident = identity.model_identity(model_name)
     return hashlib.sha256(json.dumps([ident, what], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -21,6 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import identity
+import lume
 import metrics
 import rundir
 
@@ -159,11 +163,11 @@ def provenance(model: str, device, sources: dict | None) -> dict:
 
 
 def model_provenance(name_or_path: str) -> dict:
-    """checkpoint.model_identity (a directory's sha256 of config.json and the weights, the tiny
+    """identity.model_identity (a directory's sha256 of config.json and the weights, the tiny
     target's fingerprint, a hub id's cached snapshot revision) and, for a hub snapshot, the sha256
     of its config and weights too (the cache names a weight's blob by it: nothing is re-read)."""
     import checkpoint
-    ident = checkpoint.model_identity(name_or_path)
+    ident = identity.model_identity(name_or_path)
     if ident.get("hub") and ident.get("revision"):
         from huggingface_hub import try_to_load_from_cache
         snap = Path(try_to_load_from_cache(ident["hub"], "config.json")).parent
@@ -181,6 +185,53 @@ def git_commit() -> dict | None:
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# -----------------------------------------------------------------------------
+# the run's setup (config.json "setup", the `setup:` line before the first step)
+
+
+def training_setup(cfg, model, spec, precision: str, n_steps: int, retain_rows: bool) -> dict:
+    """How this run trains, as lume.train will (config.json's "setup", the `setup:` line): precision,
+    autocast and GradScaler (lume.autocast_ctx, GradScaler for fp16 only), the optimizer
+    (lume.make_optimizer: StochasticAdamW when the trained weights are bf16), what trains, the
+    accumulation and the micro-batch."""
+    params = list(model.parameters())
+    train = [p for p in params if p.requires_grad]
+    what = (f"LoRA adapters (rank {cfg.lora_rank})" if cfg.lora_rank else
+            f"the last {cfg.train_layers} decoder layers" if cfg.train_layers else
+            f"{spec.title}'s own set" if spec.own_params else "every weight")
+    bf16 = any(p.dtype == torch.bfloat16 for p in train)
+    return {"precision": precision, "autocast": precision if precision in ("bf16", "fp16") else "off",
+            "grad_scaler": precision == "fp16", "optimizer": "StochasticAdamW" if bf16 else "AdamW",
+            "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup, "clip": cfg.clip, "trains": what,
+            "trainable_params": sum(p.numel() for p in train), "params": sum(p.numel() for p in params),
+            "grad_checkpointing": bool(cfg.grad_checkpointing), "grad_accum": cfg.grad_accum,
+            "forget_rows": cfg.batch_size, "retain_rows": cfg.batch_size * cfg.retain_ratio if retain_rows else 0,
+            "steps": n_steps}
+
+
+def record_setup(out: Path, setup: dict) -> dict:
+    """setup with the memory plan's numbers (config.json's "memory_plan": on CUDA, else none), written
+    into config.json beside it."""
+    config = json.loads((out / "config.json").read_text())
+    plan = config.get("memory_plan")
+    setup = {**setup, "memory_plan": {k: plan[k] for k in ("setup", "planned_gib", "free_gib", "seq_len")}
+             if plan else None}
+    lume.write_json_atomic(out / "config.json", {**config, "setup": setup})
+    return setup
+
+
+def setup_line(s: dict) -> str:
+    """The `setup:` line printed before the first step."""
+    plan = s.get("memory_plan")
+    return (f"setup: {s['precision']}, autocast {s['autocast']}, GradScaler {'on' if s['grad_scaler'] else 'off'}, "
+            f"{s['optimizer']} lr {s['lr']:g} ({s['schedule']}, warmup {s['warmup']}, clip {s['clip']:g}), trains "
+            f"{s['trains']}: {s['trainable_params']:,} of {s['params']:,} parameters, grad checkpointing "
+            f"{'on' if s['grad_checkpointing'] else 'off'}, {s['grad_accum']} micro-batch(es) per step of "
+            f"{s['forget_rows']} forget + {s['retain_rows']} retain rows, {s['steps']} steps; memory plan: "
+            + (f"{plan['setup']}, {plan['planned_gib']} GiB planned of {plan['free_gib']} GiB free" if plan
+               else "none (CPU, torchrun or an explicit setup flag)"))
 
 
 def provenance_line(config: dict) -> str:
