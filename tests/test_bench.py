@@ -58,7 +58,8 @@ def test_gpu_report_runs_on_a_tiny_shape_on_cpu(tmp_path, capsys):
         bench.main(["--gpu-report", "--device", "cpu", "--shapes", "tiny", "--gpu-new-tokens", "4", "--out", str(out)])
     assert e.value.code == 0
     r = json.load(open(out))["shapes"]["tiny"]
-    assert set(r["memory"]) == {"full-fp32-master", "full-bf16-sr", "last-8", "lora-16"}
+    assert set(r["memory"]) - {"baseline_bytes", "free_bytes"} == {"full-fp32-master", "full-bf16-sr", "last-8", "lora-16"}
+    assert {"baseline_bytes", "free_bytes"} <= set(r["memory"])  # every section records where it started
     assert all(r["train"][m]["tokens_per_s"] > 0 for m in ("ga", "gd", "kl", "npo"))
     assert r["adamw"]["ratio"] > 0 and r["decode"]["batch_128"]["vs_official"] > 0
     assert r["identity_fp32"]["rows_differing"] == 0 and r["projection"]["full_eval_s"] > 0
@@ -107,7 +108,8 @@ def test_a_failed_gpu_report_section_is_a_row_and_the_rest_still_runs(tmp_path, 
     assert gpureport.run("cpu", "tiny", str(out), new_tokens=4) == 1
     r = json.load(open(out))["shapes"]["tiny"]
     error = "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
-    assert r["adamw"] == {"error": error} and r["decode"]["batch_128"] == {"error": error}
+    assert r["adamw"]["error"] == error and r["decode"]["batch_128"] == {"error": error}
+    assert set(r["adamw"]) == {"error", "baseline_bytes", "free_bytes"}  # the failed section's start is kept
     assert r["decode"]["batch_32"]["tokens_per_s"] > 0 and r["identity_fp32"]["rows_differing"] == 0
     assert r["projection"]["full_eval_s"] > 0 and all(r["train"][m]["tokens_per_s"] > 0 for m in ("ga", "npo"))
     printed = capsys.readouterr().out
