@@ -51,9 +51,9 @@ MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206
 def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
               extra: bool = True, chunk: int = MIA_CHUNK, progress=None) -> list[dict]:
     """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
-    labels=ids).loss` of the official scorer, and from the same forward the extra MIA statistics
-    of attacks.doc_scores (zlib, Min-K%, Min-K%++), unless extra=False; length-sorted right-padded
-    batches.
+    labels=ids).loss` of the official scorer (metrics.official_doc_loss, tested equal), and from
+    the same forward the extra MIA statistics of attacks.doc_scores (zlib, Min-K%, Min-K%++),
+    unless extra=False; length-sorted right-padded batches.
 
     Bounded memory: the decoder runs once per batch, and the LM head, the NLL and the next-token
     moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)

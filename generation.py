@@ -6,10 +6,10 @@ scorer's space clean-up.
 
 Prompts are sorted by length and left-padded; positions count real tokens only, pads are masked
 out of attention, and a KV cache written in place holds keys and values, so a batched row gives
-exactly what the same prompt gives alone through model.generate (tests/test_engine.py,
-tests/test_decode.py, tests/test_realscale.py with the real OLMo tokenizer). Eagerly (the CPU
-default) the prompts are continuously batched: a finished row's slot goes to the next prompts
-(greedy_stream). On CUDA the same runs on fixed shapes, its step replayed as a CUDA graph
+exactly what the same prompt gives alone through model.generate, metrics.official_generate
+(tests/test_reference.py, tests/test_decode.py, tests/test_realscale.py with the real OLMo
+tokenizer). Eagerly (the CPU default) the prompts are continuously batched: a finished row's slot
+goes to the next prompts (greedy_stream). On CUDA the same runs on fixed shapes, its step replayed as a CUDA graph
 (greedy_static_stream). bench.py measures the gain.
 """
 import collections
@@ -21,6 +21,7 @@ import torch
 
 import lume
 import memory
+import metrics
 
 # -----------------------------------------------------------------------------
 # the KV cache: buffers allocated once per batch, rows dropped when they finish
@@ -524,15 +525,6 @@ def greedy_static_stream(model, enc, pad: int, max_new_tokens: int, stop: list[i
             on_done(done)
 
 
-def clean_up_tokenization(text: str) -> str:
-    """The space clean-up the official scorer gets from `batch_decode(..., clean_up_tokenization_spaces=True)`
-    (transformers 4.x applied it to every tokenizer; 5.x skips it for BPE, so we apply it ourselves)."""
-    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(a, b)
-    return text
-
-
 def decode_new(tok, new_ids, stop=None) -> str:
     """New tokens up to and including the first stop id (default: EOS), special tokens skipped, as
     the official scorer decodes model.generate's output (the stop id is kept there, and skipped
@@ -540,7 +532,7 @@ def decode_new(tok, new_ids, stop=None) -> str:
     ids, stop = list(new_ids), set(stop or [tok.eos_token_id])
     end = next((i for i, t in enumerate(ids) if t in stop), None)
     ids = ids if end is None else ids[:end + 1]
-    return clean_up_tokenization(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    return metrics.clean_up_tokenization(tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
 
 
 def free_bytes(device) -> tuple[int, int] | None:

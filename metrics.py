@@ -6,10 +6,13 @@ LUME metrics: the numbers the SemEval-2025 Task 4 scorer reports, rebuilt withou
 - knowledge (question answering, `qa`): exact match after strip + lower;
 - membership inference: ROC-AUC of minus the mean token loss, members positive;
 - MMLU: 5-shot prompts and accuracy as in Open-Instruct (eval/mmlu/run_eval.py);
-- aggregate(): the official `evaluate_generations.py` result dict (same key names).
+- aggregate(): the official `evaluate_generations.py` result dict (same key names);
+- official_doc_loss() and official_generate(): the scorer's two model calls, one item at a time,
+  written short to be read: the references that evaluation.doc_stats (batched, chunked) and
+  generation.generate (continuous batching, KV cache) replace, tested equal (tests/test_reference.py).
 
-Only stdlib + numpy. tests/test_metrics.py checks every function against its oracle (rouge_score,
-nltk, sklearn) on the real LUME release and MMLU files.
+Only stdlib + numpy, and torch for the two references. tests/test_metrics.py checks every function
+against its oracle (rouge_score, nltk, sklearn) on the real LUME release and MMLU files.
 References: Ramakrishna et al. 2025, "LUME: LLM Unlearning with Multitask Evaluations"
 (arXiv 2502.15097); Porter 1980, "An algorithm for suffix stripping"; nltk/stem/porter.py.
 """
@@ -19,6 +22,7 @@ import statistics
 from collections import defaultdict
 
 import numpy as np
+import torch
 
 # -----------------------------------------------------------------------------
 # Porter stemmer, NLTK_EXTENSIONS mode (what rouge_score's PorterStemmer() uses)
@@ -190,6 +194,41 @@ def score_item(kind: str, reference: str, candidate: str) -> float:
     if kind == "qa":
         return float(exact_match(reference, candidate))
     raise ValueError(f"kind must be 'sc' or 'qa', got {kind!r}")
+
+# -----------------------------------------------------------------------------
+# The official scorer's model calls, one item at a time: the readable references of the fast paths
+
+
+@torch.inference_mode()
+def official_doc_loss(model, tok, document: str) -> float:
+    """The official MIA loss of one whole document: labels = inputs, so HF's loss is the mean
+    next-token cross-entropy over its T - 1 predicted tokens, -1/(T-1) sum_t log p(x_t | x_<t).
+    Tokenized as the scorer does (`tok(document)`: no BOS for OLMo). evaluation.doc_stats gives
+    the same, batched and chunked (tests/test_reference.py)."""
+    ids = tok(document, return_tensors="pt").input_ids.to(model.device)  # (1, T)
+    return model(input_ids=ids, labels=ids).loss.item()
+
+
+def clean_up_tokenization(text: str) -> str:
+    """The space clean-up the official scorer gets from `batch_decode(..., clean_up_tokenization_spaces=True)`
+    (transformers 4.x applied it to every tokenizer; 5.x skips it for BPE, so we apply it ourselves)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def official_generate(model, tok, prompt: str, max_new_tokens: int = 256) -> str:
+    """The official scorer's completion of one raw prompt (no chat template): model.generate
+    greedy (do_sample=False), stopping at generation_config's EOS ids; only the new tokens are
+    decoded, special tokens skipped, then the scorer's space clean-up. generation.generate gives
+    exactly this, batched (tests/test_reference.py)."""
+    ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)  # (1, T)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # one row: never used
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)  # (1, T + new)
+    new = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return clean_up_tokenization(new)
 
 # -----------------------------------------------------------------------------
 # Membership inference: ROC-AUC

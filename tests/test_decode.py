@@ -14,6 +14,7 @@ import torch
 
 import generation
 import lume
+import metrics
 from conftest import EOS, PAD
 
 
@@ -263,9 +264,7 @@ def test_continuous_batching_through_replayed_steps_gives_each_prompt_what_it_ge
 
 def alone(model, tok, prompt, n):
     """The official protocol: the prompt alone through model.generate, greedy, new tokens decoded."""
-    ids = tok(prompt, return_tensors="pt").input_ids
-    ref = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=lume.pad_of(tok))
-    return generation.decode_new(tok, ref[0, ids.shape[1]:].tolist(), generation.stop_ids(model, tok))
+    return metrics.official_generate(model, tok, prompt, n)
 
 
 def spy_joins(monkeypatch):

@@ -53,27 +53,15 @@ def test_encode_pair_masks_prompt(small_target):
     assert b.target_mask[1].sum() == 2 and b.attn[1].sum() == 3
 
 
-def test_batched_generation_equals_one_at_a_time_and_hf_generate(small_target, small_data):
+def test_batched_generation_equals_one_at_a_time(small_target, small_data):
+    # each equals the official model.generate (metrics.official_generate): tests/test_reference.py
     model, tok = small_target
     items, _ = small_data
     prompts = [it.input for it in items[:12]]
     batched = generation.generate(model, tok, prompts, max_new_tokens=24, batch_size=5)
     single = [generation.generate(model, tok, [p], max_new_tokens=24)[0] for p in prompts]
     assert batched == single
-    for p, out in zip(prompts[:4], batched):  # the official protocol: model.generate, one prompt
-        ids = tok(p, return_tensors="pt").input_ids
-        ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-        assert generation.decode_new(tok, ref[0, ids.shape[1]:].tolist()) == out
     assert len(set(batched)) >= 6  # varied outputs: the equality is not trivial
-
-
-def test_doc_losses_equal_hf_loss_per_document(small_target, small_data):
-    model, tok = small_target
-    docs = [d.document for d in small_data[1]["member"] + small_data[1]["nonmember"]] + ["Short one."]
-    batched = evaluation.doc_losses(model, tok, docs, batch_size=3)
-    for d, v in zip(docs, batched):
-        ids = torch.tensor([tok(d).input_ids])
-        assert v == pytest.approx(model(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
 
 
 def test_plan_steps_covers_each_forget_item_once_per_epoch():
