@@ -36,7 +36,7 @@ def data_sha256(items) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     target = path.resolve()
     if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
         return target.name  # the hub cache names a large file's blob by its sha256
@@ -72,7 +72,7 @@ def model_identity(name_or_path: str) -> dict:
             _IDENTITY[key] = {"revision": where.name}
         else:
             files = sorted(p for p in where.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-            _IDENTITY[key] = {"sha256": {p.name: _file_sha256(p) for p in files}}
+            _IDENTITY[key] = {"sha256": {p.name: file_sha256(p) for p in files}}
     return dict(_IDENTITY[key])
 
 

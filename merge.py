@@ -145,9 +145,20 @@ class Adapter:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object file of an input directory; MergeError naming it when it is not one."""
+    """A JSON object file of an input directory; MergeError naming it when it is not one. Links are
+    followed (a hub snapshot's files are links into its blobs; these are inputs, not a run directory
+    that --resume writes into), but only to a regular file, read with the run files' size bound."""
     try:
-        return rundir.read_json(path.parent, path.name)
+        real = path.resolve(strict=True)
+        if not real.is_file():  # a FIFO, a device or a directory: never opened
+            raise MergeError(f"{path}: not a regular file")
+        with open(real, "rb") as f:
+            data = f.read(rundir.JSON_LIMIT + 1)
+        if len(data) > rundir.JSON_LIMIT:
+            raise MergeError(f"{path}: larger than {rundir.JSON_LIMIT:,} bytes")
+        return rundir.parse_json(data, path, dict)
+    except OSError as e:
+        raise MergeError(f"{path}: cannot be read ({e.strerror or e})") from None
     except rundir.BadFile as e:
         raise MergeError(str(e)) from None
 

@@ -166,12 +166,11 @@ def model_provenance(name_or_path: str) -> dict:
     """identity.model_identity (a directory's sha256 of config.json and the weights, the tiny
     target's fingerprint, a hub id's cached snapshot revision) and, for a hub snapshot, the sha256
     of its config and weights too (the cache names a weight's blob by it: nothing is re-read)."""
-    import checkpoint
     ident = identity.model_identity(name_or_path)
     if ident.get("hub") and ident.get("revision"):
         from huggingface_hub import try_to_load_from_cache
         snap = Path(try_to_load_from_cache(ident["hub"], "config.json")).parent
-        ident["sha256"] = {p.name: checkpoint._file_sha256(p) for p in sorted(snap.iterdir())
+        ident["sha256"] = {p.name: identity.file_sha256(p) for p in sorted(snap.iterdir())
                            if p.name == "config.json" or p.suffix in (".safetensors", ".bin")}
     return ident
 
