@@ -184,22 +184,22 @@ def sha256_in(root, rel) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def fsync_file(path) -> None:
-    """Flush a file just written (opened again without following a link) to the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _fsync(path, flag: int) -> None:
+    fd = os.open(path, os.O_RDONLY | flag | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(path) -> None:
+    """Flush a file just written (opened again without following a link) to the disk."""
+    _fsync(path, os.O_NOFOLLOW)
 
 
 def fsync_dir(path) -> None:
     """Flush a directory's entries (a rename into it, a new file) to the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_DIRECTORY)
 
 
 def real_dir(path) -> bool:
