@@ -350,3 +350,27 @@ def preflight(cfg, resumed: bool = False) -> list[str]:
     if not problems:  # the hub check may take seconds: only for an otherwise valid command
         problems += model_problems(cfg)
     return problems
+
+
+# -----------------------------------------------------------------------------
+# once the data are read (job.main), before the rendezvous
+
+
+def check_world(cfg, n: int) -> None:
+    """Refuse before the rendezvous what cannot run: more ranks than forget items (a rank would never
+    see one), fp16 under torchrun (FSDP would need a sharded GradScaler), a plan of over MAX_STEPS.
+    n: the forget items of the task, once the data are read (after preflight)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and world > n:
+        raise SystemExit(f"error: {world} ranks (WORLD_SIZE) but only {n} forget items for --task {cfg.task}: "
+                         f"every rank needs at least one. Start at most {n} processes "
+                         "(torchrun --nproc_per_node), or unlearn more items (--task all, more data).")
+    size = min(cfg.chunk_size or n, n) or 1  # forget items per chunk (lume.plan_steps)
+    per_chunk = cfg.max_steps or math.ceil((cfg.epochs or 0) * math.ceil(size / (cfg.batch_size * cfg.grad_accum)))
+    steps = math.ceil(n / size) * per_chunk
+    if cfg.method != "none" and steps > MAX_STEPS:  # planned up front: 10^8 steps would fill the memory
+        raise SystemExit(f"error: this run would plan {steps:,} optimizer steps, more than {MAX_STEPS:,}: "
+                         "lower --epochs or --max-steps")
+    if world > 1 and cfg.precision == "fp16":
+        raise SystemExit("error: --precision fp16 is not supported under torchrun (FSDP would need a "
+                         "sharded GradScaler); use --precision bf16 or bf16-pure")

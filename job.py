@@ -8,8 +8,8 @@ after, and the report. run.py is the command line; this is what it runs.
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
-import math
 import os
 import shutil
 import sys
@@ -139,27 +139,8 @@ def split_items(cfg, items):
             [it for it in items if it.split == "retain" and it.task in tasks])
 
 
-def check_world(cfg, items) -> None:
-    """Refuse before the rendezvous what cannot run: more ranks than forget items (a rank would never
-    see one), fp16 under torchrun (FSDP would need a sharded GradScaler), a plan of over MAX_STEPS."""
-    world, n = int(os.environ.get("WORLD_SIZE", "1")), len(split_items(cfg, items)[0])
-    if world > 1 and world > n:
-        raise SystemExit(f"error: {world} ranks (WORLD_SIZE) but only {n} forget items for --task {cfg.task}: "
-                         f"every rank needs at least one. Start at most {n} processes "
-                         "(torchrun --nproc_per_node), or unlearn more items (--task all, more data).")
-    size = min(cfg.chunk_size or n, n) or 1  # forget items per chunk (lume.plan_steps)
-    per_chunk = cfg.max_steps or math.ceil((cfg.epochs or 0) * math.ceil(size / (cfg.batch_size * cfg.grad_accum)))
-    steps = math.ceil(n / size) * per_chunk
-    if cfg.method != "none" and steps > checks.MAX_STEPS:  # planned up front: 10^8 steps would fill the memory
-        raise SystemExit(f"error: this run would plan {steps:,} optimizer steps, more than {checks.MAX_STEPS:,}: "
-                         "lower --epochs or --max-steps")
-    if world > 1 and cfg.precision == "fp16":
-        raise SystemExit("error: --precision fp16 is not supported under torchrun (FSDP would need a "
-                         "sharded GradScaler); use --precision bf16 or bf16-pure")
-
-
 # -----------------------------------------------------------------------------
-# unlearning
+# unlearning: the steps and what the method prepares
 
 
 def encode_items(tok, items) -> list[tuple[list[int], int]]:
@@ -200,90 +181,201 @@ def method_state(spec, options: dict, steps) -> tuple[dict, dict]:
     return shared, mine
 
 
-def method_options(cfg, model, tok, items, spec, p: dict) -> dict:
+def reference_logps(model, batches, n: int, autocast, dist=None):
+    """lume.reference_logps (methods.Prep.reference_logps), under torchrun sharded like the model."""
+    if dist is not None:
+        return distributed.reference_logps_sharded(model, batches, n, dist, autocast)
+    return lume.reference_logps(model, batches, n, autocast)
+
+
+def method_options(cfg, model, tok, items, spec, plan, steps, retain, device, precision, dist=None,
+                   resume=None) -> dict:
     """The keyword options of the method's loss: its Config fields (spec.options) and what its
-    prepare builds once before training (methods.Method), given the run's plumbing here."""
+    prepare builds once before training (methods.Method) from the run's steps and retain encodings."""
     options = {name: getattr(cfg, field) for name, field in spec.options.items()}
     if spec.prepare is None:
         return options
-    dist, autocast = p["dist"], p["autocast"]
-
-    def reference_logps(batches):
-        if dist is not None:
-            return distributed.reference_logps_sharded(model, batches, len(p["forget"]), dist, autocast)
-        return lume.reference_logps(model, batches, len(p["forget"]), autocast)
+    autocast = lume.autocast_ctx(device, precision)
     prep = methods.Prep(
-        cfg=cfg, model=model, tok=tok, plan=p["plan"], steps=p["steps"], retain=p["retain"], autocast=autocast,
-        dist=dist, saved=saved_state(spec, p["resume"], len(p["retain"])), reference_logps=reference_logps,
-        frozen_copy=lambda: frozen_reference(cfg, model, items, p["device"], p["precision"], dist),
-        batch=lambda encoded, idx: batch_of(encoded, idx, p["pad"]), each=progress.Each)
+        cfg=cfg, model=model, tok=tok, plan=plan, steps=steps, retain=retain, autocast=autocast, dist=dist,
+        saved=saved_state(spec, resume, len(retain)),
+        reference_logps=functools.partial(reference_logps, model, n=len(split_items(cfg, items)[0]),
+                                          autocast=autocast, dist=dist),
+        frozen_copy=functools.partial(frozen_reference, cfg, model, items, device, precision, dist),
+        batch=functools.partial(batch_of, pad_id=tok.pad_token_id), each=progress.Each)
     try:
         return {**options, **spec.prepare(prep)}
     except ValueError as e:  # an option this model cannot take (e.g. --rmu-layer beyond its layers)
         raise SystemExit(f"error: {e}") from None
 
 
-def unlearn(cfg, model, tok, items, device, precision, make_log, dist=None, resume=None, after_step=None,
-            out=None):
-    """Run the chosen method on the chosen task's forget items (retain items when its methods.Spec
-    asks for them); under torchrun on this rank's rows of every micro-batch (dist.shard_steps).
-    make_log(total steps) -> lume.train's log. resume: a training checkpoint (checkpoint.load) to
-    continue from; after_step(done, total, opt, scaler, ref_logps): scoring and checkpoints between steps."""
-    forget, retain = split_items(cfg, items)
-    assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
-    spec = methods.METHODS[cfg.method]
+def training_steps(cfg, tok, forget, retain, dist=None) -> tuple[list, list, list]:
+    """(plan: each optimizer step's micro-batches as item indices (lume.plan_steps), steps: the same as
+    Batches, under torchrun this rank's rows of them (dist.shard_steps), the retain items' encodings:
+    none when the method draws no retain rows (methods.uses_retain))."""
     forget_encoded = encode_items(tok, forget)
     retain_encoded = encode_items(tok, retain) if methods.uses_retain(cfg.method, cfg.retain_weight) else []
     plan = lume.plan_steps(len(forget_encoded), len(retain_encoded), cfg.batch_size, cfg.grad_accum,
                            cfg.epochs, cfg.max_steps or 0, cfg.seed, chunk_size=cfg.chunk_size,
                            retain_ratio=cfg.retain_ratio)
-    pad = tok.pad_token_id
-
-    def forget_batch(idx):
-        return batch_of(forget_encoded, idx, pad)
-
-    def retain_batch(idx):
-        return batch_of(retain_encoded, idx, pad)
-    if dist is None:
-        steps = [[(forget_batch(f), retain_batch(r) if r else None) for f, r in micros] for micros in plan]
-    else:
-        steps = distributed.shard_steps(plan, forget_batch, retain_batch, dist)
-    options = method_options(cfg, model, tok, items, spec, dict(
-        plan=plan, steps=steps, forget=forget, retain=retain_encoded, pad=pad, device=device, precision=precision,
-        autocast=lume.autocast_ctx(device, precision), dist=dist, resume=resume))
-    loss = spec.loss
-
-    def loss_fn(model, forget, retain, totals):
-        return loss(model, forget, retain, totals, **options)
+    forget_batch = functools.partial(batch_of, forget_encoded, pad_id=tok.pad_token_id)
+    retain_batch = functools.partial(batch_of, retain_encoded, pad_id=tok.pad_token_id)
     if dist is not None:
-        loss_fn = distributed.skip_padding(loss_fn)
-    lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
-                f"{len(retain_encoded)} retain items, {len(steps)} steps"
-                + (f", resumed after step {resume['step']}" if resume else ""))
-    if spec.note is not None:
-        lume.print0(spec.note(cfg))
+        return plan, distributed.shard_steps(plan, forget_batch, retain_batch, dist), retain_encoded
+    steps = [[(forget_batch(f), retain_batch(r) if r else None) for f, r in micros] for micros in plan]
+    return plan, steps, retain_encoded
 
-    if resume and resume["step"] > len(steps):
-        raise SystemExit(f"error: the checkpoint is at step {resume['step']} but this run has {len(steps)} steps")
-    setup = report.training_setup(cfg, model, spec, precision, len(steps), bool(retain_encoded))
-    if out is not None and (dist is None or dist.rank == 0):
-        setup = report.record_setup(out, setup)
-    lume.print0(report.setup_line(setup))
 
-    def restore(opt, scaler):  # after KL's reference copy is made: it stays the target
-        if dist is not None or resume["layout"] == "dcp":  # torchrun's DCP layout, or resharding
-            return sharded.restore(model, opt, scaler, resume, dist)
-        checkpoint.load_trainable(model, resume["weights"])
-        opt.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["state"]["scaler"])
-        checkpoint.set_rng_state(resume["state"]["rng"])
+def restore(model, opt, scaler, resume: dict, dist=None) -> None:
+    """A resumed run's trainable weights, optimizer, GradScaler and RNG states, from its checkpoint
+    (checkpoint.load): torchrun's DCP layout (or another world size: resharded) through sharded.py."""
+    if dist is not None or resume["layout"] == "dcp":
+        return sharded.restore(model, opt, scaler, resume, dist)
+    checkpoint.load_trainable(model, resume["weights"])
+    opt.load_state_dict(resume["optimizer"])
+    scaler.load_state_dict(resume["state"]["scaler"])
+    checkpoint.set_rng_state(resume["state"]["rng"])
 
-    def between(done, opt, scaler):
-        after_step(done, len(steps), opt, scaler, *method_state(spec, options, steps))
-    return lume.train(model, steps, loss_fn, lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule,
-                      clip=cfg.clip, precision=precision, device=device, log=make_log(len(steps)), dist=dist,
-                      start=resume["step"] if resume else 0, restore=restore if resume else None,
-                      after_step=between if after_step else None)
+
+# -----------------------------------------------------------------------------
+# unlearning: the loop
+
+
+def unlearn(cfg, model, tok, inputs, out: Path, device, precision: str, eval_precision: str, dist=None,
+            resume=None, fingerprint=None, log_rows=()) -> dict | None:
+    """The chosen method on the chosen task's forget items (and retain items when it draws them), one
+    optimizer step after another (lume.train's loop), under torchrun on this rank's rows of each step.
+    Between steps, in eval mode: the trajectory (--eval-every), the best step's weights (--keep best),
+    training checkpoints (--save-every, stamped with `fingerprint`) and a SIGTERM's stop. A resumed
+    run continues from `resume` (resume_checkpoint), its log.jsonl rows before it being `log_rows`.
+    Returns results.json's "kept" entry, or None (--keep last)."""
+    items, mia, mmlu = inputs
+    rank0 = dist is None or dist.rank == 0
+    spec = methods.METHODS[cfg.method]
+    forget, retain = split_items(cfg, items)
+    assert forget, f"no forget items for task {cfg.task} in {cfg.data}"
+    tasks = sorted({it.task for it in forget})
+    # the trajectory's rows and the kept step's weights (host memory), a resumed run's from its checkpoint
+    track = resume["state"]["track"] if resume else {"rows": [], "best": None}
+    best = resume["best"] if resume else None
+    subset = (trajectory.eval_subset(trajectory.picking_items(cfg, items), cfg.seed), mia, mmlu)
+    if cfg.eval_every and not track["rows"] and score_step(cfg, model, tok, subset, 0, track, tasks, eval_precision,
+                                                           out, dist):
+        track["best"], best = 0, checkpoint.trainable_state(model)
+    start = resume["step"] if resume else 0
+    if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
+        lume.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # rundir.read_prior: those before `start`
+        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+    checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
+    with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
+        # the steps, the method's options (what it prepares once, before any step), the setup
+        plan, steps, retain_encoded = training_steps(cfg, tok, forget, retain, dist)
+        options = method_options(cfg, model, tok, items, spec, plan, steps, retain_encoded, device, precision,
+                                 dist, resume)
+        loss_fn = functools.partial(spec.loss, **options)  # loss_fn(model, forget, retain, totals)
+        if dist is not None:
+            loss_fn = distributed.skip_padding(loss_fn)
+        lume.print0(f"unlearning: {cfg.method} on task {cfg.task}: {len(forget)} forget items, "
+                    f"{len(retain_encoded)} retain items, {len(steps)} steps"
+                    + (f", resumed after step {start}" if resume else ""))
+        if spec.note is not None:
+            lume.print0(spec.note(cfg))
+        if start > len(steps):
+            raise SystemExit(f"error: the checkpoint is at step {start} but this run has {len(steps)} steps")
+        setup = report.training_setup(cfg, model, spec, precision, len(steps), bool(retain_encoded))
+        lume.print0(report.setup_line(report.record_setup(out, setup) if rank0 else setup))
+        bar = progress.Progress("unlearning: step", len(steps), start=start)
+        # AdamW and the GradScaler after KL's reference copy is made (it stays the target), then a
+        # resumed run's states; as lume.train from here on
+        autocast = lume.autocast_ctx(device, precision)
+        opt, scaler = lume.optimizer_and_scaler(model, cfg.lr, precision, device, dist)
+        if resume:
+            restore(model, opt, scaler, resume, dist)
+        lume.disable_dropout(model)
+        model.train()
+        try:
+            for step in range(start, len(steps)):
+                lr = lume.lr_at(step, len(steps), cfg.lr, cfg.warmup, cfg.schedule)
+                rec = lume.train_step(model, opt, scaler, steps[step], loss_fn, step=step, lr=lr, clip=cfg.clip,
+                                      autocast=autocast, device=device, dist=dist)
+                log_step(logf, bar, rec, len(steps))
+                if not (cfg.eval_every or cfg.save_every):
+                    continue
+                model.eval()  # between steps: scoring, the kept weights, a checkpoint, a SIGTERM's stop
+                done = step + 1
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == len(steps)) and score_step(
+                        cfg, model, tok, subset, done, track, tasks, eval_precision, out, dist):
+                    track["best"], best = done, checkpoint.trainable_state(model)
+                stop = stop_asked(dist)  # SIGTERM during the step: checkpoint now, then stop
+                if cfg.save_every and (done % cfg.save_every == 0 or done == len(steps) or stop):
+                    save_step(out, done, model, opt, scaler, method_state(spec, options, steps), track, best,
+                              fingerprint, dist)
+                if stop:
+                    raise checkpoint.Terminated("terminated (SIGTERM)")
+                model.train()
+        finally:
+            model.eval()
+    checkpoint.TERM["defer"] = False
+    return kept_step(cfg, model, track, best, tasks, out, rank0)
+
+
+def log_step(logf, bar, rec: dict, total: int) -> None:
+    """One step's line of log.jsonl (rank 0: logf not None) and the progress line."""
+    if logf is not None:
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+    terms = {k: v for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s", "grad_norm")}
+    bar.update(rec["step"] + 1, **terms, tokens_per_s=rec["tokens_per_s"])
+    if rec["step"] + 1 == total:
+        bar.close()
+
+
+def score_step(cfg, model, tok, subset, done: int, track: dict, tasks, eval_precision: str, out: Path,
+               dist=None) -> bool:
+    """The evaluation subset scored after `done` steps: a row appended to track["rows"] (trajectory.jsonl
+    on rank 0); True when --keep best keeps this step (trajectory.select_best)."""
+    results = score(cfg, model, tok, subset, f"step {done}", eval_precision, dist,
+                    mmlu_limit=trajectory.SUBSET_MMLU)[2]
+    track["rows"].append(trajectory.row(done, results))
+    if dist is None or dist.rank == 0:
+        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+    return cfg.keep == "best" and trajectory.select_best(track["rows"], tasks)[0]["step"] == done
+
+
+def stop_asked(dist=None) -> bool:
+    """Whether a SIGTERM came during the step (checkpoint.TERM); under torchrun whether it came to any
+    rank, so every rank stops at the same step (the sharded save is collective)."""
+    stop = checkpoint.TERM["asked"]
+    return dist.all_reduce_float(float(stop)) > 0 if dist is not None else stop
+
+
+def save_step(out: Path, done: int, model, opt, scaler, state: tuple[dict, dict], track: dict, best,
+              fingerprint, dist=None) -> None:
+    """The training checkpoint after `done` steps: trainable weights, optimizer, scaler, the method's
+    state (method_state: what every rank shares, what is this rank's), the trajectory and the kept
+    weights; under torchrun sharded (sharded.save), else written by this one process."""
+    shared, mine = state
+    if dist is not None:
+        sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), **shared, "track": track},
+                     {"best": best, **mine}, fingerprint, dist)
+    else:
+        checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
+                        {"scaler": scaler.state_dict(), **shared, "track": track, **mine}, best, fingerprint)
+
+
+def kept_step(cfg, model, track: dict, best, tasks, out: Path, rank0: bool = True) -> dict | None:
+    """After the last step: the trajectory's plot (--eval-every) and, with --keep best, the best step's
+    weights loaded back (unless it is the last) and results.json's "kept" entry; None otherwise."""
+    if cfg.eval_every and rank0:
+        note = trajectory.plot(track["rows"], out / "trajectory.png")
+        lume.print0(note or f"trajectory: {out / 'trajectory.png'}")
+    if cfg.keep != "best":
+        return None
+    row, why = trajectory.select_best(track["rows"], tasks)
+    if row["step"] != track["rows"][-1]["step"]:
+        checkpoint.load_trainable(model, best)
+    lume.print0(f"kept step {row['step']}: {why}")
+    return {"step": row["step"], "why": why}
 
 
 # -----------------------------------------------------------------------------
@@ -323,21 +415,6 @@ def write_scores(out: Path, scored: dict) -> None:
     lume.write_json_atomic(out / "results.json", scored["results"])
 
 
-def step_logger(logf, total: int, start: int = 0):
-    """log(rec) for lume.train: one line of log.jsonl (rank 0, logf not None) and the progress line."""
-    bar = progress.Progress("unlearning: step", total, start=start)
-
-    def log(rec):
-        if logf is not None:
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-        terms = {k: v for k, v in rec.items() if k not in ("step", "lr", "tokens_per_s", "grad_norm")}
-        bar.update(rec["step"] + 1, **terms, tokens_per_s=rec["tokens_per_s"])
-        if rec["step"] + 1 == total:
-            bar.close()
-    return log
-
-
 class UserError(Exception):
     """A problem with the user's input found while reading it (bad data), before the run directory
     exists: run.py prints it as one `error:` line and exits with status 2."""
@@ -356,7 +433,7 @@ def main(cfg) -> Path:
                                       sorted({it.task for it in split_items(cfg, items)[0]}))
     if problems:
         raise UserError("\nerror: ".join(problems))  # run.py prints it after `error: `
-    check_world(cfg, items)  # before the rendezvous: every rank fails fast
+    checks.check_world(cfg, len(split_items(cfg, items)[0]))  # before the rendezvous: every rank fails fast
     dist = distributed.init_distributed(cfg.device, cfg.rdzv_timeout)  # None unless started by torchrun
     where = {}  # the run directory, once it exists; its lock
     with status.on_sigterm():
@@ -430,8 +507,8 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
             write_scores(out, scored)
     kept, losses = None, oracles.target_losses(cfg, model, tok, items, device)  # --oracle: the target's
     if cfg.method != "none":
-        kept = unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
-                                        resume=resume, fingerprint=fp, log_rows=prior["log"] if prior else [])
+        kept = unlearn(cfg, model, tok, inputs, out, device, precision, eval_precision, dist, resume=resume,
+                       fingerprint=fp, log_rows=prior["log"] if prior else [])
     if cfg.save:
         (distributed.save_sharded(model, tok, out / "model", dist) if dist is not None
          else lora.save(model, tok, out))  # with LoRA: merged <out>/model and PEFT's <out>/adapter
@@ -516,67 +593,3 @@ def resume_checkpoint(cfg, fp: dict, model=None, n_forget: int | None = None) ->
         return got
     except checkpoint.CheckpointError as e:
         raise SystemExit(f"error: --resume {cfg.resume}: {e}") from None
-
-
-def unlearn_with_checkpoints(cfg, model, tok, inputs, out, device, precision, eval_precision, dist,
-                             resume=None, fingerprint=None, log_rows=()):
-    """unlearn() with what long runs need between steps: the trajectory rows (--eval-every), the
-    best step's weights (--keep best) and training checkpoints (--save-every, stamped with
-    `fingerprint`); a resumed run continues from `resume` (resume_checkpoint). Returns results.json's
-    "kept" entry, or None (--keep last)."""
-    items, mia, mmlu = inputs
-    rank0 = dist is None or dist.rank == 0
-    track = resume["state"]["track"] if resume else {"rows": [], "best": None}
-    best_weights = resume["best"] if resume else None
-    subset = (trajectory.eval_subset(trajectory.picking_items(cfg, items), cfg.seed), mia, mmlu)
-    tasks = sorted({it.task for it in split_items(cfg, items)[0]})
-
-    def score_subset(done):
-        nonlocal best_weights
-        results = score(cfg, model, tok, subset, f"step {done}", eval_precision, dist,
-                        mmlu_limit=trajectory.SUBSET_MMLU)[2]
-        track["rows"].append(trajectory.row(done, results))
-        if rank0:
-            lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
-        if cfg.keep == "best" and trajectory.select_best(track["rows"], tasks)[0]["step"] == done:
-            track["best"], best_weights = done, checkpoint.trainable_state(model)
-
-    if cfg.eval_every and not track["rows"]:
-        score_subset(0)
-
-    def after_step(done, total, opt, scaler, shared, mine):
-        if cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
-            score_subset(done)
-        stop = checkpoint.TERM["asked"]  # SIGTERM during the step: checkpoint now, then stop
-        if dist is not None:  # every rank stops at the same step (the sharded save is collective)
-            stop = dist.all_reduce_float(float(stop)) > 0
-        due = cfg.save_every and (done % cfg.save_every == 0 or done == total or stop)
-        if due and dist is not None:
-            sharded.save(out, done, model, opt, {"scaler": scaler.state_dict(), **shared, "track": track},
-                         {"best": best_weights, **mine}, fingerprint, dist)
-        elif due and rank0:
-            checkpoint.save(out, done, checkpoint.trainable_state(model), opt.state_dict(),
-                            {"scaler": scaler.state_dict(), **shared, "track": track, **mine}, best_weights,
-                            fingerprint)
-        if stop:
-            raise checkpoint.Terminated("terminated (SIGTERM)")
-
-    done_before = resume["step"] if resume else 0
-    if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
-        lume.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # job.read_prior: those before done_before
-        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
-    checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
-    with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
-        unlearn(cfg, model, tok, items, device, precision, lambda total: step_logger(logf, total, done_before),
-                dist, resume=resume, after_step=after_step if (cfg.eval_every or cfg.save_every) else None, out=out)
-    checkpoint.TERM["defer"] = False
-    if cfg.eval_every and rank0:
-        note = trajectory.plot(track["rows"], out / "trajectory.png")
-        lume.print0(note or f"trajectory: {out / 'trajectory.png'}")
-    if cfg.keep != "best":
-        return None
-    row, why = trajectory.select_best(track["rows"], tasks)
-    if row["step"] != track["rows"][-1]["step"]:
-        checkpoint.load_trainable(model, best_weights)
-    lume.print0(f"kept step {row['step']}: {why}")
-    return {"step": row["step"], "why": why}

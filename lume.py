@@ -386,32 +386,26 @@ def disable_dropout(model) -> None:
 
 
 def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = "constant",
-          clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None, start: int = 0,
-          restore=None, after_step=None):
-    """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches).
+          clip: float = 1.0, precision: str = "fp32", device=None, log=None, dist=None, after_step=None):
+    """AdamW over `steps` (each a list of (forget Batch, retain Batch|None) micro-batches): the short
+    reference loop (job.unlearn is the same loop with a run's scoring and checkpoints between steps).
 
     loss_fn(model, forget, retain, totals) -> (loss, {term: float}) for one micro-batch, already
     divided by the step's totals (step_totals). Manual AMP: autocast for bf16/fp16, a GradScaler
     for fp16 only (bf16 has fp32's exponent range). A non-finite loss, or (without a GradScaler,
     which skips such steps itself) a non-finite gradient norm, raises TrainingDiverged before the
     optimizer step, so the weights are never updated with it. Dropout is off (disable_dropout);
-    the model leaves in eval mode however the loop ends.
-    A resumed run starts at step `start` after restore(opt, scaler) has loaded their states;
-    after_step(steps_done, opt, scaler) runs after every step with the model in eval mode (scoring,
-    checkpoints), and training goes on in train mode.
+    the model leaves in eval mode however the loop ends. after_step(steps_done, opt, scaler) runs
+    after every step with the model in eval mode (a timer's stamp), and training goes on in train mode.
     """
     device = device or next(model.parameters()).device
     autocast = autocast_ctx(device, precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, lr, dist)  # bf16 weights: stochastic rounding
-    if restore is not None:
-        restore(opt, scaler)
+    opt, scaler = optimizer_and_scaler(model, lr, precision, device, dist)  # bf16 weights: stochastic rounding
     disable_dropout(model)
     model.train()
     history = []
     try:
-        for step in range(start, len(steps)):
+        for step in range(len(steps)):
             rec = train_step(model, opt, scaler, steps[step], loss_fn, step=step, lr=lr_at(step, len(steps), lr,
                              warmup, schedule), clip=clip, autocast=autocast, device=device, dist=dist)
             history.append(rec)
@@ -424,6 +418,12 @@ def train(model, steps, loss_fn, *, lr: float, warmup: int = 0, schedule: str = 
     finally:
         model.eval()
     return history
+
+
+def optimizer_and_scaler(model, lr: float, precision: str, device, dist=None):
+    """(AdamW over the trainable weights (make_optimizer), the GradScaler: enabled for fp16 only)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return make_optimizer([p for p in model.parameters() if p.requires_grad], lr, dist), scaler
 
 
 def train_step(model, opt, scaler, micros, loss_fn, *, step: int, lr: float, clip: float, autocast,
