@@ -477,7 +477,7 @@ def run_job(cfg, inputs, dist, t0, sources=None, where=None) -> Path:
     rank0 = dist is None or dist.rank == 0
     device = dist.device if dist else lume.pick_device(cfg.device)  # torchrun: cuda:LOCAL_RANK or cpu
     # on one CUDA GPU with no setup flag given, the memory plan picks precision, checkpointing, layers
-    plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
+    cfg, plan = memory.auto_setup(cfg, device, sum(split_items(cfg, items), []), dist.world if dist else 1)
     precision = lume.resolve_precision(cfg.precision, device)
     if cfg.resume and rank0 and where is not None:  # one process per run directory, checked before any work
         where["lock"] = checkpoint.lock_run(cfg.resume)

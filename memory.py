@@ -19,6 +19,7 @@ asks it for the setup on CUDA (auto_setup) before any weight is loaded.
 import argparse
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -388,15 +389,16 @@ def explicit_flags(cfg) -> list[str]:
     return [flag for flag, yes in given if yes]
 
 
-def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None) -> dict | None:
-    """On one CUDA GPU, when the user gave none of the setup flags (explicit_flags): the first of
-    SETUPS that fits the GPU's free memory (torch.cuda.mem_get_info, or free_bytes), written into
-    cfg (precision, grad_checkpointing, train_layers, lora_rank) and printed; returns config.json's
-    "memory_plan" record. Otherwise (CPU, torchrun, an explicit flag, --method none) cfg keeps its
-    own setup, checkpointing off unless asked, and None is returned. items: the rows trained on."""
+def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None) -> tuple[object, dict | None]:
+    """(cfg with the setup, config.json's "memory_plan" record or None). On one CUDA GPU, when the user
+    gave none of the setup flags (explicit_flags): the first of SETUPS that fits the GPU's free memory
+    (torch.cuda.mem_get_info, or free_bytes) sets precision, grad_checkpointing, train_layers and
+    lora_rank, each recorded in cfg.resolved with the plan's numbers as the reason, and is printed.
+    Otherwise (CPU, torchrun, an explicit flag, --method none) cfg keeps its own setup, checkpointing
+    off unless asked, and the record is None. items: the rows trained on. cfg is a frozen run.Config:
+    the new one is a copy (dataclasses.replace)."""
     if device.type != "cuda" or world > 1 or explicit_flags(cfg) or cfg.method == "none":
-        cfg.grad_checkpointing = bool(cfg.grad_checkpointing)
-        return None
+        return dataclasses.replace(cfg, grad_checkpointing=bool(cfg.grad_checkpointing)), None
     free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
     seq_len = plan_seq_len(cfg.model, items)
     try:
@@ -404,20 +406,19 @@ def auto_setup(cfg, device, items, world: int = 1, free_bytes: int | None = None
     except NoSetupFits as e:
         raise SystemExit(f"error: --model {cfg.model} on {device}: {e}") from None
     why = f"memory plan: {name}, {plan['total'] / GiB:.1f} GiB planned of {free / GiB:.1f} GiB free"
-    resolved = getattr(cfg, "resolved", {})  # run.resolve_auto's record of each auto value (config.json)
-    for key, value in setup.items():
-        setattr(cfg, key, value)
-        resolved[key] = {"value": value, "why": why}
+    values, resolved = dict(setup), dict(cfg.resolved)  # run.resolve_auto's record of each auto value
+    resolved.update({key: {"value": value, "why": why} for key, value in setup.items()})
     if setup["lora_rank"] and cfg.lr == FULL_LR:  # the auto lr of full fine-tuning: LoRA's instead (run.py)
-        cfg.lr, cfg.lora_alpha = LORA_LR, 2.0 * setup["lora_rank"]
+        values.update(lr=LORA_LR, lora_alpha=2.0 * setup["lora_rank"])
         for key in ("lr", "lora_alpha"):
-            resolved[key] = {"value": getattr(cfg, key), "why": f"{why}: LoRA's (methods.SHARED_DEFAULTS)"}
+            resolved[key] = {"value": values[key], "why": f"{why}: LoRA's (methods.SHARED_DEFAULTS)"}
         lume.print0(f"memory plan: LoRA picked, so the auto lr {FULL_LR:g} becomes LoRA's {LORA_LR:g}")
     lume.print0(f"memory plan: {name} ({plan['total'] / GiB:.1f} GiB planned of {free / GiB:.1f} GiB free, "
                 f"batch {cfg.batch_size} x {seq_len} tokens); an explicit --precision, --grad-checkpointing, "
                 "--train-layers or --lora-rank overrides it (python memory.py shows every setup)")
-    return {"setup": name, "planned_gib": round(plan["total"] / GiB, 2), "free_gib": round(free / GiB, 2),
-            "batch": cfg.batch_size, "seq_len": seq_len, **setup, "plan_bytes": plan}
+    record = {"setup": name, "planned_gib": round(plan["total"] / GiB, 2), "free_gib": round(free / GiB, 2),
+              "batch": cfg.batch_size, "seq_len": seq_len, **setup, "plan_bytes": plan}
+    return dataclasses.replace(cfg, **values, resolved=resolved), record
 
 
 # -----------------------------------------------------------------------------

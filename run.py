@@ -42,7 +42,7 @@ def arg(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
-@dataclass
+@dataclass(frozen=True)  # resolved once (resolve_auto, then memory.auto_setup on CUDA), never changed after
 class Config:
     task: str = arg("1", "what is unlearned: 1, 2, 3 or all (evaluation covers every task)",
                     choices=["1", "2", "3", "all"])
@@ -180,31 +180,35 @@ def parse_args(argv=None) -> Config:
 
 
 def resolve_auto(cfg: Config) -> Config:
-    """Every auto value resolved here once, from the method's declaration (methods.METHODS: its
+    """cfg with every auto value resolved, once, from the method's declaration (methods.METHODS: its
     defaults for the tiny target and for other models, each real one with its source) and the
-    defaults all methods share (methods.SHARED_DEFAULTS); cfg.resolved records each value and why
+    defaults all methods share (methods.SHARED_DEFAULTS); its `resolved` records each value and why
     (config.json). The tiny values were chosen on the built-in data (README table)."""
     is_tiny = cfg.model == "tiny"
     spec = methods.METHODS.get(cfg.method)
+    values, resolved = {}, dict(cfg.resolved)  # the new Config's: field -> value, and why
+
+    def unset(name):
+        return values.get(name, getattr(cfg, name)) in (None, "auto")
 
     def put(name, value, why):
-        setattr(cfg, name, value)
-        cfg.resolved[name] = {"value": value, "why": why}
+        values[name] = value
+        resolved[name] = {"value": value, "why": why}
 
     def pick(name, d: methods.Default):
         put(name, d.tiny if is_tiny else d.real, methods.TINY if is_tiny else d.source)
     for name, d in (spec.defaults if spec else {}).items():
-        if getattr(cfg, name) in (None, "auto"):
+        if unset(name):
             pick(name, d)
     shared = methods.SHARED_DEFAULTS
-    if cfg.lora_rank and cfg.lr is None:  # B starts at 0 and a rank-r update moves few directions: a larger
+    if cfg.lora_rank and unset("lr"):  # B starts at 0 and a rank-r update moves few directions: a larger
         pick("lr", shared["lora_lr"])  # step (tiny NPO r=8: 1e-4 forgot nothing, 2e-4 half; docs/lora.md)
     if cfg.lora_rank and not cfg.lora_alpha:
         put("lora_alpha", 2.0 * cfg.lora_rank, "2 x --lora-rank (the UNDIAL paper's rank 8, alpha 16)")
     for name in ("lr", "epochs", "beta", "gamma", "retain_weight"):
-        if getattr(cfg, name) is None:
+        if values.get(name, getattr(cfg, name)) is None:
             pick(name, shared[name])
-    return cfg
+    return dataclasses.replace(cfg, **values, resolved=resolved)
 
 
 def resumed_config(run_dir: str, argv) -> Config:

@@ -1,6 +1,7 @@
 """A method is one declaration (methods.Method): one declared here runs end to end, killed and resumed;
 no other module names a method; every real-model default is its source's number."""
 import ast
+import dataclasses
 import json
 import os
 import signal
@@ -128,6 +129,18 @@ def test_every_real_default_is_its_sources_number():
     assert "2025.semeval-1.264" in methods.METHODS["stat"].defaults["retain_weight"].source
     cfg = run.resolve_auto(run.Config(method="simnpo", model="olmo-7b"))  # what a 7B run resolves
     assert cfg.retain_weight == 0.1375 and cfg.resolved["retain_weight"]["why"].startswith("OPTML-Group")
+
+
+def test_the_config_is_resolved_once_into_a_new_frozen_one():
+    """resolve_auto returns a new Config (the parsed one is left as it was) that nothing can change
+    afterwards; config.json's `resolved` says why each auto value is what it is."""
+    given = run.Config(method="npo", model="olmo-7b", lora_rank=8)
+    cfg = run.resolve_auto(given)
+    assert given.lr is None and given.lora_alpha == 0.0 and given.resolved == {}
+    assert (cfg.lr, cfg.lora_alpha, cfg.beta, cfg.retain_weight) == (1e-4, 16.0, 0.1, 1.0)
+    assert cfg.resolved["lr"]["why"].startswith("locuslab/open-unlearning") and "lora_alpha" in cfg.resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
 
 
 def defaults_table() -> str:

@@ -163,7 +163,7 @@ def test_auto_setup_applies_the_pick_and_an_explicit_flag_wins(monkeypatch):
     cuda = torch.device("cuda")
     cfg = fake_cfg()
     assert cfg.grad_checkpointing is None and cfg.precision == "auto"
-    rec = memory.auto_setup(cfg, cuda, [], free_bytes=80 * GiB)
+    cfg, rec = memory.auto_setup(cfg, cuda, [], free_bytes=80 * GiB)
     assert (cfg.precision, cfg.grad_checkpointing, cfg.train_layers, cfg.lora_rank) == ("bf16-pure", True, 0, 0)
     assert rec["setup"] == "full-bf16-sr" and rec["planned_gib"] <= 80 and rec["seq_len"] == 512
     assert cfg.resolved["precision"] == {"value": "bf16-pure", "why": cfg.resolved["precision"]["why"]}
@@ -172,17 +172,18 @@ def test_auto_setup_applies_the_pick_and_an_explicit_flag_wins(monkeypatch):
     for flags, want in [(["--precision", "bf16"], ("bf16", False)), (["--grad-checkpointing"], ("auto", True)),
                         (["--no-grad-checkpointing"], ("auto", False)), (["--train-layers", "4"], ("auto", False)),
                         (["--lora-rank", "8"], ("auto", False))]:
-        cfg = fake_cfg(*flags)
-        assert memory.auto_setup(cfg, cuda, [], free_bytes=80 * GiB) is None, flags
+        cfg, rec = memory.auto_setup(fake_cfg(*flags), cuda, [], free_bytes=80 * GiB)
+        assert rec is None, flags
         assert (cfg.precision, cfg.grad_checkpointing) == want, flags
-    cfg = fake_cfg()  # CPU: no plan, checkpointing off
-    assert memory.auto_setup(cfg, torch.device("cpu"), [], free_bytes=80 * GiB) is None
+    cfg, rec = memory.auto_setup(fake_cfg(), torch.device("cpu"), [], free_bytes=80 * GiB)  # CPU: no plan
+    assert rec is None
     assert (cfg.precision, cfg.grad_checkpointing) == ("auto", False)
     with pytest.raises(SystemExit, match="no single-GPU setup fits.*torchrun --nproc_per_node"):
         memory.auto_setup(fake_cfg(), cuda, [], free_bytes=12 * GiB)
     cfg = fake_cfg()  # 24 GiB picks LoRA: it needs lora.py (another branch)
     if (memory.Path(memory.__file__).parent / "lora.py").is_file():
-        assert memory.auto_setup(cfg, cuda, [], free_bytes=24 * GiB)["setup"] == "lora-16" and cfg.lora_rank == 16
+        cfg, rec = memory.auto_setup(cfg, cuda, [], free_bytes=24 * GiB)
+        assert rec["setup"] == "lora-16" and cfg.lora_rank == 16
     else:
         with pytest.raises(SystemExit, match="picks lora-16 .* needs lora.py"):
             memory.auto_setup(cfg, cuda, [], free_bytes=24 * GiB)
@@ -191,7 +192,7 @@ def test_auto_setup_applies_the_pick_and_an_explicit_flag_wins(monkeypatch):
 def test_embedded_default_on_cuda_keeps_its_setup(small_data):
     items = [it for it in small_data[0] if it.task == 1]
     cfg = fake_cfg(model="tiny")
-    rec = memory.auto_setup(cfg, torch.device("cuda"), items, free_bytes=8 * GiB)
+    cfg, rec = memory.auto_setup(cfg, torch.device("cuda"), items, free_bytes=8 * GiB)
     # the setup "auto" always meant on CUDA: bf16 autocast over fp32 weights, no checkpointing
     assert rec["setup"] == "full-fp32-master" and (cfg.precision, cfg.grad_checkpointing) == ("bf16", False)
     longest = max(len((it.input + " " + it.output).encode()) for it in items)

@@ -52,7 +52,7 @@ def test_end_to_end_writes_every_file(tmp_path, small_tiny):
         args(tmp_path, "run", "--method", "ga")
     assert e.value.code == 2
     cfg = args(tmp_path, "other", "--method", "ga")
-    cfg.out = str(out)
+    cfg = dataclasses.replace(cfg, out=str(out))  # a frozen Config: a new one
     with pytest.raises(SystemExit, match="not empty"):
         job.main(cfg)
 
