@@ -12,10 +12,9 @@ absolute times are printed but are not the figures.
   1. generation  generation.generate (length-sorted left-padded batches, KV cache) vs the official scorer's
                  loop: each item alone through model.generate(input_ids, max_new_tokens, do_sample=False)
   2. MIA         evaluation.doc_losses (length-sorted batches) vs model(ids, labels=ids).loss per document
-  3. training    one optimizer step of GA, GD, KL, NPO, SimNPO, RMU through lume.train: step time and its ratio
-                 to GA's, tokens/s and achieved FLOP/s (6N per token forward+backward, 2N per token of an
-                 extra reference forward) as a fraction of the matmul peak of the model's own Linear shapes
-                 measured in this run (not for RMU, which runs layers 0..l only and trains 3 MLPs)
+  3. training    a lume.train step of each declared method (methods.METHODS): time, ratio to GA's, tokens/s and
+                 FLOP/s (6N a token forward+backward, 2N a token of a reference forward) as a fraction of the
+                 matmul peak of the model's own Linear shapes, measured here (not RMU's: it runs layers 0..l)
   4. NPO         cached reference log-probs (methods.npo, ref_logps) vs a reference model held and
                  run under no_grad on every forget batch: step time and resident parameter bytes
   5. ROUGE-L     metrics.rouge_l_recall vs rouge_score 0.1.2 on every sc item of the LUME release
@@ -24,8 +23,10 @@ the same NPO losses, the same ROUGE values; a fast wrong path fails instead of r
 Results: a markdown table on stdout and --out (bench.json), written atomically.
 """
 import argparse
+import collections
 import contextlib
 import copy
+import functools
 import os
 import platform
 import random
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -43,6 +45,7 @@ import gpureport
 import lume
 import methods
 import metrics
+import rundir
 import tiny
 
 LUME_DIR = Path(__file__).resolve().parent.parent / "shared" / "lume-data" / "lume"  # beside the checkout
@@ -300,13 +303,9 @@ def bench_mia(model, tok, items, args, device, peak: float) -> dict:
 def matmul_peak(model, rows: int, repeats: int, device) -> dict:
     """FLOP/s of torch.matmul over the model's own Linear shapes (rows x in @ in x out, each shape
     weighted by how often the model has it), in the model's dtype: the ceiling a step can reach."""
-    shapes = {}
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            key = (mod.in_features, mod.out_features)
-            shapes[key] = shapes.get(key, 0) + 1
-    dtype = next(model.parameters()).dtype
-    flops = secs = 0.0
+    shapes = collections.Counter((m.in_features, m.out_features) for m in model.modules()
+                                 if isinstance(m, torch.nn.Linear))  # in order of first appearance
+    dtype, flops, secs = next(model.parameters()).dtype, 0.0, 0.0
     for (k, n), count in shapes.items():
         x, w = torch.randn(rows, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         reps = max(3, int(2e9 / (2 * rows * k * n)))  # ~2 GFLOP per timing, so small shapes are not noise
@@ -324,17 +323,16 @@ def matmul_peak(model, rows: int, repeats: int, device) -> dict:
 
 
 def train_batches(tok, items, bs: int):
-    """(forget Batch, retain Batch, forget encodings): the bs longest forget and retain items,
-    encoded as run.py encodes them (encode_pair, make_batch, answer-token mask). The longest rows
-    carry most of a run's tokens, with little padding between them."""
+    """(forget Batch, retain Batch, forget and retain encodings): the bs longest of each, encoded as run.py
+    encodes them (answer-token mask): the longest rows carry most of a run's tokens, with little padding."""
     def longest(split):
         its = [it for it in items if it.split == split]
         assert its, f"no {split} items among the {len(items)} bench items; pass more --items"
         enc = [lume.encode_pair(tok, it.input, it.output) for it in its]
         idx = sorted(range(len(enc)), key=lambda i: len(enc[i][0]))[-bs:]
         return lume.make_batch([enc[i][0] for i in idx], [enc[i][1] for i in idx], idx, tok.pad_token_id), enc
-    (fb, fenc), (rb, _) = longest("forget"), longest("retain")
-    return fb, rb, fenc
+    (fb, fenc), (rb, renc) = longest("forget"), longest("retain")
+    return fb, rb, fenc, renc
 
 
 def time_steps(ways: dict, fb, rb, rounds: int, steps: int, device) -> dict:
@@ -354,46 +352,48 @@ def time_steps(ways: dict, fb, rb, rounds: int, steps: int, device) -> dict:
     return {name: (statistics.median(t), losses) for name, (t, losses) in out.items()}
 
 
-def method_fns(fb, rb, fenc, model, device):
-    """{method: (loss_fn, retain batch or None, extra forward-only tokens)} as run.py calls them."""
-    ref_logps = lume.reference_logps(model, [fb.to(device)], len(fenc), contextlib.nullcontext())
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    rtok = int(rb.attn.sum())
-    rmu_kw = rmu_setup(model, rb, device)
-    return {"ga": (lambda m, f, r, n: methods.ga(m, f, r, n), None, 0),
-            "gd": (lambda m, f, r, n: methods.gd(m, f, r, n, retain_weight=1.0), rb, 0),
-            "kl": (lambda m, f, r, n: methods.kl(m, f, r, n, retain_weight=1.0, ref=ref), rb, rtok),
-            "npo": (lambda m, f, r, n: methods.npo(m, f, r, n, beta=0.1, retain_weight=3.0, ref_logps=ref_logps), rb, 0),
-            "simnpo": (lambda m, f, r, n: methods.simnpo(m, f, r, n, beta=2.5, gamma=0.0, retain_weight=1.0), rb, 0),
-            "rmu": (lambda m, f, r, n: methods.rmu(m, f, r, n, **rmu_kw), rb, 0)}
+def method_step(name: str, model, tok, fb, rb, fenc, renc, args, device):
+    """(model copy, loss_fn, retain batch or None, extra forward-only tokens) of `name` as job.py builds it from its
+    declaration: options as run.py resolves them (tiny's on bench's own models), its prepare; extra: see below."""
+    spec, m, none = methods.METHODS[name], copy.deepcopy(model), contextlib.nullcontext()
+    values = {k: d.tiny if args.model in ("bench", "tiny") else d.real
+              for k, d in {**methods.SHARED_DEFAULTS, **spec.defaults}.items()}
+    cfg = SimpleNamespace(**{**values, "rmu_layer": min(values.get("rmu_layer", 0), model.config.num_hidden_layers // 2)},
+                          method=name, batch_size=args.train_batch, seed=args.seed)  # RMU's layer: in a small model too
+    r = rb if methods.uses_retain(name, cfg.retain_weight) else None
+    options = {k: getattr(cfg, f) for k, f in spec.options.items()}
+    if spec.prepare is not None:
+        options.update(spec.prepare(methods.Prep(
+            cfg=cfg, model=m, tok=tok, plan=[[(fb.idx.tolist(), [] if r is None else r.idx.tolist())]], steps=[[(fb, r)]],
+            retain=renc, autocast=none, dist=None, saved=None, each=lambda batches, label: batches,
+            frozen_copy=lambda: copy.deepcopy(m).eval().requires_grad_(False),
+            reference_logps=lambda b: lume.reference_logps(m, b, len(fenc), none),
+            batch=lambda enc, i: lume.make_batch([enc[j][0] for j in i], [enc[j][1] for j in i], i, tok.pad_token_id))))
+    fn, seen = functools.partial(spec.loss, **options), []
+    if isinstance(options.get("ref"), torch.nn.Module):  # extra: its tokens forward (2N FLOPs each), counted untimed
+        hook = options["ref"].register_forward_pre_hook(
+            lambda mod, a, kw: seen.append(int(kw["attention_mask"].sum())), with_kwargs=True)
+        with torch.no_grad():
+            fn(m, fb.to(device), None if r is None else r.to(device), lume.step_totals([(fb, r)]))
+        hook.remove()
+    return m, fn, r, sum(seen)
 
 
-def rmu_setup(model, rb, device) -> dict:
-    """RMU's options on this model as methods.rmu_prepare sets them (l = 7 for 7B, half the layers for
-    small models), its frozen cache of the retain batch computed here, once."""
-    layer = min(7, model.config.num_hidden_layers // 2)
-    frozen = methods.rmu_reference(model, [rb.to(device)], int(rb.idx.max()) + 1, layer, contextlib.nullcontext(),
-                                   stop=True)
-    return dict(layer=layer, coeff=6.5, retain_weight=100.0, frozen=frozen, stop=True,
-                control=methods.rmu_control(model.config.hidden_size, 0).to(device))
-
-
-def bench_training(model, fb, rb, fenc, args, device, peak: dict) -> dict:
+def bench_training(model, tok, fb, rb, fenc, renc, args, device, peak: dict) -> dict:
+    """A step of every declared method on one forget batch (and retain batch where it draws one): time, tokens/s,
+    FLOP/s as a fraction of the matmul peak (not for one that picks what trains: RMU runs layers 0..l)."""
     N = model_shape(model)["matmul_params"]
     out = {"peak": peak, "forget_batch": list(fb.ids.shape), "retain_batch": list(rb.ids.shape)}
-    for name, (fn, r, extra) in method_fns(fb, rb, fenc, model, device).items():
-        m = copy.deepcopy(model)
-        if name == "rmu":  # only the MLPs of layers l-2..l train, the forward stops after layer l
-            methods.rmu_trainable(m, min(7, model.config.num_hidden_layers // 2))
+    for name, spec in methods.METHODS.items():
+        m, fn, r, extra = method_step(name, model, tok, fb, rb, fenc, renc, args, device)
         dt, _ = time_steps({name: (m, fn)}, fb, r, 1, args.repeats + 1, device)[name]
         ntok = int(fb.attn.sum()) + (int(r.attn.sum()) if r is not None else 0)
-        flops = 6 * N * ntok + 2 * N * extra  # not RMU's: it runs part of the model (no peak fraction)
+        flops = 6 * N * ntok + 2 * N * extra
         out[name] = {"step_s": dt, "tokens": ntok, "tokens_per_s": ntok / dt, "flop_per_s": flops / dt,
-                     "peak_fraction": None if name == "rmu" else flops / dt / peak["flop_per_s"],
+                     "peak_fraction": None if spec.own_params else flops / dt / peak["flop_per_s"],
                      "extra_forward_tokens": extra}
-    for name in list(out):
-        if isinstance(out[name], dict) and "step_s" in out[name]:  # cost per step relative to GA's
-            out[name]["step_vs_ga"] = out[name]["step_s"] / out["ga"]["step_s"]
+    for name in methods.METHODS:  # cost per step relative to GA's
+        out[name]["step_vs_ga"] = out[name]["step_s"] / out["ga"]["step_s"]
     return out
 
 # -----------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def table(res: dict) -> str:
     if "full_eval_s" in res.get("projection", {}):
         rows.append(("7 projection", f"{res['projection']['full_eval_s'] / 60:.1f} min full LUME evaluation", "", "",
                      "", "", "both stages, MIA, MMLU at these rates"))
-    for meth in ("ga", "gd", "kl", "npo", "simnpo", "rmu"):
+    for meth in methods.METHODS:
         x = t[meth]
         frac = "n/a" if x["peak_fraction"] is None else f"{x['peak_fraction']:.0%} of peak"
         rows.append((f"3 train step {meth.upper()}",
@@ -569,11 +569,11 @@ def main(argv=None) -> dict:
            "items": len(items), "data": source, "repeats": args.repeats, "argv": sys.argv if argv is None else argv,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
            "cpu": platform.processor() or platform.machine()}
-    fb, rb, fenc = train_batches(tok, items, args.train_batch)
+    fb, rb, fenc, renc = train_batches(tok, items, args.train_batch)
     peak = matmul_peak(model, fb.ids.numel(), args.repeats, device)  # rows = the GA step's B x T
     for name, fn in (("generation", lambda: bench_generation(model, tok, items, args, device, peak["flop_per_s"])),
                      ("mia", lambda: bench_mia(model, tok, items, args, device, peak["flop_per_s"])),
-                     ("training", lambda: bench_training(model, fb, rb, fenc, args, device, peak)),
+                     ("training", lambda: bench_training(model, tok, fb, rb, fenc, renc, args, device, peak)),
                      ("npo", lambda: bench_npo(model, tok, fb, rb, fenc, args, device)),
                      ("rouge", lambda: bench_rouge(pool, args)),
                      ("mmlu", lambda: bench_mmlu(model, tok, args, device, peak["flop_per_s"]))):
@@ -589,7 +589,7 @@ def main(argv=None) -> dict:
                targets=TARGETS,
                identity_checks={"generation": True, "mia": True, "npo_losses": True, "rouge": "skipped" not in r},
                elapsed_s=time.time() - t0)
-    lume.write_json_atomic(args.out, res)
+    rundir.write_json_atomic(args.out, res)
     print(f"model: {shape_str(shape)}; {len(items)} items ({source}); device {device}; "
           f"{args.repeats} repeats, medians; {res['elapsed_s']:.0f}s total\n")
     print(table(res))

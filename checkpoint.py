@@ -211,11 +211,11 @@ def _no_space(e: BaseException) -> int | None:
 
 
 def write_json_synced(path: Path, obj) -> None:
-    """lume.write_json_atomic, the file and its directory flushed to the disk before and after the rename."""
+    """rundir.write_json_atomic, the file and its directory flushed to the disk before and after the rename."""
     def write(tmp):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
         rundir.fsync_file(tmp)
-    lume.write_atomic(path, write)
+    rundir.write_atomic(path, write)
     rundir.fsync_dir(path.parent)
 
 

@@ -40,6 +40,7 @@ import generation
 import lora
 import lume
 import metrics
+import rundir
 
 COLLECTIVE_TIMEOUT = 7200  # s: ranks wait at a gather while the slowest one finishes its eval slice
 
@@ -235,14 +236,14 @@ def full_replica(model, dtype: torch.dtype | None = None):
 
 
 def save_sharded(model, tok, path, dist: Dist) -> None:
-    """lume.save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0.
+    """rundir.save_model of an FSDP model: the full state dict on rank 0's CPU, written by rank 0.
     With LoRA adapters, as lora.save: the merged weights in `path`, PEFT's adapter beside it."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def write():
         if not lora.has_adapters(model):
-            return lume.save_model(plain_model(model, sd), tok, path)
-        lume.save_model(plain_model(model, lora.merged_state_dict(model, sd)), tok, path)
+            return rundir.save_model(plain_model(model, sd), tok, path)
+        rundir.save_model(plain_model(model, lora.merged_state_dict(model, sd)), tok, path)
         lora.save_peft(model, Path(path).parent / "adapter", model.config.name_or_path, sd)
     dist.on_rank0(write)
 

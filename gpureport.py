@@ -36,6 +36,7 @@ import gpuplan
 import lume
 import memory
 import methods
+import rundir
 
 SHAPES = {"olmo-1b": memory.OLMO_CONFIGS["olmo-1b"], "olmo-7b": memory.OLMO_CONFIGS["olmo-7b"],
           "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -483,7 +484,7 @@ def run(device: str = "auto", shapes: str = "olmo-1b,olmo-7b", out: str = "bench
     say(f"gpu-report: {res['device']}, torch {res['torch']}; matmul {res['peak']['matmul_flop_per_s'] / 1e12:.3g} "
         f"TFLOP/s ({res['peak']['dtype']}), copy {res['peak']['copy_bytes_per_s'] / 1e9:.3g} GB/s")
     peak = res["peak"]["matmul_flop_per_s"]
-    write = lambda: lume.write_json_atomic(out, res)  # noqa: E731  (after every section: a kill keeps what ran)
+    write = lambda: rundir.write_json_atomic(out, res)  # noqa: E731  (after every section: a kill keeps what ran)
     for name in names:
         config = SHAPES[name]
         r = res["shapes"][name] = {"config": config}

@@ -264,8 +264,8 @@ def unlearn(cfg, model, tok, inputs, out: Path, device, precision: str, eval_pre
         track["best"], best = 0, checkpoint.trainable_state(model)
     start = resume["step"] if resume else 0
     if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
-        lume.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # rundir.read_prior: those before `start`
-        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+        rundir.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # rundir.read_prior: those before `start`
+        rundir.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     checkpoint.TERM["defer"] = bool(cfg.save_every) and dist is None  # SIGTERM: checkpoint at the next step
     with open(out / "log.jsonl", "a") if rank0 else contextlib.nullcontext() as logf:
         # the steps, the method's options (what it prepares once, before any step), the setup
@@ -338,7 +338,7 @@ def score_step(cfg, model, tok, subset, done: int, track: dict, tasks, eval_prec
                     mmlu_limit=trajectory.SUBSET_MMLU)[2]
     track["rows"].append(trajectory.row(done, results))
     if dist is None or dist.rank == 0:
-        lume.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
+        rundir.write_jsonl_atomic(out / "trajectory.jsonl", track["rows"])
     return cfg.keep == "best" and trajectory.select_best(track["rows"], tasks)[0]["step"] == done
 
 
@@ -410,9 +410,9 @@ def add_stage(scored: dict, stage: str, gen_rows, mia_rows, results) -> dict:
 
 def write_scores(out: Path, scored: dict) -> None:
     """Every stage scored so far, each file replaced atomically."""
-    lume.write_jsonl_atomic(out / "generations.jsonl", scored["generations"])
-    lume.write_jsonl_atomic(out / "mia.jsonl", scored["mia"])
-    lume.write_json_atomic(out / "results.json", scored["results"])
+    rundir.write_jsonl_atomic(out / "generations.jsonl", scored["generations"])
+    rundir.write_jsonl_atomic(out / "mia.jsonl", scored["mia"])
+    rundir.write_json_atomic(out / "results.json", scored["results"])
 
 
 class UserError(Exception):
@@ -461,7 +461,7 @@ def main(cfg) -> Path:
 def write_config(cfg, out: Path, device, precision: str, dist, sources, memory_plan=None, model=None) -> None:
     """config.json: the resolved arguments, what they resolved to and what produced the run
     (report.provenance of `model`, its name_or_path), before any work."""
-    lume.write_json_atomic(out / "config.json", {
+    rundir.write_json_atomic(out / "config.json", {
         **dataclasses.asdict(cfg), "argv": sys.argv, "device": str(device), "resolved_precision": precision,
         "resolved_eval_precision": lume.resolve_eval_precision(cfg.eval_precision, device),
         "world_size": dist.world if dist else 1, "data_sources": sources, "torch": torch.__version__,

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import lume
+import rundir
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -205,14 +205,14 @@ def save_peft(model, path, base_name: str, sd: dict | None = None) -> None:
         tmp.mkdir()
         save_file(peft_state_dict(model, sd), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config(model, base_name), indent=2) + "\n")
-    lume.write_atomic(path, write)
+    rundir.write_atomic(path, write)
 
 
 def save(model, tok, out) -> None:
     """--save: <out>/model (merged, save_pretrained: lume.load_pretrained and the official scorer load
     it) and, with adapters, <out>/adapter (PEFT format, base = the checkpoint the run loaded)."""
     if not has_adapters(model):
-        lume.save_model(model, tok, Path(out) / "model")
+        rundir.save_model(model, tok, Path(out) / "model")
         return
     assert not (Path(out) / "model").exists(), f"{out}/model exists; refusing to overwrite a checkpoint"
     sd = merged_state_dict(model)
@@ -220,7 +220,7 @@ def save(model, tok, out) -> None:
     def write(tmp):
         model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tok.save_pretrained(tmp)
-    lume.write_atomic(Path(out) / "model", write)
+    rundir.write_atomic(Path(out) / "model", write)
     save_peft(model, Path(out) / "adapter", model.config.name_or_path)
 
 

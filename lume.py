@@ -1,25 +1,23 @@
 """
 LUME engine: device and precision, loading, encoding and batching, log-probabilities, the one
-training loop, atomic writers.
+training loop and its optimizer (AdamW; for bf16 weights with stochastic rounding).
 
     python run.py --task 1 --method npo                   # tiny embedded target, CPU, minutes
     python run.py --task 1 --method npo --model olmo-7b   # the released SemEval target (GPU)
 
 Everything here is model-facing and method-agnostic. Batched greedy decoding lives in
 generation.py, what is scored in evaluation.py, the losses in methods.py, the numbers in
-metrics.py, the data in data.py, torchrun/FSDP2 in dist.py and the embedded tiny target in tiny.py. Paper: Ramakrishna et al. 2025, "LUME: LLM Unlearning
-with Multitask Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer
+metrics.py, the data in data.py, torchrun/FSDP2 in dist.py, the embedded tiny target in tiny.py,
+and writing files atomically (results, checkpoints, save_model) in rundir.py. Paper: Ramakrishna
+et al. 2025, "LUME: LLM Unlearning with Multitask Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer
 (evaluate_generations.py) is the protocol we reproduce: raw `input` as the prompt (no chat
 template), greedy decoding, 256 new tokens, new tokens decoded with special tokens skipped.
 """
 import contextlib
 import copy
-import errno
-import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,48 +548,6 @@ def make_optimizer(params, lr: float, dist=None) -> torch.optim.Optimizer:
         return StochasticAdamW(params, lr=lr, weight_decay=0.0, seed=torch.initial_seed())
     # foreach=False: fused/foreach kernels are not implemented for every sharded (DTensor) layout
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=dist is None)
-
-
-# -----------------------------------------------------------------------------
-# files: atomic writes, never a silent overwrite
-
-
-def write_atomic(path, write, needed: int | None = None) -> None:
-    """write(tmp) beside path, then one rename: no reader sees half a file. tmp is unique per attempt
-    (a killed writer's leftover never blocks the next, even as PID 1) and removed on any failure; out
-    of space is an OSError(ENOSPC) naming path, saying how much it was writing (needed bytes)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename != str(path):
-            more = f" (it needs about {needed / 1e6:.2f} MB)" if needed else ""
-            raise OSError(e.errno, f"no space left on device{more}", str(path)) from None
-        raise
-
-
-def write_json_atomic(path, obj) -> None:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
-    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
-
-
-def write_jsonl_atomic(path, rows) -> None:
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
-
-
-def save_model(model, tok, path) -> None:
-    """save_pretrained (safetensors) and the tokenizer into a temporary directory, then one rename."""
-    assert not Path(path).exists(), f"{path} exists; refusing to overwrite a checkpoint"
-    quiet_transformers()
-
-    def write(tmp):
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    write_atomic(path, write)
 
 
 def print0(*a, **k):

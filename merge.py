@@ -409,7 +409,7 @@ def merge(base_dir: str, model_dirs: list[str], out: str, method: str = "ties", 
             "method": method, "density": density if "ties" in method else None, "lambda": lam,
             "weights": weights, "base": str(base_dir), "base_path": str(base_path), "models": list(model_dirs),
             "trim": {"ties": "per parameter tensor", "peft-ties": "per LoRA factor"}.get(method)}, indent=2) + "\n")
-    lume.write_atomic(Path(out), write)
+    rundir.write_atomic(Path(out), write)
     log(f"merged {len(models)} models ({method}) over {base_dir}: {len(specs)} parameters -> {out}")
     return Path(out)
 

@@ -33,6 +33,7 @@ import attacks
 import identity
 import lume
 import metrics
+import rundir
 import tiny
 
 # -----------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def oracle_scores(path: str, cache_dir, what: dict, load, score, forget_items, d
     out = {"model": str(path), "results": res, "generations": g, "mia": m,
            "losses": attacks.item_nll(model, tok, items, device)}
     f.parent.mkdir(parents=True, exist_ok=True)
-    lume.write_json_atomic(f, out)
+    rundir.write_json_atomic(f, out)
     return out
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 import identity
-import lume
 import metrics
 import rundir
 
@@ -217,7 +216,7 @@ def record_setup(out: Path, setup: dict) -> dict:
     plan = config.get("memory_plan")
     setup = {**setup, "memory_plan": {k: plan[k] for k in ("setup", "planned_gib", "free_gib", "seq_len")}
              if plan else None}
-    lume.write_json_atomic(out / "config.json", {**config, "setup": setup})
+    rundir.write_json_atomic(out / "config.json", {**config, "setup": setup})
     return setup
 
 

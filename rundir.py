@@ -1,6 +1,11 @@
 """
-A directory someone else wrote (a run directory sent to you, a data or model directory) read as
-untrusted input: only regular files inside it are opened, bounded in size, and every JSON read
+The files of a run directory, and of any directory LUME writes or reads.
+
+Writing: every file and model directory is written beside its place and renamed into it
+(write_atomic, write_json_atomic, write_jsonl_atomic, save_model), so no reader sees half a file.
+
+Reading: a directory someone else wrote (a run directory sent to you, a data or model directory)
+is untrusted input: only regular files inside it are opened, bounded in size, and every JSON read
 ends in one line naming the file and what is wrong (BadFile) rather than a traceback or a hang.
 
     text = rundir.read_json(run_dir, "checkpoints/latest.json", limit=rundir.SMALL, kind=dict)
@@ -22,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -352,7 +358,7 @@ def write_status(path, obj: dict) -> None:
     text = json.dumps(obj, indent=2)
     text += " " * max(0, STATUS_BYTES - 1 - len(text.encode())) + "\n"  # whole, however long
     try:
-        lume.write_atomic(path, lambda tmp: tmp.write_text(text), len(text))
+        write_atomic(path, lambda tmp: tmp.write_text(text), len(text))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -367,3 +373,45 @@ def write_status(path, obj: dict) -> None:
             f.write(_status_text(obj, size).encode()[:size])
             f.flush()
             os.fsync(f.fileno())
+
+
+# -----------------------------------------------------------------------------
+# writing: atomic, never a silent overwrite (run directories, the tiny target, checkpoints)
+
+
+def write_atomic(path, write, needed: int | None = None) -> None:
+    """write(tmp) beside path, then one rename: no reader sees half a file. tmp is unique per attempt
+    (a killed writer's leftover never blocks the next, even as PID 1) and removed on any failure; out
+    of space is an OSError(ENOSPC) naming path, saying how much it was writing (needed bytes)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename != str(path):
+            more = f" (it needs about {needed / 1e6:.2f} MB)" if needed else ""
+            raise OSError(e.errno, f"no space left on device{more}", str(path)) from None
+        raise
+
+
+def write_json_atomic(path, obj) -> None:
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
+
+
+def write_jsonl_atomic(path, rows) -> None:
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), len(data))
+
+
+def save_model(model, tok, path) -> None:
+    """save_pretrained (safetensors) and the tokenizer into a temporary directory, then one rename."""
+    assert not Path(path).exists(), f"{path} exists; refusing to overwrite a checkpoint"
+    lume.quiet_transformers()
+
+    def write(tmp):
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    write_atomic(path, write)

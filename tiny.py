@@ -29,6 +29,7 @@ import torch
 import checkpoint
 import lume
 import progress
+import rundir
 
 # ~2.7M parameters (1.6M in the 4 blocks); memorises the default built-in data (every score >= 0.94
 # on 3 data seeds) in ~2.7 minutes on 2 cores. 50 epochs left Task2 PII at 0.72-0.75 on one seed.
@@ -65,7 +66,7 @@ def write_manifest(path: Path) -> None:
     """SHA256SUMS of every file in the target directory `path` (written last, atomically)."""
     lines = [f"{sha256(f)}  {f.name}\n" for f in sorted(path.iterdir())
              if f.is_file() and f.name not in (MANIFEST, "README.md") and not f.name.startswith(".")]
-    lume.write_atomic(path / MANIFEST, lambda tmp: tmp.write_text("".join(lines)))
+    rundir.write_atomic(path / MANIFEST, lambda tmp: tmp.write_text("".join(lines)))
 
 
 def problems(path: Path) -> list[str]:
@@ -213,8 +214,8 @@ def build(items, path: Path, recipe: dict, config: dict, device, log, show_progr
                log=log_every)
     if bar is not None:
         bar.close()
-    lume.save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
-    lume.write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
+    rundir.save_model(model, tok, path)  # atomic: a half-built target is never taken for a cached one
+    rundir.write_json_atomic(path / "lume_target.json", {"recipe": recipe, "config": config, "n_items": len(items),
                                                        "fingerprint": key, "final_loss": last.get("loss"),
                                                        "seconds": round(time.time() - t0, 1),
                                                        **({"trained_ids": [it.id for it in items]} if tok_dir else {})})

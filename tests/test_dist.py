@@ -213,7 +213,7 @@ def test_memory_plan_of_the_released_targets():
 
 SHARDED_BYTES = textwrap.dedent('''
     import sys, torch
-    import dist as distributed, lume, memory
+    import dist as distributed, lume, memory, rundir
     from transformers import OlmoConfig, OlmoForCausalLM
     dist = distributed.init_distributed("cpu", 30)
     rows = []
@@ -233,7 +233,7 @@ SHARDED_BYTES = textwrap.dedent('''
         plan = memory.memory_plan(cfg, "ga", precision, 1, 8, world=dist.world)
         rows.append([dist.rank, precision, got, [plan[k] for k in ("weights", "grads", "optimizer")]])
     # a file per rank, not stdout: two ranks printing into one pipe lost a line once in CI
-    lume.write_json_atomic(f"{sys.argv[1]}/bytes{dist.rank}.json", rows)
+    rundir.write_json_atomic(f"{sys.argv[1]}/bytes{dist.rank}.json", rows)
     dist.close()
 ''')
 

@@ -7,6 +7,7 @@ import evaluation
 import generation
 import lume
 import methods
+import rundir
 import tiny
 
 
@@ -35,13 +36,13 @@ def test_local_paths_are_never_sent_to_the_hub(tmp_path):
 
 def test_local_directory_round_trip(small_target, tmp_path):
     model, tok = small_target
-    lume.save_model(model, tok, tmp_path / "ckpt")
+    rundir.save_model(model, tok, tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").exists()
     again, tok2 = lume.load_pretrained(str(tmp_path / "ckpt"))
     ids = torch.tensor([tok("Hello world").input_ids])
     torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits)
     with pytest.raises(AssertionError, match="refusing to overwrite"):
-        lume.save_model(model, tok, tmp_path / "ckpt")
+        rundir.save_model(model, tok, tmp_path / "ckpt")
 
 
 def test_encode_pair_masks_prompt(small_target):

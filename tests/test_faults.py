@@ -20,8 +20,8 @@ import torch
 
 import checkpoint
 import fetch
-import lume
 import run
+import rundir
 from conftest import ROOT, SMALL_CONFIG, SMALL_RECIPE
 
 BASE = ["--data", "builtin", "--n-docs", "2", "--max-new-tokens", "8"]
@@ -151,7 +151,7 @@ def test_a_stale_temporary_directory_under_pid_1_never_blocks(tmp_path, monkeypa
         (p / "weights.safetensors").write_bytes(b"half")
     (tmp_path / "results.json.tmp1").write_text("{")  # a writer killed mid-file
     checkpoint.save(tmp_path, 9, {"a": torch.ones(1)}, {}, {})
-    lume.write_json_atomic(tmp_path / "results.json", {"ok": 1})
+    rundir.write_json_atomic(tmp_path / "results.json", {"ok": 1})
     assert checkpoint.load(tmp_path)["step"] == 9
     assert not any(p.exists() for p in leftovers)
     assert json.loads((tmp_path / "results.json").read_text()) == {"ok": 1}
@@ -162,7 +162,7 @@ def test_write_atomic_removes_its_temporary_file_on_any_failure(tmp_path):
         tmp.write_bytes(b"x" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError) as e:
-        lume.write_atomic(tmp_path / "big.json", half_then_full, 5_000_000)
+        rundir.write_atomic(tmp_path / "big.json", half_then_full, 5_000_000)
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "big.json")
     assert "5.00 MB" in str(e.value) and list(tmp_path.iterdir()) == []
 

@@ -398,7 +398,7 @@ def test_status_json_is_whole_with_a_long_path_and_on_a_full_disk(tmp_path, monk
 
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(path))
-    monkeypatch.setattr(lume, "write_atomic", full)  # the disk fills: rewritten in place, shortened to fit
+    monkeypatch.setattr(rundir, "write_atomic", full)  # the disk fills: rewritten in place, shortened to fit
     rundir.write_status(path, {"status": "failed", "reason": f"cannot write {long}"})
     assert path.stat().st_size == size and json.loads(path.read_text())["status"] == "failed"
 

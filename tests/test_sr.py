@@ -188,7 +188,7 @@ def test_one_bf16_pure_step_of_lume_train_applies_the_fp32_step(small_target, sm
 
 SHARDED_SR = textwrap.dedent('''
     import sys, torch
-    import dist as distributed, lume
+    import dist as distributed, lume, rundir
     from transformers import OlmoConfig, OlmoForCausalLM
     d = distributed.init_distributed("cpu", 30)
     cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=301,
@@ -208,7 +208,7 @@ SHARDED_SR = textwrap.dedent('''
         rows[precision] = [max(float((after[k] - want[k]).abs().max()) for k in before),
                            sum(float((after[k] - before[k]).abs().sum()) for k in before)
                            / sum(float((want[k] - before[k]).abs().sum()) for k in before)]
-    lume.write_json_atomic(f"{sys.argv[1]}/sr{d.rank}.json", rows)
+    rundir.write_json_atomic(f"{sys.argv[1]}/sr{d.rank}.json", rows)
     d.close()
 ''')
 
