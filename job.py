@@ -259,9 +259,9 @@ def unlearn(cfg, model, tok, inputs, out: Path, device, precision: str, eval_pre
     track = resume["state"]["track"] if resume else {"rows": [], "best": None}
     best = resume["best"] if resume else None
     subset = (trajectory.eval_subset(trajectory.picking_items(cfg, items), cfg.seed), mia, mmlu)
-    if cfg.eval_every and not track["rows"] and score_step(cfg, model, tok, subset, 0, track, tasks, eval_precision,
-                                                           out, dist):
-        track["best"], best = 0, checkpoint.trainable_state(model)
+    if cfg.eval_every and not track["rows"]:  # step 0: the target itself
+        if score_step(cfg, model, tok, subset, 0, track, tasks, eval_precision, out, dist):  # kept so far
+            track["best"], best = 0, checkpoint.trainable_state(model)
     start = resume["step"] if resume else 0
     if rank0 and cfg.resume:  # drop what a killed run wrote after its checkpoint (all of it without one)
         rundir.write_jsonl_atomic(out / "log.jsonl", list(log_rows))  # rundir.read_prior: those before `start`
@@ -299,13 +299,13 @@ def unlearn(cfg, model, tok, inputs, out: Path, device, precision: str, eval_pre
                 rec = lume.train_step(model, opt, scaler, steps[step], loss_fn, step=step, lr=lr, clip=cfg.clip,
                                       autocast=autocast, device=device, dist=dist)
                 log_step(logf, bar, rec, len(steps))
-                if not (cfg.eval_every or cfg.save_every):
+                if not (cfg.eval_every or cfg.save_every):  # nothing between steps: no switch to eval mode
                     continue
                 model.eval()  # between steps: scoring, the kept weights, a checkpoint, a SIGTERM's stop
                 done = step + 1
-                if cfg.eval_every and (done % cfg.eval_every == 0 or done == len(steps)) and score_step(
-                        cfg, model, tok, subset, done, track, tasks, eval_precision, out, dist):
-                    track["best"], best = done, checkpoint.trainable_state(model)
+                if cfg.eval_every and (done % cfg.eval_every == 0 or done == len(steps)):
+                    if score_step(cfg, model, tok, subset, done, track, tasks, eval_precision, out, dist):
+                        track["best"], best = done, checkpoint.trainable_state(model)  # --keep best: this step
                 stop = stop_asked(dist)  # SIGTERM during the step: checkpoint now, then stop
                 if cfg.save_every and (done % cfg.save_every == 0 or done == len(steps) or stop):
                     save_step(out, done, model, opt, scaler, method_state(spec, options, steps), track, best,

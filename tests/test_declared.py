@@ -2,6 +2,7 @@
 no other module names a method; every real-model default is its source's number."""
 import ast
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -129,6 +130,23 @@ def test_every_real_default_is_its_sources_number():
     assert "2025.semeval-1.264" in methods.METHODS["stat"].defaults["retain_weight"].source
     cfg = run.resolve_auto(run.Config(method="simnpo", model="olmo-7b"))  # what a 7B run resolves
     assert cfg.retain_weight == 0.1375 and cfg.resolved["retain_weight"]["why"].startswith("OPTML-Group")
+
+
+def test_the_runs_loop_is_lume_train(tmp_path, small_tiny):
+    """job.unlearn's flat loop does lume.train's operations in its order: the same loss and gradient
+    norm at every step, with checkpoints and scoring between steps (eval mode, then train mode again)."""
+    cfg = run.parse_args(["--n-docs", "2", "--max-steps", "3", "--max-new-tokens", "4", "--method", "npo",
+                          "--no-eval-before", "--save-every", "1", "--eval-every", "2",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    log = [json.loads(line) for line in open(job.main(cfg) / "log.jsonl")]
+    lume.seed_everything(cfg.seed)  # as job.main does; then the reference loop on the same steps and options
+    items, device, spec = job.load_inputs(cfg)[0], torch.device("cpu"), methods.METHODS[cfg.method]
+    model, tok = job.load_model(cfg, items, device, torch.float32)
+    plan, steps, retain = job.training_steps(cfg, tok, *job.split_items(cfg, items))
+    options = job.method_options(cfg, model, tok, items, spec, plan, steps, retain, device, "fp32")
+    hist = lume.train(model, steps, functools.partial(spec.loss, **options), lr=cfg.lr, warmup=cfg.warmup,
+                      schedule=cfg.schedule, clip=cfg.clip, device=device)
+    assert len(log) == 3 and [(r["loss"], r["grad_norm"]) for r in hist] == [(r["loss"], r["grad_norm"]) for r in log]
 
 
 def test_the_config_is_resolved_once_into_a_new_frozen_one():
