@@ -9,9 +9,10 @@ Everything here is model-facing and method-agnostic. Batched greedy decoding liv
 generation.py, what is scored in evaluation.py, the losses in methods.py, the numbers in
 metrics.py, the data in data.py, torchrun/FSDP2 in dist.py, the embedded tiny target in tiny.py,
 and writing files atomically (results, checkpoints, save_model) in rundir.py. Paper: Ramakrishna
-et al. 2025, "LUME: LLM Unlearning with Multitask Evaluations", arXiv 2502.15097. The official SemEval-2025 Task 4 scorer
-(evaluate_generations.py) is the protocol we reproduce: raw `input` as the prompt (no chat
-template), greedy decoding, 256 new tokens, new tokens decoded with special tokens skipped.
+et al. 2025, "LUME: LLM Unlearning with Multitask Evaluations", arXiv 2502.15097. The official
+SemEval-2025 Task 4 scorer (evaluate_generations.py) is the protocol we reproduce: raw `input` as the
+prompt (no chat template), greedy decoding, 256 new tokens, new tokens decoded with special tokens
+skipped. The optimizer stays here because lume.train, the reference loop, makes it.
 """
 import contextlib
 import copy
