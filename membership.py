@@ -10,9 +10,9 @@ forward pass, the official loss and the stronger membership-inference scores, an
 -> mia.jsonl's columns per document; results.json "mia_attacks" {loss, zlib, min_k_20, ...} (AUCs);
 "loss" is the official mia_loss_acc.
 
-doc_stats runs the decoder once per length-sorted batch and the LM head over chunks of predicted
-tokens, so memory stays bounded whatever the batch (16,384 tokens of OLMo's 50,304-word logits
-would be 3.3 GB); token_stats takes one log-softmax per position for the NLL and the moments.
+doc_stats runs the decoder once per length-sorted batch of ~2k tokens and the LM head over chunks
+of predicted tokens, so memory stays bounded whatever the batch; token_stats takes one log-softmax
+per position for the NLL and the moments.
 The robustness attacks that reuse these scores live in attacks.py.
 """
 import contextlib
@@ -130,10 +130,14 @@ def body_and_head(model):
 
 
 MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
+# A batch is at most MIA_TOKENS padded tokens and MIA_ROWS rows: many short documents or a few long
+# ones, so every batch's matmuls have ~2k rows (a GPU's are full; a CPU's activations stay in cache)
+# and sorted lengths keep padding low (200 LUME documents: 7% padding, 16 rows a batch had 11%).
+MIA_ROWS, MIA_TOKENS = 64, 2048
 
 
 @torch.inference_mode()
-def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
+def doc_stats(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = MIA_TOKENS, autocast=None,
               extra: bool = True, chunk: int = MIA_CHUNK, progress=None) -> list[dict]:
     """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
     labels=ids).loss` of the official scorer (metrics.official_doc_loss, tested equal), and from
@@ -142,8 +146,8 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
 
     Bounded memory: the decoder runs once per batch, and the LM head, the NLL and the next-token
     moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)
-    logits (16,384 x 50,304 fp32 = 3.3 GB, and as much again for their log-softmax); chunk 0 = one
-    chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
+    logits (2,048 x 50,304 fp32 = 412 MB, and as much again for their log-softmax; more with a larger
+    max_tokens); chunk 0 = one chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
     Within a chunk, token_stats takes one log-softmax per position for the NLL and the
     moments (two before), over blocks of rows that stay in cache: the same bits, less memory traffic.
     """
@@ -189,6 +193,7 @@ def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, a
     return out
 
 
-def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[float]:
+def doc_losses(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = MIA_TOKENS,
+               autocast=None) -> list[float]:
     """Mean token NLL of each whole document (doc_stats' "loss", without the extra statistics)."""
     return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast, extra=False)]
