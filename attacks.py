@@ -1,13 +1,8 @@
 """
 Is it really forgotten? Stronger membership inference and robustness attacks (issue 14).
 
-  MIA beyond the loss attack, on the official member / nonmember documents, from the same batched
-  forward pass as the official document losses (evaluation.doc_stats calls doc_scores here):
-    loss       mean token NLL (the official mia_loss_acc)
-    zlib       mean token NLL / zlib-compressed length in bytes (Carlini et al. 2021, USENIX Sec.)
-    min_k_K    mean of the lowest K% token log-probs (Shi et al. 2024, ICLR, "Min-K% Prob")
-    min_k_pp_K the same over standardised log-probs (Zhang et al. 2025, ICLR, "Min-K%++")
-  -> results.json "mia_attacks" {loss, zlib, min_k_20, min_k_40, min_k_pp_20, min_k_pp_40} (AUCs).
+  MIA beyond the loss attack (zlib, Min-K%, Min-K%++) is computed by every evaluation, from the
+  same forward pass as the official document losses: membership.py.
 
   Robustness attacks on the unlearned model, after the after-evaluation (--attacks):
     quant8   round-to-nearest (RTN), symmetric, per output channel, int8 in [-127, 127] (ours)
@@ -37,105 +32,15 @@ model (--save, written before) and later code never see an attacked weight.
 import contextlib
 import dataclasses
 import hashlib
-import zlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import lora
 import lume
 import memory
-import metrics
 import progress
 import quant
-
-# -----------------------------------------------------------------------------
-# MIA scores of one document from its token log-probs (the same pass as the official loss)
-
-MIN_K = (20, 40)  # percent of a document's tokens that Min-K% and Min-K%++ average over
-SIGMA_FLOOR = 1e-6  # Min-K%++ divides by sigma: a (numerically) one-hot next-token distribution has 0
-
-
-STATS_ROWS = 64  # positions per log-softmax block: (64, V) fp32 temporaries stay in cache (64 x 50,304 = 12.9 MB)
-
-
-def token_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool = True, rows: int = STATS_ROWS):
-    """(n, V) next-token logits, (n,) labels -> (nll, mu, sigma), each (n,) fp32, from one
-    log-softmax per position (the official loss and the Min-K%++ moments share it):
-        nll   = -log p(label)                       F.cross_entropy(reduction="none"): nll_loss(log_softmax)
-        mu    = sum_z p_z log p_z                   Min-K%++ (eq. 2): mean of log p(z), z ~ p
-        sigma = sqrt(sum_z p_z (log p_z - mu)^2)    its standard deviation
-    mu and sigma are None when moments=False. The work goes `rows` positions at a time, so each
-    pass over a (rows, V) block reads it from cache, not memory; every value is per position, so
-    the block size changes no bit."""
-    nll, mus, sigmas = [], [], []
-    for part, y in zip(logits.split(rows), labels.split(rows)):
-        logp = F.log_softmax(part.float(), dim=-1)  # finite for finite logits; p may underflow to 0
-        nll.append(-logp.gather(1, y[:, None])[:, 0])
-        if not moments:
-            continue
-        p = logp.exp()
-        tmp = torch.mul(p, logp)
-        mu = tmp.sum(-1)
-        # the centred form sum_z p_z (log p_z - mu)^2, not E[(log p)^2] - mu^2: in fp32 that
-        # difference cancels catastrophically when p is near uniform (a random or ascended-into-noise
-        # model: mu^2 ~ 30, sigma^2 ~ 1e-3), measured 5e-5 off. In place in tmp: no more (rows, V) buffers
-        var = torch.sub(logp, mu[:, None], out=tmp).square_().mul_(p).sum(-1)
-        mus.append(mu)
-        sigmas.append(var.sqrt())
-    cat = lambda xs: torch.cat(xs) if xs else logits.new_zeros(0, dtype=torch.float32)  # noqa: E731
-    return cat(nll), (cat(mus) if moments else None), (cat(sigmas) if moments else None)
-
-
-def min_k(x: torch.Tensor, pct: int) -> float:
-    """Mean of the lowest pct% of the values x (n,): floor(pct * n / 100) of them, at least one
-    (as the Min-K% reference code's int(len * ratio), which would take none below 1/ratio tokens)."""
-    n = x.numel()
-    if n == 0:
-        return float("nan")
-    m = max(1, pct * n // 100)  # integer arithmetic: no 0.2 * 15 = 3.0000000000000004 surprises
-    return torch.topk(x.double(), m, largest=False).values.mean().item()
-
-
-def zlib_bytes(text: str) -> int:
-    """Length in bytes of the zlib-compressed UTF-8 document (Carlini et al.'s zlib entropy)."""
-    return len(zlib.compress(text.encode("utf-8")))
-
-
-def doc_scores(text: str, loss: float, logp: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> dict:
-    """The extra MIA statistics of one document (its mia.jsonl columns) from its official mean
-    token NLL `loss` and, per predicted token t (every token but the first; (n,) each):
-    logp = log p(x_t | x_<t), mu / sigma the moments of token_stats at that position.
-      zlib        = loss / zlib_bytes(text)                  lower = member
-      min_k_K     = mean of the lowest K% of logp            higher = member
-      min_k_pp_K  = mean of the lowest K% of (logp - mu) / sigma   higher = member
-    (sigma floored at SIGMA_FLOOR.)"""
-    z = (logp.float() - mu) / sigma.clamp(min=SIGMA_FLOOR)
-    out = {"zlib": loss / zlib_bytes(text)}
-    for k in MIN_K:
-        out[f"min_k_{k}"] = min_k(logp, k)
-    for k in MIN_K:
-        out[f"min_k_pp_{k}"] = min_k(z, k)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# MIA AUCs: members positive, every score oriented so that higher = member (as metrics.mia_auc
-# turns the loss into minus the loss); 0.5 = chance, the official mia_loss_acc convention
-
-SIGNS = {"loss": -1.0, "zlib": -1.0, **{f"min_k_{k}": 1.0 for k in MIN_K}, **{f"min_k_pp_{k}": 1.0 for k in MIN_K}}
-
-
-def mia_aucs(rows) -> dict:
-    """{attack: ROC-AUC} over mia.jsonl rows of one stage (set 'member' / 'nonmember'); "loss"
-    equals the official mia_loss_acc exactly (same scores, same metrics.roc_auc)."""
-    out = {}
-    for name, sign in SIGNS.items():
-        scores = {s: np.asarray([r[name] for r in rows if r["set"] == s], dtype=np.float64) for s in ("member", "nonmember")}
-        out[name] = metrics.roc_auc(sign * scores["member"], sign * scores["nonmember"])
-    return out
-
 
 # -----------------------------------------------------------------------------
 # weights: quantised (quant.py), saved and restored

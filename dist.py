@@ -39,6 +39,7 @@ import evaluation
 import generation
 import lora
 import lume
+import membership
 import metrics
 import rundir
 
@@ -262,7 +263,7 @@ def evaluate_sharded(model, tok, items, mia=None, mmlu=None, *, dist: Dist, stag
     if mia:
         docs = [(name, d) for name in ("member", "nonmember") for d in mia[name]]
         lo, hi = dist.span(len(docs))
-        stats = dist.gather(evaluation.doc_stats(replica, tok, [d.document for _, d in docs[lo:hi]],
+        stats = dist.gather(membership.doc_stats(replica, tok, [d.document for _, d in docs[lo:hi]],
                                                  autocast=autocast))  # rows of plain floats: gathered as objects
         mia_rows = [{"stage": stage, "set": name, "id": d.id, **v} for (name, d), v in zip(docs, stats)]
     mmlu_res = None

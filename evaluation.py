@@ -7,7 +7,7 @@ SemEval-2025 Task 4 results dict (metrics.aggregate), exactly as the official sc
   knowledge      exact match of the greedy answer to every `qa` item's question
   MIA            loss of each whole member / nonmember document, labels = inputs
                  (`model(ids, labels=ids).loss`); AUC over minus the loss. From the same
-                 forward, zlib, Min-K% and Min-K%++ (attacks.py), their AUCs in "mia_attacks"
+                 forward, zlib, Min-K% and Min-K%++ (membership.py), their AUCs in "mia_attacks"
   MMLU           Open-Instruct's 5-shot prompt (shots dropped to fit), the highest next-token
                  logit among " A", " B", " C", " D"
 
@@ -21,92 +21,14 @@ import functools
 
 import torch
 
-import attacks
 import generation
 import lume
 import metrics
+import membership
 import progress as progress_lines
 
 # -----------------------------------------------------------------------------
-# MIA document losses and MMLU
-
-
-def body_and_head(model):
-    """(the decoder without the LM head, the head) when the logits are head(hidden) and nothing
-    more (OLMo, Llama: no soft-capping or logit scale), else None (the whole model's logits)."""
-    c = model.config
-    if any(getattr(c, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    try:
-        body, head = model.get_decoder(), model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return (body, head) if body is not None and head is not None else None
-
-
-MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
-
-
-@torch.inference_mode()
-def doc_stats(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None,
-              extra: bool = True, chunk: int = MIA_CHUNK, progress=None) -> list[dict]:
-    """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
-    labels=ids).loss` of the official scorer (metrics.official_doc_loss, tested equal), and from
-    the same forward the extra MIA statistics of attacks.doc_scores (zlib, Min-K%, Min-K%++),
-    unless extra=False; length-sorted right-padded batches.
-
-    Bounded memory: the decoder runs once per batch, and the LM head, the NLL and the next-token
-    moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)
-    logits (16,384 x 50,304 fp32 = 3.3 GB, and as much again for their log-softmax); chunk 0 = one
-    chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
-    Within a chunk, attacks.token_stats takes one log-softmax per position for the NLL and the
-    moments (two before), over blocks of rows that stay in cache: the same bits, less memory traffic.
-    """
-    device = next(model.parameters()).device
-    autocast = autocast or contextlib.nullcontext()
-    enc = [tok(d).input_ids for d in docs]
-    pad = lume.pad_of(tok)
-    split = body_and_head(model)
-    out, done = [None] * len(docs), 0
-    for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
-        b = lume.make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
-        # next-token labels, -100 (ignored) on padding and after each row's last token
-        labels = b.ids.roll(-1, dims=1).masked_fill(b.target_mask.roll(-1, dims=1) == 0, -100)
-        valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
-        with autocast:
-            if split:
-                h = split[0](input_ids=b.ids, attention_mask=b.attn, use_cache=False).last_hidden_state[valid]  # (N, H)
-            else:
-                h = model(input_ids=b.ids, attention_mask=b.attn, use_cache=False).logits[valid]  # (N, V)
-        nll, mu, sigma = [], [], []
-        for part, y in zip(h.split(chunk or len(h)), labels[valid].split(chunk or len(h))):
-            with autocast:
-                logits = split[1](part) if split else part  # (n, V)
-            n, m, s = attacks.token_stats(logits, y, moments=extra)  # one log-softmax for all three
-            nll.append(n)
-            if extra:
-                mu.append(m), sigma.append(s)
-        full = torch.zeros(labels.shape, device=device)  # (B, T) NLL, 0 where not predicted: summed per
-        full[valid] = torch.cat(nll)  # row in the same order as before the chunks
-        loss = full.sum(-1) / b.target_mask[:, 1:].sum(-1)
-        done += len(idx)
-        if progress:
-            progress(done, len(docs))
-        if not extra:  # the official loss alone (bench.py times it against model(ids, labels=ids))
-            for i, v in zip(idx, loss.tolist()):
-                out[i] = {"loss": v}
-            continue
-        counts = valid.sum(-1).tolist()
-        logp = (-full[valid]).split(counts)
-        mu, sigma = torch.cat(mu), torch.cat(sigma)
-        for i, v, lp, m, s in zip(idx, loss.tolist(), logp, mu.split(counts), sigma.split(counts)):
-            out[i] = {"loss": v, **attacks.doc_scores(docs[i], v, lp.cpu(), m.cpu(), s.cpu())}
-    return out
-
-
-def doc_losses(model, tok, docs, batch_size: int = 16, max_tokens: int = 16384, autocast=None) -> list[float]:
-    """Mean token NLL of each whole document (doc_stats' "loss", without the extra statistics)."""
-    return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast, extra=False)]
+# MMLU
 
 
 MMLU_MAX_TOKENS = 2048  # Open-Instruct's cap on the prompt, whatever the model's context
@@ -265,8 +187,8 @@ def official_results(gen_rows, mia_rows, mmlu_res) -> dict:
         auc = metrics.mia_auc([r["loss"] for r in mia_rows if r["set"] == "member"],
                               [r["loss"] for r in mia_rows if r["set"] == "nonmember"])
     results = metrics.aggregate(gen_rows, mia_auc=auc, mmlu_average=mmlu_res["average_acc"] if mmlu_res else None)
-    if mia_rows:  # beyond the official keys: the AUC of every MIA (attacks.py), "loss" == mia_loss_acc
-        results["mia_attacks"] = attacks.mia_aucs(mia_rows)
+    if mia_rows:  # beyond the official keys: the AUC of every MIA (membership.py), "loss" == mia_loss_acc
+        results["mia_attacks"] = membership.mia_aucs(mia_rows)
     return results
 
 
@@ -292,7 +214,7 @@ def evaluate(model, tok, items, mia=None, mmlu=None, *, stage: str = "after", ma
     mia_rows = []
     for name in ("member", "nonmember") if mia else ():
         tick, close = stage_bar(f"scoring {stage}: MIA {name} documents", len(mia[name]), progress is not None)
-        stats = doc_stats(model, tok, [d.document for d in mia[name]], autocast=autocast, progress=tick)
+        stats = membership.doc_stats(model, tok, [d.document for d in mia[name]], autocast=autocast, progress=tick)
         close()
         mia_rows += [{"stage": stage, "set": name, "id": d.id, **v} for d, v in zip(mia[name], stats)]
     mmlu_res = None

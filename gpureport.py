@@ -30,10 +30,10 @@ import time
 
 import torch
 
-import evaluation
 import generation
 import gpuplan
 import lume
+import membership
 import memory
 import methods
 import rundir
@@ -419,10 +419,10 @@ def peak_rss_growth(fn):
 
 
 def mia_memory(model, tok, docs, device) -> dict:
-    """Peak memory of evaluation.doc_stats (every MIA statistic) in chunks, and in one chunk per batch."""
+    """Peak memory of membership.doc_stats (every MIA statistic) in chunks, and in one chunk per batch."""
     out = {}
-    for key, chunk in (("peak_bytes", evaluation.MIA_CHUNK), ("unchunked_peak_bytes", 0)):
-        fn = lambda c=chunk: evaluation.doc_stats(model, tok, docs, chunk=c)  # noqa: E731
+    for key, chunk in (("peak_bytes", membership.MIA_CHUNK), ("unchunked_peak_bytes", 0)):
+        fn = lambda c=chunk: membership.doc_stats(model, tok, docs, chunk=c)  # noqa: E731
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

@@ -8,7 +8,7 @@ LUME metrics: the numbers the SemEval-2025 Task 4 scorer reports, rebuilt withou
 - MMLU: 5-shot prompts and accuracy as in Open-Instruct (eval/mmlu/run_eval.py);
 - aggregate(): the official `evaluate_generations.py` result dict (same key names);
 - official_doc_loss() and official_generate(): the scorer's two model calls, one item at a time,
-  written short to be read: the references that evaluation.doc_stats (batched, chunked) and
+  written short to be read: the references that membership.doc_stats (batched, chunked) and
   generation.generate (continuous batching, KV cache) replace, tested equal (tests/test_reference.py).
 
 Only stdlib + numpy, and torch for the two references. tests/test_metrics.py checks every function
@@ -203,7 +203,7 @@ def score_item(kind: str, reference: str, candidate: str) -> float:
 def official_doc_loss(model, tok, document: str) -> float:
     """The official MIA loss of one whole document: labels = inputs, so HF's loss is the mean
     next-token cross-entropy over its T - 1 predicted tokens, -1/(T-1) sum_t log p(x_t | x_<t).
-    Tokenized as the scorer does (`tok(document)`: no BOS for OLMo). evaluation.doc_stats gives
+    Tokenized as the scorer does (`tok(document)`: no BOS for OLMo). membership.doc_stats gives
     the same, batched and chunked (tests/test_reference.py)."""
     ids = tok(document, return_tensors="pt").input_ids.to(model.device)  # (1, T)
     return model(input_ids=ids, labels=ids).loss.item()

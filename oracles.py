@@ -32,6 +32,7 @@ import numpy as np
 import attacks
 import identity
 import lume
+import membership
 import metrics
 import rundir
 import tiny
@@ -80,12 +81,12 @@ def privleak(auc_unlearned, auc_oracle):
 def stage_values(gen_rows, mia_rows, stage: str, forget_ids: set) -> dict:
     """{metric: {key: value}} of one stage, each oriented higher = holds the knowledge: the forget
     items' regurgitation (ROUGE-L recall, sc) and knowledge (exact match, qa), and per member
-    document every MIA statistic (attacks.SIGNS)."""
+    document every MIA statistic (membership.SIGNS)."""
     out = {"regurgitation": {}, "knowledge": {}}
     for r in gen_rows:
         if r["stage"] == stage and r["id"] in forget_ids:
             out["regurgitation" if r["kind"] == "sc" else "knowledge"][r["id"]] = r["score"]
-    for name, sign in attacks.SIGNS.items():
+    for name, sign in membership.SIGNS.items():
         out[f"mia_{name}"] = {r["id"]: sign * r[name] for r in mia_rows if r["stage"] == stage and r["set"] == "member"}
     return out
 

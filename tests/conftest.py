@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # CI has ../shared beside the checkout
 sys.path.insert(0, str(ROOT))
 STRICT = os.environ.get("LUME_CI") == "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: two workers on two cores, one thread each, and
+    os.environ["OMP_NUM_THREADS"] = "1"     # so every process they start (two spinning OpenMP pools on two cores stall)
 
 
 def missing(reason: str):

@@ -15,6 +15,7 @@ import evaluation
 import generation
 import job
 import lume
+import membership
 import metrics
 import quant
 import run
@@ -67,7 +68,7 @@ def direct_stats(model, tok, doc: str) -> dict:
 def test_each_mia_score_equals_its_formula_per_document_in_the_batched_pass():
     model, tok = random_model(), ByteTok()
     docs = [d for d in DOCS if len(d) > 1]
-    batched = evaluation.doc_stats(model, tok, docs, batch_size=3)  # padded batches of unequal lengths
+    batched = membership.doc_stats(model, tok, docs, batch_size=3)  # padded batches of unequal lengths
     assert len({len(d) for d in docs}) == len(docs)
     for doc, got in zip(docs, batched, strict=True):
         want = direct_stats(model, tok, doc)
@@ -76,19 +77,19 @@ def test_each_mia_score_equals_its_formula_per_document_in_the_batched_pass():
             assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-5), (doc, k)
     # the same numbers one document at a time: padding and batch partners change nothing
     for doc, got in zip(docs, batched):
-        alone = evaluation.doc_stats(model, tok, [doc])[0]
+        alone = membership.doc_stats(model, tok, [doc])[0]
         for k in got:
             assert alone[k] == pytest.approx(got[k], rel=1e-5, abs=1e-6), (doc, k)
-    assert evaluation.doc_losses(model, tok, docs, batch_size=3) == [s["loss"] for s in batched]
+    assert membership.doc_losses(model, tok, docs, batch_size=3) == [s["loss"] for s in batched]
 
 
 def test_min_k_takes_the_floor_of_k_percent_and_at_least_one_token():
     x = torch.tensor([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert attacks.min_k(x, 20) == 1.0            # floor(0.2 * 5) = 1 token
-    assert attacks.min_k(x, 40) == 1.5            # floor(0.4 * 5) = 2 tokens: (1 + 2) / 2
-    assert attacks.min_k(x[:3], 20) == 1.0        # floor(0.6) = 0 -> at least one
-    assert attacks.min_k(torch.arange(15.0), 20) == 1.0   # floor(3.0) = 3: 0, 1, 2 (no 0.2 * 15 rounding)
-    assert attacks.min_k(torch.arange(9.0), 40) == 1.0    # floor(3.6) = 3: (0 + 1 + 2) / 3; ceil (4) gives 1.5
+    assert membership.min_k(x, 20) == 1.0            # floor(0.2 * 5) = 1 token
+    assert membership.min_k(x, 40) == 1.5            # floor(0.4 * 5) = 2 tokens: (1 + 2) / 2
+    assert membership.min_k(x[:3], 20) == 1.0        # floor(0.6) = 0 -> at least one
+    assert membership.min_k(torch.arange(15.0), 20) == 1.0   # floor(3.0) = 3: 0, 1, 2 (no 0.2 * 15 rounding)
+    assert membership.min_k(torch.arange(9.0), 40) == 1.0    # floor(3.6) = 3: (0 + 1 + 2) / 3; ceil (4) gives 1.5
 
 
 def test_mia_aucs_orient_every_score_higher_equals_member():
@@ -97,16 +98,16 @@ def test_mia_aucs_orient_every_score_higher_equals_member():
             "min_k_pp_20": -0.1 - i, "min_k_pp_40": -0.1 - i} for i in range(3)]
     non = [{"set": "nonmember", "loss": 5.0 + i, "zlib": 0.1 + i / 100, "min_k_20": -9 - i, "min_k_40": -9 - i,
             "min_k_pp_20": -5 - i, "min_k_pp_40": -5 - i} for i in range(2)]
-    assert attacks.mia_aucs(mem + non) == dict.fromkeys(attacks.SIGNS, 1.0)
+    assert membership.mia_aucs(mem + non) == dict.fromkeys(membership.SIGNS, 1.0)
     non[0]["loss"] = 2.5  # a nonmember between members 2 and 3: 5 of 6 pairs ordered
-    aucs = attacks.mia_aucs(mem + non)
+    aucs = membership.mia_aucs(mem + non)
     assert aucs["loss"] == pytest.approx(5 / 6) and aucs["zlib"] == 1.0
     assert aucs["loss"] == metrics.mia_auc([r["loss"] for r in mem], [r["loss"] for r in non])
 
 
 def test_official_results_carry_every_mia_auc_and_keep_mia_loss_acc():
     model, tok = random_model(1), ByteTok()
-    stats = evaluation.doc_stats(model, tok, [d for d in DOCS if len(d) > 1])
+    stats = membership.doc_stats(model, tok, [d for d in DOCS if len(d) > 1])
     rows = [{"set": "member" if i % 2 else "nonmember", "id": str(i), **s} for i, s in enumerate(stats)]
     gen = [{"split": sp, "task": 1, "kind": k, "score": 0.5} for sp in ("forget", "retain") for k in ("sc", "qa")]
     res = evaluation.official_results(gen, rows, None)

@@ -226,12 +226,16 @@ def test_unreachable_hub_is_one_line_within_seconds(tmp_path, capsys, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_bad_values_exit_2_without_traceback():
-    """The real command line in a subprocess: argparse's own errors and ours alike."""
-    for argv, says in ((["--method", "sgd"], "invalid choice: 'sgd'"), (["--lr", "-1"], "--lr must be > 0"),
-                       (["--data", "/nonexistent"], "no such file")):
-        r = subprocess.run([sys.executable, "run.py", *argv], cwd=ROOT, capture_output=True, text=True)
-        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_cli_bad_values_exit_2_without_traceback(capsys):
+    """argparse's own errors and ours alike; the last through the real command line in a subprocess
+    (`python run.py`: its exit status and stderr as a shell sees them)."""
+    for argv, says in ((["--method", "sgd"], "invalid choice: 'sgd'"), (["--lr", "-1"], "--lr must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            run.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and "Traceback" not in err, err
+    r = subprocess.run([sys.executable, "run.py", "--data", "/nonexistent"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_ctrl_c_during_training_keeps_the_scores_and_marks_the_run_failed(tmp_path, small_target_dir):

@@ -9,7 +9,7 @@ import bench
 import generation
 from conftest import SMALL_CONFIG, oracle
 
-KEYS = {"generation_speedup", "mia_speedup", "npo_step_speedup", "npo_memory_ratio", "ga_peak_fraction",
+KEYS = {"generation_speedup", "mia_speedup", "mia_peak_fraction", "npo_step_speedup", "npo_memory_ratio", "ga_peak_fraction",
         "rouge_speedup", "device"}
 
 
@@ -36,7 +36,7 @@ def test_bench_small_setting_writes_every_figure(tmp_path, small_tiny, capsys):
     assert saved["data"] == "builtin" and saved["rouge_speedup"] > 0
     assert saved["identity_checks"]["rouge"] and saved["rouge"]["pairs"] == 12
     table = capsys.readouterr().out
-    for row in ("1 generation", "2 MIA losses", "3 train step GA", "3 train step SIMNPO", "3 train step RMU",
+    for row in ("1 generation", "2 MIA statistics", "3 train step GA", "3 train step SIMNPO", "3 train step RMU",
                 "4 NPO step", "5 ROUGE-L"):
         assert row in table
     assert saved["shape"]["hidden"] == SMALL_CONFIG["hidden_size"] and "2L x d64" in table

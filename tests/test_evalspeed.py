@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attacks
 import data
 import evaluation
 import lume
+import membership
 import metrics
 
 
@@ -42,7 +42,7 @@ def reference_doc_stats(model, tok, docs, batch_size=16):
         counts = valid.sum(-1).tolist()
         logp = (-nll.view(labels.shape)[valid]).split(counts)
         for i, v, lp, m, s in zip(idx, loss.tolist(), logp, mu.split(counts), sigma.split(counts)):
-            out[i] = {"loss": v, **attacks.doc_scores(docs[i], v, lp, m, s)}
+            out[i] = {"loss": v, **membership.doc_scores(docs[i], v, lp, m, s)}
     return out
 
 
@@ -52,7 +52,7 @@ def test_chunked_mia_statistics_equal_the_whole_logits_ones(small_target, small_
     docs = [it.input + " " + it.output for it in items][:9]
     ref = reference_doc_stats(model, tok, docs, batch_size=4)
     for chunk in (7, 0):  # chunks that cut rows (7 tokens), and one chunk per batch
-        got = evaluation.doc_stats(model, tok, docs, batch_size=4, chunk=chunk)
+        got = membership.doc_stats(model, tok, docs, batch_size=4, chunk=chunk)
         for a, b in zip(got, ref):
             assert a.keys() == b.keys()
             for k in a:
@@ -69,10 +69,10 @@ def test_one_log_softmax_gives_the_loss_and_moments_bit_for_bit():
     y = torch.randint(0, 777, (300,), generator=g)
     mu, sigma = reference_moments(logits)
     for rows in (64, 7, 1000):
-        nll, m, s = attacks.token_stats(logits, y, rows=rows)
+        nll, m, s = membership.token_stats(logits, y, rows=rows)
         assert torch.equal(nll, F.cross_entropy(logits, y, reduction="none"))
         assert torch.equal(m, mu) and torch.equal(s, sigma), rows
-    nll, m, s = attacks.token_stats(logits, y, moments=False)
+    nll, m, s = membership.token_stats(logits, y, moments=False)
     assert m is None and s is None and torch.equal(nll, F.cross_entropy(logits, y, reduction="none"))
 
 
@@ -82,9 +82,9 @@ def test_mia_peak_memory_does_not_grow_with_the_batch(small_target, small_data, 
     items, _ = small_data
     docs = [it.input + " " + it.output for it in items][:8]
     seen = []
-    real = attacks.token_stats
-    monkeypatch.setattr(attacks, "token_stats", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
-    evaluation.doc_stats(model, tok, docs, batch_size=8, chunk=16)
+    real = membership.token_stats
+    monkeypatch.setattr(membership, "token_stats", lambda x, *a, **k: seen.append(x.shape[0]) or real(x, *a, **k))
+    membership.doc_stats(model, tok, docs, batch_size=8, chunk=16)
     assert max(seen) == 16 and sum(seen) > 64  # many tokens, never more than 16 at once
 
 

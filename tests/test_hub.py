@@ -22,6 +22,7 @@ import attacks
 import evaluation
 import job
 import lume
+import membership
 import memory
 import merge
 import methods
@@ -228,7 +229,7 @@ def test_no_forward_that_does_not_generate_builds_a_kv_cache(small_target, monke
     seqs = [lume.encode_pair(tok, "The capital of France", "is Paris")[0], lume.encode_pair(tok, "One", "two")[0]]
     b = lume.make_batch(seqs, [1, 1], [0, 1], lume.pad_of(tok))
     lume.token_logps(model, b)
-    evaluation.doc_stats(model, tok, ["a whole document", "another one, longer than the first"])
+    membership.doc_stats(model, tok, ["a whole document", "another one, longer than the first"])
     evaluation.mmlu_choice_logits(model, tok, [tok("Question? Answer:").input_ids])
     methods.kl_sum(model, model, b)
     methods.undial(model, b, None, {"forget_tokens": 1.0}, gamma=10.0, retain_weight=0.0, ref=model)

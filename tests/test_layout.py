@@ -69,9 +69,9 @@ def test_imports_run_one_way():
     # the engine imports no sibling; what builds on it imports it, and run.py imports them all
     graph = import_graph()
     assert graph["lume"] == set() and graph["fetch"] == set(), (graph["lume"], graph["fetch"])
-    for name in ("methods", "evaluation", "tiny", "generation"):
+    for name in ("methods", "evaluation", "membership", "tiny", "generation"):
         assert "lume" in graph[name] and "run" not in graph[name] and "dist" not in graph[name], (name, graph[name])
-    assert graph["dist"] <= {"lume", "evaluation", "generation", "metrics", "lora", "rundir"}, graph["dist"]
+    assert graph["dist"] <= {"lume", "evaluation", "membership", "generation", "metrics", "lora", "rundir"}, graph["dist"]
     assert {"lume", "dist", "evaluation", "methods", "tiny", "data"} <= graph["job"]
     assert graph["run"] <= {"job", "lume", "checks", "methods"}, graph["run"]  # Config, argparse, checks, --method
     for name in MODULES:  # nothing imports the entry points

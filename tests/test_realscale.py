@@ -19,6 +19,7 @@ import data
 import evaluation
 import generation
 import lume
+import membership
 import methods
 import metrics
 import job
@@ -120,7 +121,7 @@ def test_mia_losses_equal_hf_loss_per_document(olmo, shared):
     lengths = [len(tok(d).input_ids) for d in docs]
     assert max(lengths) - min(lengths) > 100
     ref = [metrics.official_doc_loss(model, tok, d) for d in docs]
-    assert evaluation.doc_losses(model, tok, docs, batch_size=4) == pytest.approx(ref, abs=1e-5)
+    assert membership.doc_losses(model, tok, docs, batch_size=4) == pytest.approx(ref, abs=1e-5)
 
 
 def test_mmlu_prompts_are_capped_at_2048_tokens_whatever_the_context(olmo, shared, monkeypatch):

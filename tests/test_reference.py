@@ -1,7 +1,7 @@
 """Each fast path equals the short reference it replaces, in metrics.py: the official scorer's two
 model calls, one item at a time.
 
-- evaluation.doc_stats (length-sorted right-padded batches, the LM head in chunks) gives each
+- membership.doc_stats (length-sorted right-padded batches, the LM head in chunks) gives each
   document metrics.official_doc_loss, `model(ids, labels=ids).loss`;
 - generation.generate (left padding, KV cache, continuous batching) gives each prompt
   metrics.official_generate, `model.generate` greedy on the prompt alone, decoded as the scorer does.
@@ -9,8 +9,8 @@ The same identities on the real OLMo tokenizer: tests/test_realscale.py.
 """
 import pytest
 
-import evaluation
 import generation
+import membership
 import metrics
 
 
@@ -22,9 +22,9 @@ def test_batched_chunked_mia_losses_equal_the_official_loss_per_document(small_t
     assert max(lengths) > 4 * min(lengths)  # one batch: the short rows are mostly padding
     ref = [metrics.official_doc_loss(model, tok, d) for d in docs]
     assert max(ref) - min(ref) > 0.5  # distinct losses: the equality is not trivial
-    whole = evaluation.doc_stats(model, tok, docs, batch_size=len(docs), chunk=7)  # chunks cut rows
+    whole = membership.doc_stats(model, tok, docs, batch_size=len(docs), chunk=7)  # chunks cut rows
     assert [s["loss"] for s in whole] == pytest.approx(ref, abs=1e-5)
-    assert evaluation.doc_losses(model, tok, docs, batch_size=3) == pytest.approx(ref, abs=1e-5)
+    assert membership.doc_losses(model, tok, docs, batch_size=3) == pytest.approx(ref, abs=1e-5)
 
 
 def test_continuous_batching_gives_the_official_greedy_decode(small_target, small_data):

@@ -170,7 +170,7 @@ def resume_one(run_dir) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def resharded_and_refused(whole, killed, tmp_path):
+def resharded_and_refused(whole, killed, tmp_path, capsys):
     """Copies of a two-rank checkpoint resumed on one process: as it is, resharded (it completes within
     RESHARD_RTOL, saying so in one line); from another method, or with a rank's shards missing: one
     error line naming the field or the file, exit 2, before any training."""
@@ -187,16 +187,18 @@ def resharded_and_refused(whole, killed, tmp_path):
     for shard in (missing / "checkpoints").glob("step-*/dcp/__1_0.distcp"):
         shard.unlink()
     for d, why in ((other, "--method: checkpoint 'npo', this run 'kl'"), (missing, "__1_0.distcp: missing")):
-        r = resume_one(d)
-        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-        assert r.returncode == 2 and len(errors) == 1 and why in errors[0], r.stderr[-3000:]
-        assert "unlearning:" not in r.stdout and read_jsonl(d / "log.jsonl") == read_jsonl(killed / "log.jsonl")
+        code, (out, err) = run.main(["--resume", str(d)]), capsys.readouterr()  # refused before any work: in process
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and why in errors[0], err[-3000:]
+        assert "unlearning:" not in out and read_jsonl(d / "log.jsonl") == read_jsonl(killed / "log.jsonl")
 
 
 @pytest.mark.parametrize("method,extra", [
-    ("npo", ["--eval-every", "3"]), ("kl", ["--eval-every", "3"]),  # KL: a second sharded copy as its reference
+    # KL (a second sharded copy as its reference) is slow-only: test_dist's two-rank KL equals one
+    # process, and test_longrun's KL SIGKILL resume keeps the reference the target, in every suite run
+    ("npo", ["--eval-every", "3"]), pytest.param("kl", ["--eval-every", "3"], marks=pytest.mark.slow),
     ("rmu", ["--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10", "--retain-ratio", "2"])])
-def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_target_dir, tmp_path, method, extra):
+def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_target_dir, tmp_path, method, extra, capsys):
     argv = ["--model", small_target_dir, "--method", method, *KILLED, *extra]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     torchrun(2, "run.py", *argv, "--out", whole)
@@ -208,7 +210,7 @@ def test_sigkill_and_resume_on_two_ranks_equal_the_uninterrupted_run(small_targe
         parts = [load_file(str(ckpt / f"rank-{r}.safetensors")) for r in (0, 1)]
         assert all(any("rmu" in k for k in p) for p in parts)
     if method == "npo":
-        resharded_and_refused(whole, killed, tmp_path)
+        resharded_and_refused(whole, killed, tmp_path, capsys)
     torchrun(2, "run.py", "--resume", killed)
     for name in ("results.json", "trajectory.jsonl", "generations.jsonl"):
         if (whole / name).exists():
