@@ -69,6 +69,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes on 2 cores; run with --slow or LUME_SLOW=1")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist runs the group's tests on one worker")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,9 +51,17 @@ LOSS_RTOL = 1e-5    # measured <= 3e-7 relative: fp32, only the reduction order 
 WEIGHT_ATOL = 2e-4  # measured 4e-5 after 3 AdamW steps that move weights by up to 3e-3
 
 
+# Every suite run: NPO (reference log-probs computed sharded), KL (a sharded frozen copy), RMU (frozen
+# activations of each rank's retain rows). Slow-only, their guards in every run: SimNPO (no preparation:
+# its loss over the step's totals, test_methods' grad accumulation), STAT (pseudo tokens drawn per item,
+# the same there with split micro-batches) and UNDIAL (KL's frozen copy, prepare=frozen_reference).
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("method,extra", [
-    ("npo", ["--eval-every", "2", "--keep", "best"]), ("kl", ["--no-eval-before"]), ("simnpo", ["--no-eval-before"]),
-    ("stat", ["--no-eval-before"]), ("undial", ["--no-eval-before", "--retain-weight", "1"]),
+    ("npo", ["--eval-every", "2", "--keep", "best"]), ("kl", ["--no-eval-before"]),
+    pytest.param("simnpo", ["--no-eval-before"], marks=SLOW), pytest.param("stat", ["--no-eval-before"], marks=SLOW),
+    pytest.param("undial", ["--no-eval-before", "--retain-weight", "1"], marks=SLOW),
     # RMU steers layer 1 of the small target's 2; 2 retain rows per forget row travel with it to its rank
     ("rmu", ["--no-eval-before", "--rmu-layer", "1", "--rmu-coeff", "5", "--retain-weight", "10",
              "--retain-ratio", "2"])])

@@ -24,6 +24,9 @@ import run
 import rundir
 from conftest import ROOT, SMALL_CONFIG, SMALL_RECIPE
 
+# one worker under pytest -n (--dist loadgroup): the SIGTERM tests share one terminated run (module fixture)
+pytestmark = pytest.mark.xdist_group("test_faults")
+
 BASE = ["--data", "builtin", "--n-docs", "2", "--max-new-tokens", "8"]
 
 
@@ -180,7 +183,7 @@ def start(argv):
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-TRAIN = ["--method", "npo", "--max-steps", "60", "--save-every", "1000", "--no-eval-before"]
+TRAIN = ["--method", "npo", "--max-steps", "24", "--save-every", "1000", "--no-eval-before"]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +211,7 @@ def test_sigterm_ends_like_ctrl_c_with_a_checkpoint_and_resume_gives_the_same_re
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and "SIGTERM" in status["reason"] and "--resume" in status["next"]
     step = json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
-    assert 3 <= step < 60 and step == sum(1 for _ in open(out / "log.jsonl"))  # the step it was in, then stopped
+    assert 3 <= step < 24 and step == sum(1 for _ in open(out / "log.jsonl"))  # the step it was in, then stopped
     copy = tmp_path / "resumed"
     shutil.copytree(out, copy)
     r = subprocess.run([sys.executable, "run.py", "--resume", str(copy)], cwd=ROOT, capture_output=True, text=True,

@@ -24,6 +24,9 @@ import lume
 import run
 from conftest import SMALL_CONFIG  # noqa: F401  (the small target's shape: weights of a few hundred KB)
 
+# one worker under pytest -n (--dist loadgroup): the tests share the run directories of one module fixture
+pytestmark = pytest.mark.xdist_group("test_hostile")
+
 BASE = ["--data", "builtin", "--n-docs", "2", "--max-new-tokens", "8", "--method", "npo", "--max-steps", "2",
         "--save-every", "1", "--task", "1"]
 

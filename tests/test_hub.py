@@ -30,6 +30,9 @@ import report
 import run
 from conftest import ROOT
 
+# one worker under pytest -n (--dist loadgroup): the last test compares the runs the others made (RUNS)
+pytestmark = pytest.mark.xdist_group("test_hub")
+
 RUNS = {}  # label -> run directory, for test_report_compare_on_the_lot (the last test)
 OUT = {}
 

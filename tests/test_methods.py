@@ -137,14 +137,16 @@ def test_npo_gradient_at_reference_is_mean_sequence_loglik_gradient():
         pytest.approx(20 * math.log(2), rel=1e-6)  # -(2/beta) log sigmoid(0)
 
 
-@pytest.mark.parametrize("method", ["ga", "gd", "kl", "npo", "stat", "undial"])
+@pytest.mark.parametrize("method", ["ga", "gd", "kl", "npo", "simnpo", "stat", "undial"])
 def test_grad_accumulation_equals_one_batch(method):
-    # Token-normalised (NLL, KL) and sequence-normalised (NPO) terms divide by the step's totals,
-    # so two micro-batches accumulate to exactly the gradient of one batch of the same rows.
+    # Token-normalised (NLL, KL) and sequence-normalised (NPO, SimNPO) terms divide by the step's totals,
+    # so two micro-batches accumulate to exactly the gradient of one batch of the same rows: the
+    # property that makes two ranks equal one process (test_dist), checked here for every loss.
     m, ref = PrefixBag(), PrefixBag(seed=3)
     kw = {"ga": {}, "gd": {"retain_weight": 0.5}, "kl": {"retain_weight": 0.5, "ref": ref},
           "npo": {"beta": 0.1, "retain_weight": 0.5,
                   "ref_logps": torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64)},
+          "simnpo": {"beta": 2.5, "gamma": 0.5, "retain_weight": 0.5},
           "stat": {"vocab": 7, "seed": 2, "retain_weight": 0.5},
           "undial": {"gamma": 3.0, "retain_weight": 0.5, "ref": ref}}[method]
     fn = methods.METHODS[method].loss
