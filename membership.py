@@ -10,8 +10,8 @@ forward pass, the official loss and the stronger membership-inference scores, an
 -> mia.jsonl's columns per document; results.json "mia_attacks" {loss, zlib, min_k_20, ...} (AUCs);
 "loss" is the official mia_loss_acc.
 
-doc_stats runs the decoder once per length-sorted batch of ~2k tokens and the LM head over chunks
-of predicted tokens, so memory stays bounded whatever the batch; token_stats takes one log-softmax
+doc_stats runs the decoder once per length-sorted batch (~1k tokens on a CPU) and the LM head over
+chunks of predicted tokens, so memory stays bounded whatever the batch; token_stats takes one log-softmax
 per position for the NLL and the moments.
 The robustness attacks that reuse these scores live in attacks.py.
 """
@@ -130,29 +130,37 @@ def body_and_head(model):
 
 
 MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
-# A batch is at most MIA_TOKENS padded tokens and MIA_ROWS rows: many short documents or a few long
-# ones, so every batch's matmuls have ~2k rows (a GPU's are full; a CPU's activations stay in cache)
-# and sorted lengths keep padding low (200 LUME documents: 7% padding, 16 rows a batch had 11%).
-MIA_ROWS, MIA_TOKENS = 64, 2048
+# A batch is at most MIA_ROWS rows and mia_tokens(device) padded tokens: many short documents or a few
+# long ones, and sorted lengths keep padding low. On a CPU ~1k tokens keep a batch's activations in
+# cache: docs/repro/bench_mia.py measures 200 LUME documents on bench.py's model at ~0.75 of the matmul
+# peak this way, ~0.6 in batches of 16 rows and up to 16,384 tokens. A GPU's matmuls want more rows.
+MIA_ROWS = 64
+
+
+def mia_tokens(device) -> int:
+    """Padded tokens per MIA batch on this device: 1,024 on a CPU (cache), 8,192 on a GPU (parallelism)."""
+    return 1024 if torch.device(device).type == "cpu" else 8192
 
 
 @torch.inference_mode()
-def doc_stats(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = MIA_TOKENS, autocast=None,
+def doc_stats(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = 0, autocast=None,
               extra: bool = True, chunk: int = MIA_CHUNK, progress=None) -> list[dict]:
     """Per whole document: "loss", its mean token NLL (labels = inputs), as `model(ids,
     labels=ids).loss` of the official scorer (metrics.official_doc_loss, tested equal), and from
     the same forward the extra MIA statistics of doc_scores (zlib, Min-K%, Min-K%++),
-    unless extra=False; length-sorted right-padded batches.
+    unless extra=False; length-sorted right-padded batches of at most batch_size rows and max_tokens
+    padded tokens (0: mia_tokens(device)).
 
     Bounded memory: the decoder runs once per batch, and the LM head, the NLL and the next-token
     moments run over `chunk` predicted tokens at a time, so a batch never holds its (B, T, V)
-    logits (2,048 x 50,304 fp32 = 412 MB, and as much again for their log-softmax; more with a larger
-    max_tokens); chunk 0 = one chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
+    logits (8,192 x 50,304 fp32 = 1.6 GB, and as much again for their log-softmax); chunk 0 = one
+    chunk per batch. The per-token values are the same either way; the loss sums them per row as before.
     Within a chunk, token_stats takes one log-softmax per position for the NLL and the
     moments (two before), over blocks of rows that stay in cache: the same bits, less memory traffic.
     """
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
+    max_tokens = max_tokens or mia_tokens(device)
     enc = [tok(d).input_ids for d in docs]
     pad = lume.pad_of(tok)
     split = body_and_head(model)
@@ -193,7 +201,6 @@ def doc_stats(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = MI
     return out
 
 
-def doc_losses(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = MIA_TOKENS,
-               autocast=None) -> list[float]:
+def doc_losses(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = 0, autocast=None) -> list[float]:
     """Mean token NLL of each whole document (doc_stats' "loss", without the extra statistics)."""
     return [s["loss"] for s in doc_stats(model, tok, docs, batch_size, max_tokens, autocast, extra=False)]

@@ -23,6 +23,9 @@ whole suite has 6 minutes on 2 cores):
   once per session (test_realscale, test_decode, test_evalspeed); `release`: the LUME items.
 - `default_sigint`: preexec_fn for a child that a test interrupts with SIGINT (see its docstring).
 Only `--slow` (or LUME_SLOW=1) runs the tests marked @pytest.mark.slow (minutes each).
+The README runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`), one thread each (set
+here, inherited by every process a test starts); a module whose tests share a run or a module fixture
+is one `xdist_group`.
 """
 import importlib
 import os

@@ -88,6 +88,27 @@ def test_mia_peak_memory_does_not_grow_with_the_batch(small_target, small_data, 
     assert max(seen) == 16 and sum(seen) > 64  # many tokens, never more than 16 at once
 
 
+def test_mia_batches_hold_many_short_or_few_long_documents_within_the_token_budget(small_target, small_data):
+    """A batch is <= MIA_ROWS rows and <= max_tokens padded tokens (mia_tokens on this device by
+    default), every document in exactly one batch: short ones share a batch, long ones do not."""
+    model, tok = small_target
+    items, _ = small_data
+    docs = [it.input + " " + it.output for it in items] + ["word " * 300]  # one longer than the budget / 2
+    shapes = []
+    hook = model.get_decoder().register_forward_pre_hook(lambda m, a, k: shapes.append(tuple(k["input_ids"].shape)),
+                                                         with_kwargs=True)
+    try:
+        membership.doc_stats(model, tok, docs, max_tokens=256)
+        default = len(shapes)
+        membership.doc_stats(model, tok, docs)
+    finally:
+        hook.remove()
+    assert all(b * t <= 256 or b == 1 for b, t in shapes[:default]) and sum(b for b, _ in shapes[:default]) == len(docs)
+    assert max(b for b, _ in shapes[:default]) > 4 and (1, len(tok(docs[-1]).input_ids)) in shapes[:default]
+    assert membership.mia_tokens(model.device) == 1024 and membership.mia_tokens("cuda") == 8192
+    assert all(b <= membership.MIA_ROWS and b * t <= 1024 for b, t in shapes[default:])
+
+
 @pytest.fixture(scope="module")
 def mmlu(shared):
     return data.load_mmlu(shared / "mmlu")
