@@ -179,7 +179,10 @@ def tiny_target(items, cache_dir, device=None, log=print, recipe=None, config=No
             shutil.rmtree(path)
         for leftover in path.parent.glob(f"*{path.name}.*tmp*"):  # a killed build's: we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        return build(items, path, recipe, config, device, log, show_progress, tok_dir)
+        # build seeds and draws from torch's global generator: fork it, so that the caller's draws after
+        # this (LoRA's initial weights, a method's pseudo tokens) are the same on a cold cache as on a warm one
+        with torch.random.fork_rng(devices=[]):
+            return build(items, path, recipe, config, device, log, show_progress, tok_dir)
     finally:
         os.close(fd)
 

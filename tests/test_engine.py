@@ -131,7 +131,10 @@ def test_tiny_target_is_cached_and_reused(small_data, tmp_path, monkeypatch):
     from conftest import SMALL_CONFIG
     items, _ = small_data
     kw = dict(log=lambda s: None, recipe={"epochs": 1, "batch_size": 8}, config=SMALL_CONFIG)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
     p1 = tiny.tiny_target(items, tmp_path, **kw)
+    assert torch.equal(torch.get_rng_state(), state)  # building left the caller's draws as they were
     monkeypatch.setattr(lume, "train", lambda *a, **k: pytest.fail("rebuilt a cached target"))
     assert tiny.tiny_target(items, tmp_path, **kw) == p1
     assert tiny.fingerprint(items, {"a": 1}) != tiny.fingerprint(items[1:], {"a": 1})
