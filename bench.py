@@ -570,8 +570,9 @@ def main(argv=None) -> dict:
            "cpu": platform.processor() or platform.machine()}
     fb, rb, fenc, renc = train_batches(tok, items, args.train_batch)
     peak = matmul_peak(model, fb.ids.numel(), args.repeats, device)  # rows = the GA step's B x T
-    for name, fn in (("generation", lambda: bench_generation(model, tok, items, args, device, peak["flop_per_s"])),
-                     ("mia", lambda: bench_mia(model, tok, items, args, device, peak["flop_per_s"])),
+    # MIA first: its peak memory is RSS growth, which memory freed by an earlier row would hide
+    for name, fn in (("mia", lambda: bench_mia(model, tok, items, args, device, peak["flop_per_s"])),
+                     ("generation", lambda: bench_generation(model, tok, items, args, device, peak["flop_per_s"])),
                      ("training", lambda: bench_training(model, tok, fb, rb, fenc, renc, args, device, peak)),
                      ("npo", lambda: bench_npo(model, tok, fb, rb, fenc, args, device)),
                      ("rouge", lambda: bench_rouge(pool, args)),
