@@ -396,30 +396,36 @@ def prefill_rate(model, device, rows: int = 8, length: int = 512) -> float:
 # bench.py's memory and projection figures (CPU or GPU)
 
 
-def peak_rss_growth(fn):
-    """(fn(), bytes the process's resident set grew by at most while fn ran), sampled every 2 ms
-    from /proc/self/statm on Linux; torch.cuda.max_memory_allocated on CUDA is the caller's."""
-    import threading
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
-    base, top, stop = rss(), [0], threading.Event()
+def peak_tensor_bytes(fn):
+    """(fn(), the most bytes of tensor storage that fn's own ops held alive at once): every aten op's
+    outputs are counted once per storage (views share it) until their storage is freed. Exact and
+    the same on every run, unlike the process's RSS (allocator caches, thread pools, the order of
+    earlier rows moved it by 2x); what a kernel allocates inside itself is not seen."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    live, now, top = {}, [0], [0]
 
-    def watch():
-        while not stop.is_set():
-            top[0] = max(top[0], rss() - base)
-            time.sleep(0.002)
-    t = threading.Thread(target=watch)
-    t.start()
-    try:
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for k in [k for k, (ref, _) in live.items() if ref.expired()]:  # freed since the last op
+                now[0] -= live.pop(k)[1]
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in live:
+                    st = t.untyped_storage()
+                    live[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                    now[0] += st.nbytes()
+            top[0] = max(top[0], now[0])
+            return out
+    with Count():
         out = fn()
-    finally:
-        stop.set()
-        t.join()
     return out, top[0]
 
 
 def mia_memory(model, tok, docs, device) -> dict:
-    """Peak memory of membership.doc_stats (every MIA statistic) in chunks, and in one chunk per batch."""
+    """Peak memory of membership.doc_stats (every MIA statistic) in chunks, and in one chunk per batch:
+    torch's allocator on CUDA, the tensors alive at once elsewhere (peak_tensor_bytes)."""
     out = {}
     for key, chunk in (("peak_bytes", membership.MIA_CHUNK), ("unchunked_peak_bytes", 0)):
         fn = lambda c=chunk: membership.doc_stats(model, tok, docs, chunk=c)  # noqa: E731
@@ -429,10 +435,8 @@ def mia_memory(model, tok, docs, device) -> dict:
             base = torch.cuda.memory_allocated(device)
             fn()
             out[key] = torch.cuda.max_memory_allocated(device) - base
-        elif os.path.exists("/proc/self/statm"):
-            out[key] = peak_rss_growth(fn)[1]
         else:
-            out[key] = 0
+            out[key] = peak_tensor_bytes(fn)[1]
     return out
 
 

@@ -7,6 +7,7 @@ import torch
 
 import bench
 import generation
+import gpureport
 from conftest import SMALL_CONFIG, oracle
 
 KEYS = {"generation_speedup", "mia_speedup", "mia_peak_fraction", "npo_step_speedup", "npo_memory_ratio", "ga_peak_fraction",
@@ -25,6 +26,9 @@ def test_bench_small_setting_writes_every_figure(tmp_path, small_tiny, capsys):
     # the identity checks ran (they assert inside bench.py, so reaching here means they passed)
     assert saved["generation"]["identical_outputs"] and saved["generation"]["items"] == 16
     assert saved["mia"]["max_abs_diff"] <= 1e-5
+    assert saved["mia"]["forward_s"] > 0 and saved["mia"]["ours_vs_forward"] == pytest.approx(
+        saved["mia"]["forward_s"] / saved["mia"]["ours_s"])  # the bare forward ran beside it, every round
+    assert len(saved["mia"]["forward_times"]) == len(saved["mia"]["ours_times"]) == 1
     assert all(saved["npo"][k]["max_loss_diff"] <= 1e-4 for k in ("npo", "npo_rt"))
     assert saved["npo_memory_ratio"] > 1.9  # two parameter copies vs one (+ a few cached floats)
     for m in ("ga", "gd", "kl", "npo"):
@@ -36,6 +40,7 @@ def test_bench_small_setting_writes_every_figure(tmp_path, small_tiny, capsys):
     assert saved["data"] == "builtin" and saved["rouge_speedup"] > 0
     assert saved["identity_checks"]["rouge"] and saved["rouge"]["pairs"] == 12
     table = capsys.readouterr().out
+    assert "bare forward" in table
     for row in ("1 generation", "2 MIA statistics", "3 train step GA", "3 train step SIMNPO", "3 train step RMU",
                 "4 NPO step", "5 ROUGE-L"):
         assert row in table
@@ -82,7 +87,6 @@ def test_the_gpu_projection_counts_the_steps_the_graph_path_runs():
     """A stage costs the steps the CUDA path runs on the release (26,416 at batch 32: rows leave and
     enter, 23.1 live a step) at the step time, not its 610,745 tokens at the full-rows rate, which
     would count every step as 32 tokens (1.4x fewer decode seconds)."""
-    import gpureport
     step, prefill = 0.005, 1e5  # a 5 ms batch-32 step (the 7B's weight read on an H100), 100k tok/s prefill
     p = gpureport.projection({"batch_32": {"step_s": step, "tokens_per_s": 32 / step}}, prefill)
     assert p["generation_s_per_stage"] == pytest.approx(286371 / 1e5 + 26416 * 0.005)
@@ -96,7 +100,7 @@ def test_a_failed_gpu_report_section_is_a_row_and_the_rest_still_runs(tmp_path, 
     batch-128 decode) is an error row; every other section runs, the table and bench-gpu.json hold
     them, and the exit status says a section failed."""
     import torch
-    import gpureport
+
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
@@ -120,7 +124,7 @@ def test_a_failed_gpu_report_section_is_a_row_and_the_rest_still_runs(tmp_path, 
 def test_a_killed_gpu_report_keeps_what_ran(tmp_path, monkeypatch):
     """bench-gpu.json is rewritten after every section: a report stopped midway (a device call's
     time limit) leaves what ran on disk, and table() renders it, the rest marked as not reached."""
-    import gpureport
+
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -139,7 +143,7 @@ def test_the_adamw_comparison_runs_on_the_layers_that_fit():
     80 GB card: it runs on the decoder layers that fit beside memory.reserve, counted here from the
     config (OLMo-0724: untied embeddings, no norm weights, 4d^2 + 3 d ffn per layer)."""
     import gpuplan
-    import gpureport
+
     GiB = 2**30
     c = gpureport.SHAPES["olmo-7b"]
     d, ffn, V, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
@@ -157,7 +161,7 @@ def test_a_decode_batch_whose_keys_and_values_do_not_fit_is_skipped_with_the_pla
     """A decode row whose cache would not fit beside the weights (batch 128 of a 7B on a 40 GB card)
     is skipped with the plan's numbers before anything is allocated; the rows that fit still run."""
     import torch
-    import gpureport
+
     dev, c = torch.device("cpu"), gpureport.SHAPES["tiny"]
     model = gpureport.eval_model(c, dev, torch.float32)
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -184,7 +188,7 @@ def test_every_gpu_report_section_starts_from_the_same_clean_baseline(tmp_path, 
     tensor). Run twice in one process on CUDA's fixed-shape decode path (the steps that held the 1B's
     fp32 identity model into the 7B's sections), no section's baseline may grow, nor may the run end
     holding more than it started with."""
-    import gpureport
+
     monkeypatch.setattr(generation, "static_default", lambda model, device: True)  # CUDA's path, eagerly
     # a lean report: the training rows leave nothing behind (their baselines are still taken); the rest runs
     monkeypatch.setattr(gpureport, "memory_section", lambda *a, **k: {})
@@ -208,7 +212,7 @@ def test_an_out_of_memory_in_the_adamw_comparison_is_a_measured_row(monkeypatch)
     """The optimizer comparison is sized from the free memory measured at its start (gpuplan.adamw_layers,
     with memory.reserve and a margin); if the fp32 step still runs out of memory, the row says so with
     its numbers (layers tried, bytes planned, free at the start) and is not an error: the report exits 0."""
-    import gpureport
+
     import gpuplan
 
     def oom(*a, **k):
@@ -293,3 +297,28 @@ def test_the_7b_evaluation_is_projected_under_10_minutes_on_an_h100_at_the_plann
         bw = gpuplan.CARDS[card]["copy_bytes_per_s"] * 0.8
         assert q["steps"] == 26416 and q["step_s"] == pytest.approx((6_888_095_744 * 2 + 32 * 372 * 512 * 1024) / bw)
     assert p["projection"]["H100 PCIe 80GB"][32]["full_eval_s"] > 600
+
+
+def test_matmul_peak_is_the_best_timing(monkeypatch):
+    """A timing that a neighbour slowed must not lower the peak: the fastest after the warm-up counts."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False))
+    ticks = iter([0.0, 0.0,  # no spin (spin_s=0): its deadline is read, and passed
+                  0.0, 9.0, 10.0, 13.0, 14.0, 15.0, 20.0, 22.0])  # warm-up 9 s, then 3, 1, 2 s per timing
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(bench, "sync", lambda device: None)
+    p = bench.matmul_peak(model, rows=4, repeats=3, device="cpu")
+    reps = max(3, int(2e9 / (2 * 4 * 8 * 8)))
+    assert p["flop_per_s"] == pytest.approx(2 * 4 * 8 * 8 / (1.0 / reps))
+
+
+def test_peak_tensor_bytes_counts_what_is_alive_at_once():
+    """Exact bytes: a view shares its storage (counted once), a freed tensor stops counting."""
+    def fn():
+        a = torch.zeros(1000)  # 4,000 bytes
+        v = a[:10].add_(1)  # a view, changed in place: no new storage
+        b = torch.ones(3000)  # 12,000: 16,000 alive
+        del a, v
+        d = torch.ones(1500)  # 6,000: 18,000 alive (22,000 if a were still counted)
+        return b, d
+    (b, d), peak = gpureport.peak_tensor_bytes(fn)
+    assert peak == 18_000 and b.sum().item() == 3000
