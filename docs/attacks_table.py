@@ -1,7 +1,7 @@
 """Markdown tables of docs/attacks.md from the runs' results.json (python docs/attacks_table.py DIR...):
 per run and stage the unlearned tasks' forget scores and recoveries, the one-line summary per run
 (the README's), and the MIA AUCs. With --verdicts first (runs with --attacks nf4,fp4,int8-outlier,relearn
---oracle tiny): the README's verdict table (issue 36): relearn's recipe alone beside the sweep's best,
+--oracle tiny): the verdict table of docs/attacks.md (issue 36): relearn's recipe alone beside the sweep's best,
 the bitsandbytes quantisers' recovery, KS and PrivLeak against the retain-only oracle, and the oracle's
 own scores."""
 import json
@@ -50,7 +50,7 @@ def stage_row(res, stage, tasks):
 
 
 def verdicts(runs):
-    """The README's verdict table: one column per run, and the oracle's."""
+    """The verdict table (docs/attacks.md): one column per run, and the oracle's."""
     cols = [name_of(c) for _, c in runs]
     print("| | " + " | ".join(cols) + " | oracle (retain-only) |")
     print("|---" * (len(cols) + 2) + "|")
