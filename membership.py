@@ -132,8 +132,9 @@ def body_and_head(model):
 MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
 # A batch is at most MIA_ROWS rows and mia_tokens(device) padded tokens: many short documents or a few
 # long ones, and sorted lengths keep padding low. On a CPU ~1k tokens keep a batch's activations in
-# cache: docs/repro/bench_mia.py measures 200 LUME documents on bench.py's model at 0.72-0.77 of the
-# matmul peak this way, 0.67 in batches of 16 rows and up to 16,384 tokens. A GPU's matmuls want more rows.
+# cache: docs/repro/bench_mia.py measures every statistic of 200 LUME documents on bench.py's model at
+# 0.98 of the speed of the model's bare forward over the same batches (0.79 in batches of 16 rows and
+# up to 16,384 tokens), 43 MiB of live tensors against 145 MiB. A GPU's matmuls want more rows.
 MIA_ROWS = 64
 
 
