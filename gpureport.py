@@ -399,8 +399,9 @@ def prefill_rate(model, device, rows: int = 8, length: int = 512) -> float:
 def peak_tensor_bytes(fn):
     """(fn(), the most bytes of tensor storage that fn's own ops held alive at once): every aten op's
     outputs are counted once per storage (views share it) until their storage is freed. Exact and
-    the same on every run, unlike the process's RSS (allocator caches, thread pools, the order of
-    earlier rows moved it by 2x); what a kernel allocates inside itself is not seen."""
+    the same on every run, unlike the process's RSS growth (0.9 to 94 MiB for the same work, as the
+    allocator and the thread pools held more or less from before); what a kernel allocates inside itself
+    is not seen."""
     from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
