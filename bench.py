@@ -258,13 +258,11 @@ def bench_mmlu(model, tok, args, device, peak: float) -> dict:
 
 
 @torch.inference_mode()
-def bare_forward(model, tok, docs, device) -> None:
-    """The model's own forward, `model(ids, attention_mask).logits`, over doc_stats' batches and nothing
-    computed from it: the ceiling of any batched scorer of this model (its attention and elementwise
-    kernels, the padding), measured beside the statistics so their own cost shows."""
-    enc = [tok(d).input_ids for d in docs]
-    for idx in lume.length_batches([len(e) for e in enc], membership.MIA_ROWS, membership.mia_tokens(device)):
-        b = lume.make_batch([enc[i] for i in idx], [0] * len(idx), idx, lume.pad_of(tok)).to(device)
+def bare_forward(model, tok, docs, device, batch_size: int = membership.MIA_ROWS, max_tokens: int = 0) -> None:
+    """The model's own forward, `model(ids, attention_mask).logits`, over doc_stats' batches (the same
+    arguments) and nothing computed from it: the ceiling of any batched scorer of this model (its
+    attention and elementwise kernels, the padding), measured beside the statistics so their cost shows."""
+    for _, b in membership.mia_batches(tok, docs, batch_size, max_tokens or membership.mia_tokens(device), device):
         model(input_ids=b.ids, attention_mask=b.attn, use_cache=False)
 
 

@@ -132,15 +132,24 @@ def body_and_head(model):
 MIA_CHUNK = 1024  # predicted tokens per logits chunk: 1,024 x 50,304 fp32 = 206 MB, whatever the batch
 # A batch is at most MIA_ROWS rows and mia_tokens(device) padded tokens: many short documents or a few
 # long ones, and sorted lengths keep padding low. On a CPU ~1k tokens keep a batch's activations in
-# cache: docs/repro/bench_mia.py measures every statistic of 200 LUME documents on bench.py's model at
-# 0.98 of the speed of the model's bare forward over the same batches (0.79 in batches of 16 rows and
-# up to 16,384 tokens), 43 MiB of live tensors against 145 MiB. A GPU's matmuls want more rows.
+# cache: docs/repro/bench_mia.py measures every statistic of 200 LUME documents on bench.py's model in
+# 16-22% less time than in batches of 16 rows and up to 16,384 tokens, and 43 MiB of live tensors against
+# 145 MiB; either way at 0.9-0.99 of the speed of the model's bare forward over the same batches. A GPU's
+# matmuls want more rows.
 MIA_ROWS = 64
 
 
 def mia_tokens(device) -> int:
     """Padded tokens per MIA batch on this device: 1,024 on a CPU (cache), 8,192 on a GPU (parallelism)."""
     return 1024 if torch.device(device).type == "cpu" else 8192
+
+
+def mia_batches(tok, docs, batch_size: int, max_tokens: int, device):
+    """(document indices, right-padded Batch on device) of doc_stats' batches: length-sorted, at most
+    batch_size rows and max_tokens padded tokens (bench.py runs the bare forward over the same ones)."""
+    enc, pad = [tok(d).input_ids for d in docs], lume.pad_of(tok)
+    for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
+        yield idx, lume.make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
 
 
 @torch.inference_mode()
@@ -162,12 +171,9 @@ def doc_stats(model, tok, docs, batch_size: int = MIA_ROWS, max_tokens: int = 0,
     device = next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext()
     max_tokens = max_tokens or mia_tokens(device)
-    enc = [tok(d).input_ids for d in docs]
-    pad = lume.pad_of(tok)
     split = body_and_head(model)
     out, done = [None] * len(docs), 0
-    for idx in lume.length_batches([len(e) for e in enc], batch_size, max_tokens):
-        b = lume.make_batch([enc[i] for i in idx], [0] * len(idx), idx, pad).to(device)
+    for idx, b in mia_batches(tok, docs, batch_size, max_tokens, device):
         # next-token labels, -100 (ignored) on padding and after each row's last token
         labels = b.ids.roll(-1, dims=1).masked_fill(b.target_mask.roll(-1, dims=1) == 0, -100)
         valid = labels != -100  # (B, T): the predicted positions, row-major = each row's tokens in order
